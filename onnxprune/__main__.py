@@ -1,0 +1,5 @@
+"""``python -m onnxprune``."""
+
+from onnxprune.cli import main
+
+main()

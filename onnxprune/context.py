@@ -1,0 +1,44 @@
+"""What the passes of one run share: the original model, data, providers, seed, caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxprune.data import Dataset, load_npz, synthesize
+from onnxprune.runtime import CPU
+
+
+@dataclass
+class Context:
+    """Shared state of a pass chain.
+
+    Attributes:
+        original: the model as loaded, before any pass (validate compares against it).
+        data_path: calibration / test data (.npz), or None to synthesise inputs.
+        providers: onnxruntime providers to use, best first.
+        seed: seed for anything random (synthetic data, random criteria).
+        model_path: where the model came from, for messages.
+        cache: results computed once and shared by passes (activation statistics...).
+    """
+
+    original: onnx.ModelProto
+    data_path: Path | None = None
+    providers: list[str] = field(default_factory=lambda: [CPU])
+    seed: int = 0
+    model_path: Path | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+    _data: Dataset | None = None
+
+    def data(self, model: onnx.ModelProto | None = None, synth_samples: int = 32) -> Dataset:
+        """The data set (loaded once), or inputs synthesised from ``model``'s declared shapes."""
+        if self._data is None:
+            target = model if model is not None else self.original
+            if self.data_path is not None:
+                self._data = load_npz(self.data_path, target)
+            else:
+                self._data = synthesize(target, synth_samples, self.seed)
+        return self._data

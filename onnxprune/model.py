@@ -1,0 +1,232 @@
+"""Model I/O: load with checks, save atomically (external data past 2 GB), provenance.
+
+Passes work on plain ``onnx.ModelProto`` objects; this module is the only place that touches
+files. Everything a user can get wrong (missing file, not ONNX, checker failure, output equal to
+input, unwritable folder) becomes a one-line :class:`~onnxprune.errors.OnnxPruneError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxprune.errors import ModelLoadError, ModelSaveError
+
+# Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+PROVENANCE_KEY = "onnxprune"
+
+
+def load(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model (with its external data) and check it.
+
+    Raises:
+        ModelLoadError: the file is missing, not an ONNX model, or rejected by onnx.checker.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an ONNX model file")
+    try:
+        model = onnx.load(str(path))
+    except DecodeError as exc:
+        raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: cannot read model or its external data: {first}") from exc
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{path}: not an ONNX model (no IR version, graph or opset)")
+    if check:
+        check_model(model, str(path))
+    return model
+
+
+def check_model(model: onnx.ModelProto, where: str = "model") -> None:
+    """Run onnx.checker; raise a one-line :class:`ModelLoadError` naming ``where`` if it fails."""
+    try:
+        if model_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+            with tempfile.TemporaryDirectory() as tmp:
+                p = Path(tmp) / "m.onnx"
+                onnx.save_model(model, str(p), save_as_external_data=True, location="m.data")
+                onnx.checker.check_model(str(p))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        line = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid model")
+        raise ModelLoadError(f"{where}: onnx.checker rejects the model: {line.strip()}") from exc
+
+
+def model_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held by initializers (all graphs), for the 2 GB decision."""
+    return sum(_tensor_nbytes(t) for t in iter_initializers(model.graph))
+
+
+def _tensor_nbytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return n * itemsize
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Yield ``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            for g in attr.graphs:
+                yield from iter_graphs(g)
+
+
+def iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Yield initializers of ``graph`` and of all its subgraphs."""
+    for g in iter_graphs(graph):
+        yield from g.initializer
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    protect: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically: a temp file in the target folder, then rename.
+
+    Args:
+        model: the model to write.
+        path: the output file.
+        external_data: store tensors in ``<name>.data`` beside the model; ``None`` decides by
+            size (over about 2 GB must be external).
+        protect: a path that must not be overwritten (the input model).
+
+    Raises:
+        ModelSaveError: the output equals ``protect`` or cannot be written.
+    """
+    path = Path(path)
+    if protect is not None and _same_file(path, Path(protect)):
+        raise ModelSaveError(f"{path}: refusing to overwrite the input model; choose another -o")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{path}: output folder {folder} does not exist")
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a folder; give a file name for the output model")
+    if external_data is None:
+        external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as exc:
+        raise ModelSaveError(f"{path}: cannot write to {folder}: {exc.strerror}") from exc
+    try:
+        tmp = tmpdir / path.name
+        data_name = f"{path.name}.data"
+        if external_data:
+            onnx.save_model(
+                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+            # save_model converted the in-memory tensors to external references; load them back
+            # so the caller's model is unchanged.
+            onnx.load_external_data_for_model(model, str(tmpdir))
+            os.replace(tmpdir / data_name, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelSaveError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def add_provenance(model: onnx.ModelProto, entry: dict[str, Any]) -> None:
+    """Append ``entry`` (version, passes and options run) to the model's ``onnxprune`` metadata."""
+    history: list[dict[str, Any]] = []
+    for prop in model.metadata_props:
+        if prop.key == PROVENANCE_KEY:
+            try:
+                history = list(json.loads(prop.value))
+            except (ValueError, TypeError):
+                history = []
+    history.append(entry)
+    kept = [p for p in model.metadata_props if p.key != PROVENANCE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=PROVENANCE_KEY, value=json.dumps(history, sort_keys=True))
+
+
+def provenance(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """The list of onnxprune runs recorded in the model's metadata (oldest first)."""
+    for prop in model.metadata_props:
+        if prop.key == PROVENANCE_KEY:
+            return list(json.loads(prop.value))
+    return []
+
+
+def graph_input_names(graph: onnx.GraphProto) -> list[str]:
+    """Names of the real inputs: graph inputs that are not also initializers."""
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
+
+
+def lift_constants(graph: onnx.GraphProto) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers, in this graph only.
+
+    Returns how many were lifted. Constants inside subgraphs stay where they are (a subgraph's
+    initializers are local to it; passes that look into subgraphs call this per graph).
+    """
+    lifted = 0
+    keep = []
+    taken = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in taken:
+            try:
+                value = onnx.numpy_helper.to_array(_constant_tensor(node))
+            except ValueError:
+                keep.append(node)
+                continue
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            lifted += 1
+        else:
+            keep.append(node)
+    if lifted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return lifted
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
+    """The value of a Constant node as a TensorProto, whichever attribute holds it."""
+    attr = node.attribute[0] if len(node.attribute) == 1 else None
+    if attr is None:
+        raise ValueError("Constant node without exactly one value attribute")
+    name = attr.name
+    if name == "value":
+        return attr.t
+    if name in ("value_float", "value_int"):
+        v = attr.f if name == "value_float" else attr.i
+        return numpy_helper.from_array(np.array(v, np.float32 if name == "value_float" else np.int64))
+    if name in ("value_floats", "value_ints"):
+        v = list(attr.floats) if name == "value_floats" else list(attr.ints)
+        return numpy_helper.from_array(np.array(v, np.float32 if name == "value_floats" else np.int64))
+    raise ValueError(f"Constant attribute {name} is not a dense tensor")

@@ -1,0 +1,1 @@
+"""Built-in passes, one module each; they register themselves on import."""

@@ -1,0 +1,187 @@
+"""The pass contract: a configurable step from one model to the next.
+
+A pass is a dataclass whose fields are its options (typed, with defaults); it overrides
+:meth:`Pass.run` only. ``-p NAME:key=value,...`` on the command line, a recipe file and
+``Pass.from_options`` all go through the same typed conversion, so an unknown key or a bad
+value is one clear error naming the pass, the key and what is allowed.
+
+Example::
+
+    @register_pass
+    @dataclass
+    class DropIdentity(Pass):
+        '''Remove Identity nodes.'''
+        name: ClassVar[str] = "drop-identity"
+        def run(self, model, ctx):
+            ...
+            return PassResult(model, modified=True, report={"removed": n})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import onnx
+
+from onnxprune.errors import PassOptionError
+
+if TYPE_CHECKING:
+    from onnxprune.context import Context
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+LIST_SEPARATOR = "+"
+
+
+@dataclass
+class PassResult:
+    """What a pass gives back: the new model, whether it changed, and its report section."""
+
+    model: onnx.ModelProto
+    modified: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Pass:
+    """Base class of every pass. Subclasses are dataclasses; their fields are the options.
+
+    Class attributes:
+        name: what ``-p`` calls the pass.
+    """
+
+    name: ClassVar[str] = ""
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Transform ``model`` (a private copy the pass may change in place)."""
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the docstring: the one-line description ``--list-passes`` shows."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def option_specs(cls) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, help) of each option, for ``--list-passes``."""
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            )
+            specs.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+        return specs
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Pass:
+        """Build the pass from raw options (strings from the CLI, or typed TOML values).
+
+        Raises:
+            PassOptionError: an unknown key, or a value that does not fit the option's type.
+        """
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, raw in options.items():
+            norm = key.replace("-", "_")
+            if norm not in fields:
+                allowed = ", ".join(sorted(fields)) or "none"
+                raise PassOptionError(f"pass {cls.name}: unknown option {key!r} (options: {allowed})")
+            try:
+                kwargs[norm] = coerce(raw, hints[norm])
+            except ValueError as exc:
+                raise PassOptionError(f"pass {cls.name}: option {key}={raw!r}: {exc}") from exc
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise PassOptionError(f"pass {cls.name}: {exc}") from exc
+
+    def options(self) -> dict[str, Any]:
+        """The options as set, JSON-ready (for reports and provenance)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse/click naming
+    """A dataclass field with help text for ``--list-passes``."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def coerce(raw: Any, tp: Any) -> Any:
+    """Convert ``raw`` to type ``tp`` (bool, int, float, str, Literal, tuple/list, Optional)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(raw, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        value = str(raw)
+        if value not in [str(a) for a in args]:
+            raise ValueError(f"expected one of {', '.join(map(str, args))}")
+        return next(a for a in args if str(a) == value)
+    if origin in (tuple, list):
+        items = raw.split(LIST_SEPARATOR) if isinstance(raw, str) else list(raw)
+        items = [i.strip() for i in items if not (isinstance(i, str) and not i.strip())]
+        inner = args[0] if args else str
+        return origin(coerce(i, inner) for i in items)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in _TRUE:
+            return True
+        if str(raw).lower() in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if tp is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError("expected an integer")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ValueError("expected an integer") from None
+    if tp is float:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number") from None
+    if tp is str:
+        return str(raw)
+    raise ValueError(f"unsupported option type {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + "?"
+    if origin in (tuple, list):
+        return f"{_type_name(args[0]) if args else 'str'}{LIST_SEPARATOR}..."
+    return getattr(tp, "__name__", str(tp))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

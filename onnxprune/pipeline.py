@@ -1,0 +1,107 @@
+"""Run a chain of passes over a model: ``run(model, passes, **context) -> (model, report)``."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxprune import __version__
+from onnxprune.context import Context
+from onnxprune.errors import InternalError, ModelLoadError, OnnxPruneError, PassFailedError
+from onnxprune.model import add_provenance, check_model
+from onnxprune.passes.base import Pass, PassResult
+from onnxprune.registry import parse_pass_spec
+from onnxprune.runtime import Device, providers_for
+from onnxprune.summary import summarize
+
+
+def run(
+    model: onnx.ModelProto,
+    passes: Sequence[Pass | str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    device: Device = "auto",
+    seed: int = 0,
+    model_path: str | os.PathLike[str] | None = None,
+    ctx: Context | None = None,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Apply ``passes`` in order to a copy of ``model``.
+
+    Args:
+        model: the input model; it is not modified.
+        passes: Pass instances or ``"name:key=value,..."`` specs.
+        data: calibration / test data (.npz) for passes that run the model.
+        device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
+        seed: seed for anything random.
+        model_path: where the model came from (for messages and the report).
+        ctx: a prepared context (overrides data, device, seed, model_path).
+
+    Returns:
+        The new model (with provenance in its metadata) and a JSON-ready report.
+
+    Raises:
+        OnnxPruneError: a bad pass spec or option, bad data, or a pass that failed.
+    """
+    chain = [parse_pass_spec(p) if isinstance(p, str) else p for p in passes]
+    if ctx is None:
+        ctx = Context(
+            original=model,
+            data_path=Path(data) if data is not None else None,
+            providers=providers_for(device),
+            seed=seed,
+            model_path=Path(model_path) if model_path is not None else None,
+        )
+    report: dict[str, Any] = {
+        "onnxprune": __version__,
+        "model": str(ctx.model_path) if ctx.model_path else None,
+        "providers": ctx.providers,
+        "before": summarize(model).to_dict(),
+        "passes": [],
+    }
+    current = model
+    for index, p in enumerate(chain):
+        work = copy.deepcopy(current)
+        start = time.perf_counter()
+        result = _apply(p, work, ctx, index, chain)
+        section = {
+            "pass": p.name,
+            "options": p.options(),
+            "modified": result.modified,
+            "seconds": round(time.perf_counter() - start, 4),
+            **result.report,
+        }
+        report["passes"].append(section)
+        current = result.model
+    out = current if chain else copy.deepcopy(model)
+    add_provenance(out, {
+        "version": __version__,
+        "passes": [{"name": p.name, "options": p.options()} for p in chain],
+    })
+    report["after"] = summarize(out).to_dict()
+    return out, report
+
+
+def _apply(p: Pass, work: onnx.ModelProto, ctx: Context, index: int, chain: Sequence[Pass]) -> PassResult:
+    """Run one pass, check what it returns, and name the pass in any failure."""
+    before = ", ".join(q.name for q in chain[:index]) or "none"
+    try:
+        result = p.run(work, ctx)
+    except OnnxPruneError:
+        raise
+    except InternalError:
+        raise
+    except Exception as exc:
+        raise InternalError(f"pass {p.name} (after: {before}) crashed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, PassResult):
+        raise PassFailedError(f"pass {p.name} returned {type(result).__name__}, not a PassResult")
+    try:
+        check_model(result.model, f"output of pass {p.name}")
+    except ModelLoadError as exc:
+        raise PassFailedError(f"{exc} (passes before it: {before})") from exc
+    return result

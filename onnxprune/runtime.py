@@ -1,0 +1,98 @@
+"""onnxruntime sessions: pick the CUDA provider when it really works, the CPU one otherwise.
+
+``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` even on a host without a GPU (and then
+falls back to the CPU with an error in the log), so availability is judged by what a real
+session ends up using, not by ``get_available_providers()`` or ``get_device()``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxprune.errors import DeviceError, PassFailedError
+
+Device = Literal["auto", "cpu", "cuda"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@functools.cache
+def cuda_works() -> bool:
+    """Whether a CUDA session can actually be created here (probed once on a tiny model)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=[CUDA, CPU])
+    except Exception:  # noqa: BLE001 - any failure means "no usable CUDA"
+        return False
+    return sess.get_providers()[0] == CUDA
+
+
+def providers_for(device: Device = "auto") -> list[str]:
+    """The provider list for ``device``; ``cuda`` without a usable GPU is an error, not a fallback.
+
+    Raises:
+        DeviceError: ``device`` is ``cuda`` and no CUDA session can be created.
+    """
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        if not cuda_works():
+            raise DeviceError(
+                "--device cuda: onnxruntime cannot use CUDA here (no GPU, or onnxruntime-gpu "
+                "and its CUDA/cuDNN libraries are not installed); use --device auto or cpu"
+            )
+        return [CUDA, CPU]
+    if device == "auto":
+        return [CUDA, CPU] if cuda_works() else [CPU]
+    raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
+
+
+def session(
+    model: onnx.ModelProto | bytes,
+    providers: Sequence[str] = (CPU,),
+    *,
+    threads: int = 0,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """An InferenceSession on ``model`` (a ModelProto or serialised bytes).
+
+    Raises:
+        PassFailedError: onnxruntime refuses the model (the message is its first line).
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(data, opts, providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise PassFailedError(f"onnxruntime cannot run the model: {line.strip()}") from exc
+
+
+def run_model(
+    model: onnx.ModelProto | ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    providers: Sequence[str] = (CPU,),
+) -> dict[str, np.ndarray]:
+    """Run ``model`` once on ``feeds``; returns outputs by name."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, providers)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))

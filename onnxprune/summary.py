@@ -1,0 +1,189 @@
+"""What a model costs: nodes, parameters, MACs (from inferred shapes), bytes, opset, origin."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.model import iter_graphs, iter_initializers, model_nbytes
+
+# producer_name written by each exporter -> the framework a user would name
+_PRODUCERS = {
+    "pytorch": "PyTorch",
+    "tf2onnx": "TensorFlow (tf2onnx)",
+    "keras2onnx": "Keras (keras2onnx)",
+    "paddle2onnx": "PaddlePaddle (paddle2onnx)",
+    "paddlepaddle": "PaddlePaddle (paddle2onnx)",
+    "mxnet": "MXNet",
+    "skl2onnx": "scikit-learn (skl2onnx)",
+    "jax2tf": "JAX (jax2tf)",
+    "onnx.quantize": "onnxruntime quantizer",
+    "spox": "Spox",
+    "onnx-example": "onnx.helper",
+}
+
+
+@dataclass
+class ModelSummary:
+    """Size and cost figures of one model, as shown before and after the passes."""
+
+    nodes: int
+    parameters: int
+    macs: int
+    bytes: int
+    opset: int
+    ir_version: int
+    framework: str
+    op_histogram: dict[str, int] = field(default_factory=dict)
+    macs_by_op: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return asdict(self)
+
+
+def summarize(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> ModelSummary:
+    """Count nodes (all subgraphs), parameters (float initializers), MACs and bytes."""
+    ops: collections.Counter[str] = collections.Counter()
+    for g in iter_graphs(model.graph):
+        ops.update(n.op_type for n in g.node)
+    macs = count_macs(model, dims)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ModelSummary(
+        nodes=sum(ops.values()),
+        parameters=count_parameters(model),
+        macs=sum(macs.values()),
+        bytes=model_nbytes(model) + _proto_overhead(model),
+        opset=opset,
+        ir_version=model.ir_version,
+        framework=guess_framework(model),
+        op_histogram=dict(sorted(ops.items())),
+        macs_by_op=dict(sorted(macs.items())),
+    )
+
+
+def _proto_overhead(model: onnx.ModelProto) -> int:
+    """Serialised size minus tensor data (cheap: initializers are cleared on a shallow copy)."""
+    if model_nbytes(model) > 2**30:
+        return 0
+    return model.ByteSize() - model_nbytes(model)
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of floating-point initializers and Constant-node tensors, in every graph."""
+    total = 0
+    for t in iter_initializers(model.graph):
+        if _is_float(t.data_type):
+            total += int(np.prod(t.dims, dtype=np.int64))
+    for g in iter_graphs(model.graph):
+        for n in g.node:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value" and _is_float(a.t.data_type):
+                        total += int(np.prod(a.t.dims, dtype=np.int64))
+    return total
+
+
+def _is_float(data_type: int) -> bool:
+    return data_type in (
+        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    )
+
+
+def guess_framework(model: onnx.ModelProto) -> str:
+    """The framework that exported ``model``, from producer_name, else from naming habits."""
+    producer = model.producer_name.strip().lower()
+    for key, name in _PRODUCERS.items():
+        if producer.startswith(key):
+            return name
+    names = [n.name for n in model.graph.node]
+    inits = {t.name for t in model.graph.initializer}
+    if any(n.startswith("p2o.") for n in names) or any(i.startswith("p2o.") for i in inits):
+        return "PaddlePaddle (paddle2onnx)"
+    if inits and sum(i.name in inits for i in model.graph.input) >= len(inits) // 2 and any(
+        i.endswith(("_weight", "_gamma", "_running_mean", "_moving_mean")) for i in inits
+    ):
+        return "MXNet (likely)"
+    return model.producer_name or "unknown"
+
+
+def count_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Multiply-accumulates per op type of the main graph, from shapes onnx can infer.
+
+    Symbolic dimensions take their value from ``dims`` (by name), else 1. Ops whose shapes
+    cannot be inferred count 0.
+    """
+    shapes = infer_shapes(model, dims)
+    macs: collections.Counter[str] = collections.Counter()
+    for node in model.graph.node:
+        n = _node_macs(node, shapes)
+        if n:
+            macs[node.op_type] += n
+    return dict(macs)
+
+
+def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+    """Static shapes of every tensor of the main graph that onnx shape inference can find."""
+    dims = dict(dims or {})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort on custom or broken graphs
+        inferred = model
+    shapes: dict[str, list[int]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        shape = []
+        for d in t.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            else:
+                shape.append(int(dims.get(d.dim_param, 1)))
+        shapes[vi.name] = shape
+    for init in g.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int]]) -> int:
+    def shape(i: int, io: str = "in") -> list[int] | None:
+        names = node.input if io == "in" else node.output
+        return shapes.get(names[i]) if i < len(names) and names[i] else None
+
+    op = node.op_type
+    if op == "Conv":
+        w, y = shape(1), shape(0, "out")
+        if w and y:
+            return int(np.prod(y, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+    elif op == "ConvTranspose":
+        w, x = shape(1), shape(0)
+        if w and x:
+            return int(np.prod(x, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+    elif op == "Gemm":
+        a, b = shape(0), shape(1)
+        if a and b and len(a) == 2 and len(b) == 2:
+            m, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
+            n = b[0] if _attr(node, "transB", 0) else b[1]
+            return m * k * n
+    elif op == "MatMul":
+        a, b = shape(0), shape(1)
+        if a and b:
+            a2, b2 = ([1] + a if len(a) == 1 else a), (b + [1] if len(b) == 1 else b)
+            batch = np.broadcast_shapes(tuple(a2[:-2]), tuple(b2[:-2]))
+            return int(np.prod(batch, dtype=np.int64) * a2[-2] * a2[-1] * b2[-1])
+    return 0
