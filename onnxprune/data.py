@@ -50,9 +50,9 @@ def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str | None
             continue
         t = vi.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-        dims: list[int | str | None] = []
-        for d in t.shape.dim:
-            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        dims: list[int | str | None] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+        ]
         specs[vi.name] = (dims, dtype)
     return specs
 
