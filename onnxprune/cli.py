@@ -21,6 +21,7 @@ from rich.table import Table
 
 from onnxprune import __version__
 from onnxprune.errors import InternalError, OnnxPruneError
+from onnxprune.groups import channel_groups
 from onnxprune.model import load, save
 from onnxprune.passes.base import Pass
 from onnxprune.pipeline import run
@@ -31,7 +32,7 @@ from onnxprune.registry import (
     pass_origin,
     unavailable_passes,
 )
-from onnxprune.report import summary_table, write_json
+from onnxprune.report import human, summary_table, write_json
 from onnxprune.summary import summarize
 
 INTERNAL_EXIT = 3
@@ -77,6 +78,8 @@ def default_output(model: Path) -> Path:
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in OUT.data [default: only past 2 GB].")
 @click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
+@click.option("--inspect", is_flag=True,
+              help="Print the model's channel groups (what can shrink, and why not), then exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on errors.")
 @click.version_option(__version__, "-V", "--version", message=_version_message())
@@ -91,6 +94,7 @@ def main(
     seed: int | None,
     external_data: bool | None,
     list_passes: bool,
+    inspect: bool,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -113,6 +117,9 @@ def main(
             return
         if model is None:
             raise click.UsageError("missing MODEL (or use --list-passes)")
+        if inspect:
+            _inspect(out, model)
+            return
         _prune(out, model, pass_specs, output, recipe, data, device, report_path, seed, external_data)
     except OnnxPruneError as exc:
         if verbose:
@@ -182,6 +189,20 @@ def _passes_table(sections: list[dict[str, Any]]) -> Table:
         )
         table.add_row(s["pass"], "yes" if s["modified"] else "no", f"{s['seconds']:.3f}", details)
     return table
+
+
+def _inspect(out: Console, model_path: Path) -> None:
+    groups = channel_groups(load(model_path))
+    table = Table(title=f"channel groups of {model_path}")
+    for col in ("#", "channels", "prunable", "MACs", "producers", "why not (first reason)"):
+        table.add_column(col)
+    for g in groups:
+        free = g.channels - g.pinned
+        table.add_row(
+            str(g.index), str(g.channels), f"{free}/{g.channels}", human(g.macs),
+            ", ".join(f"{s.op} {s.node}" for s in g.spaces), g.reasons[0] if g.reasons else "",
+        )
+    out.print(table)
 
 
 def _list_passes() -> None:

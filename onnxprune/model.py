@@ -34,15 +34,20 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto
         ModelLoadError: the file is missing, not an ONNX model, or rejected by onnx.checker.
     """
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if not exists:
         raise ModelLoadError(f"{path}: no such file")
-    if path.is_dir():
+    if is_dir:
         raise ModelLoadError(f"{path}: is a folder, not an ONNX model file")
     try:
         model = onnx.load(str(path))
     except DecodeError as exc:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        # ValidationError: onnx.load's own check that an external data file exists
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: cannot read model or its external data: {first}") from exc
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
@@ -63,8 +68,11 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        line = next((ln for ln in str(exc).splitlines() if ln.strip()), "invalid model")
-        raise ModelLoadError(f"{where}: onnx.checker rejects the model: {line.strip()}") from exc
+        # The checker's message spans lines ("... of node: \nname: X OpType: Y\n is not ...")
+        # and ends with a "==> Context:" trailer; keep the message, on one line.
+        text = str(exc).split("==> Context:")[0]
+        line = " ".join(text.split()) or "invalid model"
+        raise ModelLoadError(f"{where}: onnx.checker rejects the model: {line}") from exc
 
 
 def model_nbytes(model: onnx.ModelProto) -> int:
@@ -120,9 +128,13 @@ def save(
     if protect is not None and _same_file(path, Path(protect)):
         raise ModelSaveError(f"{path}: refusing to overwrite the input model; choose another -o")
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
+    try:
+        folder_ok, is_dir = folder.is_dir(), path.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ModelSaveError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
+    if not folder_ok:
         raise ModelSaveError(f"{path}: output folder {folder} does not exist")
-    if path.is_dir():
+    if is_dir:
         raise ModelSaveError(f"{path}: is a folder; give a file name for the output model")
     if external_data is None:
         external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
@@ -134,14 +146,18 @@ def save(
         tmp = tmpdir / path.name
         data_name = f"{path.name}.data"
         if external_data:
+            unset = [t for t in _all_tensors(model.graph) if not t.HasField("data_location")]
             onnx.save_model(
                 model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=data_name, size_threshold=1024,
             )
             # save_model converted the in-memory tensors to external references; load them back
-            # so the caller's model is unchanged.
+            # (and clear the data_location it set) so the caller's model is unchanged.
             onnx.load_external_data_for_model(model, str(tmpdir))
-            os.replace(tmpdir / data_name, folder / data_name)
+            for t in unset:
+                t.ClearField("data_location")
+            if (tmpdir / data_name).exists():  # not written when every tensor is under 1 KiB
+                os.replace(tmpdir / data_name, folder / data_name)
         else:
             onnx.save_model(model, str(tmp))
         os.replace(tmp, path)
@@ -150,6 +166,17 @@ def save(
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors (Constant values...) of every graph."""
+    for g in iter_graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -13,7 +13,13 @@ import onnx
 
 from onnxprune import __version__
 from onnxprune.context import Context
-from onnxprune.errors import InternalError, ModelLoadError, OnnxPruneError, PassFailedError
+from onnxprune.errors import (
+    DataError,
+    InternalError,
+    ModelLoadError,
+    OnnxPruneError,
+    PassFailedError,
+)
 from onnxprune.model import add_provenance, check_model
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.registry import parse_pass_spec
@@ -50,6 +56,8 @@ def run(
     """
     chain = [parse_pass_spec(p) if isinstance(p, str) else p for p in passes]
     if ctx is None:
+        if data is not None and not Path(data).is_file():
+            raise DataError(f"{data}: no such data file")  # not only when a pass first reads it
         ctx = Context(
             original=model,
             data_path=Path(data) if data is not None else None,

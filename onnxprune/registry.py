@@ -19,7 +19,7 @@ from onnxprune.errors import OnnxPruneError, PassNotFoundError
 from onnxprune.passes.base import Pass
 
 ENTRY_POINT_GROUP = "onnxprune.passes"
-BUILTIN_MODULES = ("onnxprune.passes.cleanup",)
+BUILTIN_MODULES = ("onnxprune.passes.cleanup", "onnxprune.passes.fold")
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _ORIGIN: dict[str, str] = {}

@@ -86,6 +86,8 @@ def count_parameters(model: onnx.ModelProto) -> int:
                 for a in n.attribute:
                     if a.name == "value" and _is_float(a.t.data_type):
                         total += int(np.prod(a.t.dims, dtype=np.int64))
+                    elif a.name in ("value_float", "value_floats"):
+                        total += 1 if a.name == "value_float" else len(a.floats)
     return total
 
 
@@ -122,7 +124,7 @@ def count_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) ->
     shapes = infer_shapes(model, dims)
     macs: collections.Counter[str] = collections.Counter()
     for node in model.graph.node:
-        n = _node_macs(node, shapes)
+        n = node_macs(node, shapes)
         if n:
             macs[node.op_type] += n
     return dict(macs)
@@ -160,10 +162,12 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int]]) -> int:
+def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Any]) -> int:
+    """MACs of one Conv/ConvTranspose/Gemm/MatMul node from known shapes (0 otherwise)."""
     def shape(i: int, io: str = "in") -> list[int] | None:
         names = node.input if io == "in" else node.output
-        return shapes.get(names[i]) if i < len(names) and names[i] else None
+        found = shapes.get(names[i]) if i < len(names) and names[i] else None
+        return list(found) if found is not None else None
 
     op = node.op_type
     if op == "Conv":

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -116,7 +117,10 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse/cli
 
 
 def coerce(raw: Any, tp: Any) -> Any:
-    """Convert ``raw`` to type ``tp`` (bool, int, float, str, Literal, tuple/list, Optional)."""
+    """Convert ``raw`` to type ``tp`` (bool, int, float, str, Literal, tuple/list, Optional).
+
+    A string for a tuple/list option is split on ``+`` and ``,``.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -138,7 +142,8 @@ def coerce(raw: Any, tp: Any) -> Any:
             raise ValueError(f"expected one of {', '.join(map(str, args))}")
         return next(a for a in args if str(a) == value)
     if origin in (tuple, list):
-        items = raw.split(LIST_SEPARATOR) if isinstance(raw, str) else list(raw)
+        # '+' or ',' (what `-p name:key=a,b` continuation produces) separate the items
+        items = re.split(r"[+,]", raw) if isinstance(raw, str) else list(raw)
         items = [i.strip() for i in items if not (isinstance(i, str) and not i.strip())]
         inner = args[0] if args else str
         return origin(coerce(i, inner) for i in items)

@@ -46,7 +46,7 @@ class Cleanup(Pass):
         lifted = sum(lift_constants(g) for g in iter_graphs(model.graph))
         unlisted = 0 if self.keep_initializer_inputs else _drop_initializer_inputs(model.graph)
 
-        graph = gs.import_onnx(model)
+        graph = gs.import_onnx(_with_inferred_shapes(model))
         if self.fold_constants:
             _quiet_graphsurgeon()
             graph.fold_constants(
@@ -57,6 +57,8 @@ class Cleanup(Pass):
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
         out = gs.export_onnx(graph, do_type_check=False)
         _restore_model_fields(out, model)
+        if self.keep_initializer_inputs:
+            _restore_initializer_inputs(out.graph, model.graph)
 
         nodes_after = sum(len(g.node) for g in iter_graphs(out.graph))
         report = {
@@ -70,6 +72,14 @@ class Cleanup(Pass):
         return PassResult(out, modified, report)
 
 
+def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Model with value_info from onnx shape inference, so Shape ops can fold (best effort)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - custom ops or broken shapes: fold what can be folded
+        return model
+
+
 def _drop_initializer_inputs(graph: onnx.GraphProto) -> int:
     inits = {t.name for t in graph.initializer}
     keep = [i for i in graph.input if i.name not in inits]
@@ -78,6 +88,16 @@ def _drop_initializer_inputs(graph: onnx.GraphProto) -> int:
         del graph.input[:]
         graph.input.extend(keep)
     return removed
+
+
+def _restore_initializer_inputs(out: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """Put back the initializer inputs graphsurgeon drops on import, in their original order."""
+    inits = {t.name for t in out.initializer}
+    real = {i.name: i for i in out.input}
+    kept = [real.pop(i.name) if i.name in real else i for i in original.input
+            if i.name in real or i.name in inits]
+    del out.input[:]
+    out.input.extend(kept + list(real.values()))
 
 
 def _names_read_by_subgraphs(graph: gs.Graph) -> set[str]:

@@ -1,0 +1,458 @@
+"""The ``fold`` pass: physically remove channels that are zero or constant, exactly."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.data import fixed_batch, synthesize
+from onnxprune.errors import InternalError
+from onnxprune.groups import VAR, ZERO, Analysis, Member, Sink, analyse
+from onnxprune.model import lift_constants
+from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.probe import Probe, probe
+from onnxprune.registry import register_pass
+from onnxprune.runtime import run_model
+from onnxprune.summary import count_parameters
+
+if TYPE_CHECKING:
+    from onnxprune.context import Context
+
+
+@dataclass
+class Plan:
+    """Which channel classes (union-find roots) go, and why the others stay."""
+
+    roots: np.ndarray
+    removed: set[int] = field(default_factory=set)
+    blocked: dict[int, str] = field(default_factory=dict)
+    values: dict[tuple[int, int], float] = field(default_factory=dict)  # (sink, position) -> v
+
+    def keep(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of positions that stay (unlabelled positions always stay)."""
+        if not self.removed:
+            return np.ones(len(ids), bool)
+        gone = np.array(sorted(self.removed), dtype=np.int64)
+        mask = np.zeros(len(ids), bool)
+        labelled = ids >= 0
+        mask[labelled] = np.isin(self.roots[ids[labelled]], gone)
+        return ~mask
+
+
+@register_pass
+@dataclass
+class Fold(Pass):
+    """Remove channels that are zero (or constant) wherever used, rewriting every coupled tensor.
+
+    Rules:
+        1. A channel class (channels the analysis ties together) goes when, at every weighted
+           consumer that reads it, its value is provably zero or a data-independent constant.
+        2. A constant is moved into the consumer's bias (Conv, Gemm, MatMul + a new Add), except
+           where the consumer zero-pads that input (the border would see 0, not the constant).
+        3. Pinned channels (graph outputs, unknown ops, subgraphs, LayerNorm over the hidden
+           size...) stay; so does the last channel of any tensor.
+        4. Rounds repeat until nothing changes (at most ``max_rounds``): removing one layer's
+           channels can make the next layer's channels constant.
+    """
+
+    name: ClassVar[str] = "fold"
+    constants: bool = option(True, "also remove constant non-zero channels into the next bias")
+    tolerance: float = option(1e-5, "relative spread allowed for a constant channel in the probe")
+    max_rounds: int = option(4, "repeat analysis and removal at most this often")
+    verify: bool = option(True, "run the model before and after on a sample and fail if it differs")
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be at least 1")
+        if self.tolerance < 0:
+            raise ValueError("tolerance must be >= 0")
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Fold ``model`` in place; report per group what went and what could not."""
+        params_before = count_parameters(model)
+        lifted = lift_constants(model.graph)
+        _drop_initializer_inputs(model.graph)
+        reference = copy.deepcopy(model) if self.verify else None
+        removed_total = 0
+        rounds = []
+        for _ in range(self.max_rounds):
+            pr = probe(model, ctx.seed, ctx.providers)
+            an = analyse(model, pr.shapes)
+            plan = self.plan(an, pr)
+            rounds.append(_round_report(an, plan))
+            if not plan.removed:
+                break
+            removed_total += apply_plan(model, an, plan)
+        report: dict[str, Any] = {
+            "channels_removed": removed_total,
+            "rounds": len(rounds),
+            "constants_lifted": lifted,
+            "parameters_before": params_before,
+            "parameters_after": count_parameters(model),
+            "groups": rounds[0]["groups"] if rounds else [],
+            "blocked": _merge_blocked(rounds),
+        }
+        if pr.error:
+            report["probe_error"] = pr.error
+        if reference is not None and removed_total:
+            report["verified"] = verify_same(reference, model, ctx.seed)
+        return PassResult(model, removed_total > 0 or lifted > 0, report)
+
+    def plan(self, an: Analysis, pr: Probe) -> Plan:
+        """Decide which channel classes to remove (rules 1-3)."""
+        roots = an.roots()
+        plan = Plan(roots)
+        pinned = an.pinned_roots()
+        candidates: set[int] = {int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]}
+        bad: dict[int, str] = {}
+        constant: set[int] = set()
+        for k, sink in enumerate(an.sinks):
+            self._judge_sink(k, sink, roots, pr, plan, bad, constant)
+        # a class that no weighted consumer reads but that is not pinned is dead: it may go too
+        for r in candidates:
+            if r in pinned:
+                if r in constant or r not in bad:
+                    plan.blocked.setdefault(r, pinned[r])
+                continue
+            if r in bad:
+                if bad[r] != "variable":
+                    plan.blocked[r] = bad[r]
+                continue
+            plan.removed.add(r)
+        _keep_last_channels(an, plan)
+        return plan
+
+    def _judge_sink(self, k: int, sink: Sink, roots: np.ndarray, pr: Probe, plan: Plan,
+                    bad: dict[int, str], constant: set[int]) -> None:
+        lab = sink.labels
+        value = pr.values.get(sink.tensor)
+        flat = None
+        if value is not None:
+            flat = np.moveaxis(value, lab.axis, 0).reshape(len(lab.ids), -1).astype(np.float64)
+        for j, (cid, st) in enumerate(zip(lab.ids.tolist(), lab.state.tolist(), strict=True)):
+            if cid < 0:
+                continue
+            r = int(roots[cid])
+            if st == VAR:
+                bad.setdefault(r, "variable")
+                continue
+            constant.add(r)
+            if flat is None:
+                if st != ZERO:
+                    bad[r] = "constant channel, but the model could not be run to get its value"
+                continue
+            col = flat[j]
+            v = float(col[0]) if col.size else 0.0
+            spread = float(col.max() - col.min()) if col.size else 0.0
+            if not np.isfinite(col).all() or spread > self.tolerance * (1.0 + abs(v)):
+                bad[r] = "analysis says constant but the probe run disagrees: kept to be safe"
+                continue
+            if st == ZERO and v != 0.0:
+                bad[r] = "analysis says zero but the probe run disagrees: kept to be safe"
+                continue
+            if v != 0.0:
+                if not self.constants:
+                    bad[r] = "constant non-zero channel (constants=false)"
+                    continue
+                if sink.padded:
+                    bad[r] = (f"constant channel feeds {sink.node.op_type} "
+                              f"{sink.node.name or sink.node.output[0]}, which zero-pads its input")
+                    continue
+            plan.values[(k, j)] = v
+
+
+def verify_same(before: onnx.ModelProto, after: onnx.ModelProto, seed: int) -> str:
+    """Run both models on one synthetic batch; raise InternalError if their outputs differ.
+
+    Returns a one-line description of the check (or why it could not run).
+    """
+    data = synthesize(before, fixed_batch(before) or 2, seed)
+    try:
+        ref = run_model(before, data.inputs)
+    except Exception as exc:  # noqa: BLE001 - the input model itself cannot run here
+        return f"not checked: onnxruntime cannot run the input model ({type(exc).__name__})"
+    try:
+        got = run_model(after, data.inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise InternalError(f"fold produced a model onnxruntime cannot run: {exc}") from exc
+    worst = 0.0
+    for name, r in ref.items():
+        g = got[name]
+        if r.shape != g.shape:
+            raise InternalError(f"fold changed the shape of output {name!r}: {r.shape} -> {g.shape}")
+        if np.issubdtype(r.dtype, np.floating):
+            scale = float(np.abs(r).max()) if r.size else 0.0
+            err = float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0
+            if err > 1e-4 * (1.0 + scale):
+                raise InternalError(f"fold changed output {name!r} by {err:.3g} (scale {scale:.3g})")
+            worst = max(worst, err / (1.0 + scale))
+        elif not np.array_equal(r, g):
+            raise InternalError(f"fold changed output {name!r}")
+    return f"outputs equal on a synthetic batch (max relative error {worst:.2g})"
+
+
+def _keep_last_channels(an: Analysis, plan: Plan) -> None:
+    """Never empty a tensor or a member: keep its first channel class instead."""
+    arrays = [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]
+    for ids in arrays:
+        if len(ids) and not plan.keep(ids).any():
+            r = int(plan.roots[ids[0]])
+            plan.removed.discard(r)
+            plan.blocked[r] = "last channel of its tensor is kept"
+
+
+def _drop_initializer_inputs(graph: onnx.GraphProto) -> None:
+    inits = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in inits]
+    if len(keep) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(keep)
+
+
+def _unique(graph: onnx.GraphProto, base: str) -> str:
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken |= {i.name for i in graph.input}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _set_init(graph: onnx.GraphProto, name: str, arr: np.ndarray) -> None:
+    for i, t in enumerate(graph.initializer):
+        if t.name == name:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, name))
+            return
+    graph.initializer.append(numpy_helper.from_array(arr, name))
+
+
+def _uses(graph: onnx.GraphProto, name: str) -> int:
+    return sum(name == i for n in graph.node for i in n.input)
+
+
+def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
+    """Fold constants into biases, slice every member, rewrite shape constants. Returns count."""
+    graph = model.graph
+    _fold_biases(graph, an, plan)
+    sliced: dict[tuple[str, int], np.ndarray] = {}
+    for m in an.members:
+        keep = plan.keep(m.ids)
+        key = (m.init, m.axis)
+        if key in sliced:
+            continue
+        sliced[key] = keep
+    by_init: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (init, axis), keep in sliced.items():
+        by_init[init].append((axis, keep))
+    for init, cuts in by_init.items():
+        arr = _current(graph, init)
+        for axis, keep in cuts:
+            if not keep.all():
+                arr = np.compress(keep, arr, axis=axis)
+        _set_init(graph, init, np.ascontiguousarray(arr))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for rw in an.rewrites:
+        _rewrite(graph, rw, plan, opset)
+    del graph.value_info[:]
+    _remove_unused_initializers(graph)
+    return len(plan.removed)
+
+
+def _current(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in graph.initializer if t.name == name)
+
+
+def _fold_biases(graph: onnx.GraphProto, an: Analysis, plan: Plan) -> None:
+    """Add each removed constant channel's contribution to its consumer's bias (rule 2)."""
+    per_sink: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for (k, j), v in plan.values.items():
+        sink = an.sinks[k]
+        cid = int(sink.labels.ids[j])
+        if v != 0.0 and int(plan.roots[cid]) in plan.removed:
+            per_sink[k].append((j, v))
+    for k, items in per_sink.items():
+        sink = an.sinks[k]
+        w = _current(graph, sink.weight)
+        wk = np.moveaxis(w.astype(np.float64), sink.weight_axis, 0)  # [K, ...]
+        delta = sum(v * wk[j] for j, v in items)
+        _add_to_bias(graph, an, sink, np.asarray(delta), w.dtype)
+
+
+def _add_to_bias(graph: onnx.GraphProto, an: Analysis, sink: Sink, delta: np.ndarray,
+                 dtype: np.dtype) -> None:
+    node = sink.node
+    out_lab = an.labels.get(node.output[0])
+    out_ids = out_lab.ids if out_lab is not None else np.arange(0)
+    op = node.op_type
+    if op == "Conv":
+        delta = delta.reshape(delta.shape[0], -1).sum(axis=1)  # [Cout]
+        _bias_input(graph, an, node, 2, delta.astype(dtype), out_ids, 0)
+    elif op == "Gemm":
+        alpha = _attr_f(node, "alpha", 1.0)
+        beta = _attr_f(node, "beta", 1.0)
+        has_c = len(node.input) > 2 and node.input[2]
+        if has_c and beta != 0.0:
+            c = _current(graph, node.input[2]).astype(np.float64)
+            new = c + alpha * delta / beta
+            name = _private_copy(graph, node, 2)
+            _set_init(graph, name, new.astype(dtype))
+            _retarget_members(an, node.input[2], name)
+        else:
+            _set_attr_f(node, "beta", 1.0)
+            _bias_input(graph, an, node, 2, (alpha * delta).astype(dtype), out_ids, 0, replace=True)
+    elif op == "MatMul":
+        bias = _unique(graph, f"{node.output[0]}_folded_bias")
+        mid = _unique(graph, f"{node.output[0]}_pre_bias")
+        out = node.output[0]
+        node.output[0] = mid
+        add = onnx.helper.make_node("Add", [mid, bias], [out], name=_unique(graph, f"{node.name}_folded_add"))
+        index = list(graph.node).index(node)
+        graph.node.insert(index + 1, add)
+        graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), bias))
+        if len(out_ids):
+            an.members.append(Member(bias, delta.ndim - 1, out_ids, add.name))
+
+
+def _bias_input(graph: onnx.GraphProto, an: Analysis, node: onnx.NodeProto, index: int,
+                delta: np.ndarray, out_ids: np.ndarray, axis: int, replace: bool = False) -> None:
+    """Add ``delta`` to input ``index`` (creating it), keeping it a member of the outputs."""
+    if len(node.input) > index and node.input[index] and not replace:
+        old = node.input[index]
+        name = _private_copy(graph, node, index)
+        current = _current(graph, name)
+        _set_init(graph, name, (current.astype(np.float64) + delta).astype(current.dtype))
+        _retarget_members(an, old, name)
+        return
+    name = _unique(graph, f"{node.output[0]}_folded_bias")
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = name
+    graph.initializer.append(numpy_helper.from_array(delta, name))
+    if len(out_ids):
+        an.members.append(Member(name, axis, out_ids, node.name))
+
+
+def _private_copy(graph: onnx.GraphProto, node: onnx.NodeProto, index: int) -> str:
+    """Input ``index`` of ``node`` as an initializer no other node reads (copied if shared)."""
+    name = node.input[index]
+    if _uses(graph, name) == 1:
+        return name
+    new = _unique(graph, f"{name}_folded")
+    graph.initializer.append(numpy_helper.from_array(_current(graph, name), new))
+    node.input[index] = new
+    return new
+
+
+def _retarget_members(an: Analysis, old: str, new: str) -> None:
+    if old == new:
+        return
+    for m in list(an.members):
+        if m.init == old:
+            an.members.append(Member(new, m.axis, m.ids, m.node))
+
+
+def _attr_f(node: onnx.NodeProto, name: str, default: float) -> float:
+    for a in node.attribute:
+        if a.name == name:
+            return float(a.f)
+    return default
+
+
+def _set_attr_f(node: onnx.NodeProto, name: str, value: float) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.f = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _set_attr_i(node: onnx.NodeProto, name: str, value: Any) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _rewrite(graph: onnx.GraphProto, rw: Any, plan: Plan, opset: int) -> None:
+    node = rw.node
+    counts = [int(plan.keep(ids).sum()) for ids in rw.ids]
+    if rw.kind == "group":
+        _set_attr_i(node, "group", counts[0])
+    elif rw.kind == "reshape":
+        target = _current(graph, node.input[1]).copy()
+        axis = rw.extra["axis"]
+        if target[axis] > 0:
+            target[axis] = counts[0]
+            name = _unique(graph, f"{node.input[1]}_folded")
+            graph.initializer.append(numpy_helper.from_array(target, name))
+            node.input[1] = name
+    elif rw.kind == "split":
+        sizes = np.array(counts, dtype=np.int64)
+        if opset >= 13:
+            name = _unique(graph, f"{node.name or node.output[0]}_split_sizes")
+            graph.initializer.append(numpy_helper.from_array(sizes, name))
+            while len(node.input) < 2:
+                node.input.append("")
+            node.input[1] = name
+            kept = [a for a in node.attribute if a.name != "num_outputs"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+        else:
+            _set_attr_i(node, "split", sizes.tolist())
+    elif rw.kind == "slice":
+        ids = rw.ids[0]
+        keep = plan.keep(ids)
+        k, start, stop = rw.extra["k"], rw.extra["start"], rw.extra["stop"]
+        new_start = int(keep[:start].sum())
+        new_stop = new_start + int(keep[start:stop].sum())
+        for index, value in ((1, new_start), (2, new_stop)):
+            arr = _current(graph, node.input[index]).copy()
+            arr[k] = value
+            name = _unique(graph, f"{node.input[index]}_folded")
+            graph.initializer.append(numpy_helper.from_array(arr, name))
+            node.input[index] = name
+
+
+def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                used |= {i for sn in sub.node for i in sn.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
+    groups = []
+    roots = plan.roots
+    for g in an.groups():
+        classes = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
+        removed = len(classes & plan.removed)
+        blocked = Counter(plan.blocked[r] for r in classes if r in plan.blocked)
+        groups.append({
+            **g.to_dict(),
+            "channels_after": g.channels - removed,
+            "removed": removed,
+            "blocked": dict(blocked),
+        })
+    return {"groups": groups, "removed": len(plan.removed)}
+
+
+def _merge_blocked(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    last = rounds[-1]["groups"] if rounds else []
+    total: Counter[str] = Counter()
+    for g in last:
+        total.update(g["blocked"])
+    return dict(total)
+

@@ -1,0 +1,57 @@
+"""One onnxruntime run with every intermediate tensor exposed: concrete shapes and values.
+
+Channel analysis needs concrete shapes (to follow Reshape/Flatten) and fold needs the value of
+each constant channel where it is used. Both come from one run on a small synthetic batch;
+when onnxruntime cannot run the model, shapes fall back to onnx shape inference and no values
+are known (fold then removes only channels it can prove exactly zero).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.data import fixed_batch, synthesize
+from onnxprune.errors import PassFailedError
+from onnxprune.runtime import CPU, run_model, session
+from onnxprune.summary import infer_shapes
+
+
+@dataclass
+class Probe:
+    """Shapes of every main-graph tensor, and values where a run succeeded."""
+
+    shapes: dict[str, tuple[int, ...]]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    error: str = ""
+
+
+def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = None) -> Probe:
+    """Run ``model`` on two synthetic samples (one when its batch is fixed) exposing every tensor."""
+    shapes = {k: tuple(v) for k, v in infer_shapes(model).items()}
+    exposed = copy.deepcopy(model)
+    known = {o.name for o in exposed.graph.output}
+    for node in exposed.graph.node:
+        for out in node.output:
+            if out and out not in known:
+                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
+                known.add(out)
+    try:
+        sess = session(exposed, providers or [CPU], optimize=False)
+    except PassFailedError as exc:
+        return Probe(shapes, {}, str(exc))
+    error = ""
+    # two samples show a constant channel is constant across samples; some exports bake in
+    # batch 1 even where the input says otherwise, so try 1 as well
+    for samples in dict.fromkeys([fixed_batch(model) or 2, 1]):
+        try:
+            values = run_model(sess, synthesize(model, samples, seed).inputs)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
+            error = f"onnxruntime could not run the model: {str(exc).strip().splitlines()[0]}"
+            continue
+        shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
+        return Probe(shapes, values)
+    return Probe(shapes, {}, error)
