@@ -975,12 +975,13 @@ def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
     """
     import copy
 
-    from onnxprune.model import lift_constants
+    from onnxprune.model import lift_constants, unlist_initializer_inputs
     from onnxprune.probe import probe
     from onnxprune.summary import node_macs
 
     work = copy.deepcopy(model)
     lift_constants(work.graph)
+    unlist_initializer_inputs(work.graph)
     pr = probe(work, seed)
     an = analyse(work, pr.shapes)
     groups = an.groups()

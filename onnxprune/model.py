@@ -216,6 +216,21 @@ def graph_input_names(graph: onnx.GraphProto) -> list[str]:
     return [i.name for i in graph.input if i.name not in inits]
 
 
+def unlist_initializer_inputs(graph: onnx.GraphProto) -> int:
+    """Stop listing initializers as graph inputs (MXNet, IR < 4 habit); returns how many.
+
+    Such an input is an overridable default, so pruning it would change the model's interface;
+    unlisted, it is a plain constant. Passes that prune call this first.
+    """
+    inits = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in inits]
+    removed = len(graph.input) - len(keep)
+    if removed:
+        del graph.input[:]
+        graph.input.extend(keep)
+    return removed
+
+
 def lift_constants(graph: onnx.GraphProto) -> int:
     """Turn ``Constant`` nodes holding a tensor into initializers, in this graph only.
 

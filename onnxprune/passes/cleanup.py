@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxprune.model import iter_graphs, lift_constants
+from onnxprune.model import iter_graphs, lift_constants, unlist_initializer_inputs
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.registry import register_pass
 
@@ -44,7 +44,7 @@ class Cleanup(Pass):
         """Apply rules 1-5 to ``model``."""
         nodes_before = sum(len(g.node) for g in iter_graphs(model.graph))
         lifted = sum(lift_constants(g) for g in iter_graphs(model.graph))
-        unlisted = 0 if self.keep_initializer_inputs else _drop_initializer_inputs(model.graph)
+        unlisted = 0 if self.keep_initializer_inputs else unlist_initializer_inputs(model.graph)
 
         graph = gs.import_onnx(_with_inferred_shapes(model))
         if self.fold_constants:
@@ -78,16 +78,6 @@ def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - custom ops or broken shapes: fold what can be folded
         return model
-
-
-def _drop_initializer_inputs(graph: onnx.GraphProto) -> int:
-    inits = {t.name for t in graph.initializer}
-    keep = [i for i in graph.input if i.name not in inits]
-    removed = len(graph.input) - len(keep)
-    if removed:
-        del graph.input[:]
-        graph.input.extend(keep)
-    return removed
 
 
 def _restore_initializer_inputs(out: onnx.GraphProto, original: onnx.GraphProto) -> None:

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from onnxprune.data import fixed_batch, synthesize
 from onnxprune.errors import InternalError
 from onnxprune.groups import VAR, ZERO, Analysis, Member, Sink, analyse
-from onnxprune.model import lift_constants
+from onnxprune.model import lift_constants, unlist_initializer_inputs
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.probe import Probe, probe
 from onnxprune.registry import register_pass
@@ -77,7 +77,7 @@ class Fold(Pass):
         """Fold ``model`` in place; report per group what went and what could not."""
         params_before = count_parameters(model)
         lifted = lift_constants(model.graph)
-        _drop_initializer_inputs(model.graph)
+        unlist_initializer_inputs(model.graph)
         reference = copy.deepcopy(model) if self.verify else None
         removed_total = 0
         rounds = []
@@ -205,14 +205,6 @@ def _keep_last_channels(an: Analysis, plan: Plan) -> None:
             r = int(plan.roots[ids[0]])
             plan.removed.discard(r)
             plan.blocked[r] = "last channel of its tensor is kept"
-
-
-def _drop_initializer_inputs(graph: onnx.GraphProto) -> None:
-    inits = {t.name for t in graph.initializer}
-    keep = [i for i in graph.input if i.name not in inits]
-    if len(keep) != len(graph.input):
-        del graph.input[:]
-        graph.input.extend(keep)
 
 
 def _unique(graph: onnx.GraphProto, base: str) -> str:

@@ -1,0 +1,170 @@
+"""Fold on every fixture: zero random channels of every prunable group, fold, compare.
+
+The zeroing here uses the analysis only to know which tensors belong to a group; the checks
+(outputs equal to the zeroed model's, parameter count, checker, idempotence) are independent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import onnxprune
+from onnxprune.groups import analyse
+from onnxprune.model import lift_constants
+from onnxprune.probe import probe
+from onnxprune.runtime import run_model
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+FIXTURES = sorted(p for p in MODELS.glob("*/*.onnx"))
+
+
+def _sample(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path.with_suffix("").with_suffix(".sample.npz")) as npz:
+        return {k[3:]: npz[k] for k in npz.files if k.startswith("in/")}
+
+
+def _params(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.FLOAT))
+
+
+def zero_random_channels(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, int, int]:
+    """Zero every member slice except consumer rows for a random share of each free class.
+
+    Returns the zeroed model, its expected parameter count after fold, and the classes zeroed.
+    """
+    model = copy.deepcopy(model)
+    lift_constants(model.graph)
+    an = analyse(model, probe(model).shapes)
+    roots = an.roots()
+    pinned = an.pinned_roots()
+    rng = np.random.default_rng(seed)
+    free = sorted({int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]} - set(pinned))
+    chosen = {r for r in free if rng.random() < 0.5}
+    # keep at least one channel in every tensor and member
+    for ids in [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]:
+        lab_roots = {int(roots[i]) for i in ids[ids >= 0]}
+        if lab_roots and lab_roots <= chosen and len(ids[ids >= 0]) == len(ids):
+            chosen.discard(int(roots[ids[0]]))
+    consumer = {(s.weight, s.weight_axis) for s in an.sinks}
+    arrays = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    keeps: dict[tuple[str, int], np.ndarray] = {}
+    for m in an.members:
+        gone = np.array([i >= 0 and int(roots[i]) in chosen for i in m.ids])
+        keeps[(m.init, m.axis)] = ~gone
+        if (m.init, m.axis) in consumer or not gone.any():
+            continue
+        index = [slice(None)] * arrays[m.init].ndim
+        index[m.axis] = np.flatnonzero(gone)
+        arrays[m.init][tuple(index)] = 0
+    for i, t in enumerate(model.graph.initializer):
+        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    expected = 0
+    for name, arr in arrays.items():
+        if arr.dtype != np.float32:
+            continue
+        shape = list(arr.shape)
+        for (init, axis), keep in keeps.items():
+            if init == name:
+                shape[axis] = int(keep.sum())
+        expected += int(np.prod(shape, dtype=np.int64))
+    return model, expected, len(chosen)
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_fold_removes_zeroed_channels_exactly(path: Path) -> None:
+    model, _ = onnxprune.run(onnxprune.load(path), ["cleanup"])
+    zeroed, expected, count = zero_random_channels(model, seed=len(path.stem))
+    folded, report = onnxprune.run(zeroed, ["fold"])
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = _sample(path)
+    want, got = run_model(zeroed, feeds), run_model(folded, feeds)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(w).max()))
+    section = report["passes"][0]
+    if count:
+        assert section["channels_removed"] >= count
+    baseline = onnxprune.run(model, ["fold"])[1]["passes"][0]["channels_removed"]
+    if baseline == 0:
+        assert _params(folded) == expected
+    else:  # the fixture had zero channels of its own (the ln_structured one): those go too
+        assert _params(folded) < expected
+    again, report2 = onnxprune.run(folded, ["fold"])
+    assert report2["passes"][0]["channels_removed"] == 0
+    assert not report2["passes"][0]["modified"]
+
+
+def test_fold_prunes_enough_on_every_framework() -> None:
+    """Every framework's CNN has prunable groups: fold is not a silent no-op anywhere."""
+    cnns = [p for p in FIXTURES if "cnn" in p.stem]
+    assert {p.parent.name for p in cnns} >= {"torch", "tf", "digits"}
+    for path in cnns:
+        groups = onnxprune.channel_groups(onnxprune.load(path))
+        assert any(g.prunable for g in groups), path
+
+
+def test_fold_removes_torch_ln_structured_channels() -> None:
+    """A model masked by torch.nn.utils.prune.ln_structured gets smaller, exactly."""
+    path = MODELS / "torch" / "cnn_masked_legacy.onnx"
+    manifest = json.loads((MODELS / "torch" / "MANIFEST.json").read_text())
+    zeroed = json.loads(manifest["cnn_masked_legacy"]["notes"])["zeroed"]
+    model = onnxprune.load(path)
+    folded, report = onnxprune.run(model, ["fold"])
+    section = report["passes"][0]
+    # pw's 12 zeroed filters feed a 1x1 conv-free head: all removed with their fc columns
+    sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    assert sizes["pw.weight"][0] == 24 - len(zeroed["pw.weight"])
+    assert section["parameters_before"] - section["parameters_after"] == 12 * 32 + 12 + 12 * 10
+    # stem/b1 zeroed filters become BN shifts, then feed a zero-padded 3x3 conv: kept, and said
+    assert any("zero-pads" in reason for reason in section["blocked"])
+    feeds = _sample(path)
+    want, got = run_model(model, feeds), run_model(folded, feeds)
+    np.testing.assert_allclose(got["output"], want["output"], rtol=1e-5, atol=1e-6)
+
+
+def test_fold_leaves_subgraph_and_unknown_ops_whole() -> None:
+    """An If node reading a channel tensor pins that group; a plain group still folds."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    w2 = rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
+    w3 = rng.normal(size=(2, 5, 1, 1)).astype(np.float32)
+    w1[1] = 0
+    w2[2] = 0
+    then = h.make_graph([h.make_node("Identity", ["b"], ["t"])], "then", [],
+                        [h.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
+    other = h.make_graph([h.make_node("Neg", ["b"], ["e"])], "else", [],
+                         [h.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)])
+    nodes = [
+        h.make_node("Conv", ["x", "w1"], ["a"]),
+        h.make_node("Relu", ["a"], ["a2"]),
+        h.make_node("Conv", ["a2", "w2"], ["b"]),
+        h.make_node("If", ["cond"], ["c"], then_branch=then, else_branch=other),
+        h.make_node("Conv", ["c", "w3"], ["y"]),
+    ]
+    graph = h.make_graph(
+        nodes, "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
+         h.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    folded, report = onnxprune.run(model, ["fold"])
+    sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    assert sizes["w1"] == [3, 3, 1, 1] and sizes["w2"][1] == 3
+    assert sizes["w2"][0] == 5, "channels read inside a subgraph must stay"
+    assert any("subgraph" in r for r in report["passes"][0]["blocked"])
+    x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(run_model(folded, feeds)["y"], run_model(model, feeds)["y"],
+                                   rtol=1e-5, atol=1e-6)
