@@ -27,6 +27,7 @@ class Probe:
     shapes: dict[str, tuple[int, ...]]
     values: dict[str, np.ndarray] = field(default_factory=dict)
     error: str = ""
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = None) -> Probe:
@@ -47,11 +48,12 @@ def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = N
     # two samples show a constant channel is constant across samples; some exports bake in
     # batch 1 even where the input says otherwise, so try 1 as well
     for samples in dict.fromkeys([fixed_batch(model) or 2, 1]):
+        feeds = synthesize(model, samples, seed).inputs
         try:
-            values = run_model(sess, synthesize(model, samples, seed).inputs)
+            values = run_model(sess, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             error = f"onnxruntime could not run the model: {str(exc).strip().splitlines()[0]}"
             continue
         shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
-        return Probe(shapes, values)
+        return Probe(shapes, values, inputs=feeds)
     return Probe(shapes, {}, error)

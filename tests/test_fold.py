@@ -20,6 +20,7 @@ from onnxprune.groups import analyse
 from onnxprune.model import lift_constants
 from onnxprune.probe import probe
 from onnxprune.runtime import run_model
+from onnxprune.zero import random_classes, zero_classes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FIXTURES = sorted(p for p in MODELS.glob("*/*.onnx"))
@@ -36,45 +37,22 @@ def _params(model: onnx.ModelProto) -> int:
 
 
 def zero_random_channels(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, int, int]:
-    """Zero every member slice except consumer rows for a random share of each free class.
-
-    Returns the zeroed model, its expected parameter count after fold, and the classes zeroed.
-    """
+    """Zero half the free channel classes; return the model, expected parameters, classes."""
     model = copy.deepcopy(model)
     lift_constants(model.graph)
     an = analyse(model, probe(model).shapes)
+    chosen = random_classes(an, 0.5, seed)
+    zero_classes(model, an, chosen)
     roots = an.roots()
-    pinned = an.pinned_roots()
-    rng = np.random.default_rng(seed)
-    free = sorted({int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]} - set(pinned))
-    chosen = {r for r in free if rng.random() < 0.5}
-    # keep at least one channel in every tensor and member
-    for ids in [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]:
-        lab_roots = {int(roots[i]) for i in ids[ids >= 0]}
-        if lab_roots and lab_roots <= chosen and len(ids[ids >= 0]) == len(ids):
-            chosen.discard(int(roots[ids[0]]))
-    consumer = {(s.weight, s.weight_axis) for s in an.sinks}
-    arrays = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-    keeps: dict[tuple[str, int], np.ndarray] = {}
-    for m in an.members:
-        gone = np.array([i >= 0 and int(roots[i]) in chosen for i in m.ids])
-        keeps[(m.init, m.axis)] = ~gone
-        if (m.init, m.axis) in consumer or not gone.any():
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer
+              if t.data_type == onnx.TensorProto.FLOAT}
+    done = set()
+    for m in an.members:  # expected shapes, counted independently of fold
+        if (m.init, m.axis) in done or m.init not in shapes:
             continue
-        index = [slice(None)] * arrays[m.init].ndim
-        index[m.axis] = np.flatnonzero(gone)
-        arrays[m.init][tuple(index)] = 0
-    for i, t in enumerate(model.graph.initializer):
-        model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
-    expected = 0
-    for name, arr in arrays.items():
-        if arr.dtype != np.float32:
-            continue
-        shape = list(arr.shape)
-        for (init, axis), keep in keeps.items():
-            if init == name:
-                shape[axis] = int(keep.sum())
-        expected += int(np.prod(shape, dtype=np.int64))
+        done.add((m.init, m.axis))
+        shapes[m.init][m.axis] -= sum(i >= 0 and int(roots[i]) in chosen for i in m.ids)
+    expected = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
     return model, expected, len(chosen)
 
 

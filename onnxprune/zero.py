@@ -1,0 +1,73 @@
+"""Write zeros: prune channel classes by zeroing every slice that produces them.
+
+This is the contract between passes: a pruning pass zeroes, :mod:`onnxprune.passes.fold`
+removes. Consumer rows (the weights that read a channel) are left alone; every other member
+slice of a zeroed class (weights, biases, BN scale and shift, per-channel constants) is set
+to 0, so the channel is exactly zero wherever it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.groups import Analysis
+
+
+def free_classes(an: Analysis) -> list[int]:
+    """Channel classes (union-find roots) that are not pinned, in id order."""
+    roots = an.roots()
+    pinned = an.pinned_roots()
+    opened = {int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]}
+    return sorted(opened - set(pinned))
+
+
+def keep_one_per_tensor(an: Analysis, chosen: set[int]) -> set[int]:
+    """Drop classes from ``chosen`` so that no tensor or member loses all its channels."""
+    roots = an.roots()
+    chosen = set(chosen)
+    for ids in [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]:
+        labelled = ids[ids >= 0]
+        if len(labelled) == len(ids) and len(ids) and {int(roots[i]) for i in labelled} <= chosen:
+            chosen.discard(int(roots[ids[0]]))
+    return chosen
+
+
+def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
+    """A random ``share`` of the free classes of every group (never a whole tensor)."""
+    rng = np.random.default_rng(seed)
+    chosen = {r for r in free_classes(an) if rng.random() < share}
+    return keep_one_per_tensor(an, chosen)
+
+
+def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -> int:
+    """Zero, in ``model`` (the one ``an`` analysed), every producing slice of ``classes``.
+
+    Returns the number of initializer entries set to zero.
+    """
+    roots = an.roots()
+    chosen = np.array(sorted(set(classes)), dtype=np.int64)
+    consumer = {(s.weight, s.weight_axis) for s in an.sinks}
+    arrays: dict[str, np.ndarray] = {}
+    zeroed = 0
+    for m in an.members:
+        if (m.init, m.axis) in consumer:
+            continue
+        labelled = m.ids >= 0
+        gone = np.zeros(len(m.ids), bool)
+        gone[labelled] = np.isin(roots[m.ids[labelled]], chosen)
+        if not gone.any():
+            continue
+        if m.init not in arrays:
+            arrays[m.init] = numpy_helper.to_array(an.inits[m.init]).copy()
+        index: list[slice | np.ndarray] = [slice(None)] * arrays[m.init].ndim
+        index[m.axis] = np.flatnonzero(gone)
+        arrays[m.init][tuple(index)] = 0
+        zeroed += int(gone.sum() * arrays[m.init].size // max(1, arrays[m.init].shape[m.axis]))
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in arrays:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    return zeroed
