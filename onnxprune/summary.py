@@ -134,7 +134,8 @@ def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     """Static shapes of every tensor of the main graph that onnx shape inference can find."""
     dims = dict(dims or {})
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            skeleton(model), strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort on custom or broken graphs
         inferred = model
     shapes: dict[str, list[int]] = {}
@@ -153,6 +154,28 @@ def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
+
+
+SKELETON_LIMIT = 4096
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A light copy for shape inference: large initializers become typed graph inputs.
+
+    Shape inference needs only their shapes; small ones (shape constants) keep their values.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)  # cheap relative to serialising the weights for the C++ side
+    graph = light.graph
+    kept = []
+    for t in graph.initializer:
+        if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            kept.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return light
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
