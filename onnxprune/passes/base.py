@@ -143,8 +143,10 @@ def coerce(raw: Any, tp: Any) -> Any:
         return next(a for a in args if str(a) == value)
     if origin in (tuple, list):
         # '+' or ',' (what `-p name:key=a,b` continuation produces) separate the items
-        items = re.split(r"[+,]", raw) if isinstance(raw, str) else list(raw)
-        items = [i.strip() for i in items if not (isinstance(i, str) and not i.strip())]
+        if isinstance(raw, str):
+            items = [i.strip() for i in re.split(r"[+,]", raw) if i.strip()]
+        else:  # a TOML array (of any item type), or a single value
+            items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
         inner = args[0] if args else str
         return origin(coerce(i, inner) for i in items)
     if tp is bool:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxprune.model import iter_graphs, lift_constants, unlist_initializer_inputs
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from onnxprune.context import Context
 
 _MB = 1 << 20
+_MAX_FOLD_ROUNDS = 8
 
 
 @register_pass
@@ -49,10 +51,20 @@ class Cleanup(Pass):
         graph = gs.import_onnx(_with_inferred_shapes(model))
         if self.fold_constants:
             _quiet_graphsurgeon()
-            graph.fold_constants(
-                fold_shapes=True, recurse_subgraphs=True, error_ok=True,
-                size_threshold=int(self.fold_limit_mb * _MB),
-            )
+            for _ in range(_MAX_FOLD_ROUNDS):
+                count = _count_nodes(graph)
+                graph.fold_constants(
+                    fold_shapes=True, recurse_subgraphs=True, error_ok=True,
+                    size_threshold=int(self.fold_limit_mb * _MB),
+                )
+                graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
+                if _count_nodes(graph) == count:
+                    break
+                # Folding can make more shapes static: infer again and fold what that exposes,
+                # so a second cleanup finds nothing left to do.
+                folded = gs.export_onnx(graph, do_type_check=False)
+                _restore_model_fields(folded, model)
+                graph = gs.import_onnx(_with_inferred_shapes(folded))
         bypassed = _bypass_identities(graph)
         graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True).toposort()
         out = gs.export_onnx(graph, do_type_check=False)
@@ -141,6 +153,20 @@ def _restore_model_fields(out: onnx.ModelProto, original: onnx.ModelProto) -> No
         out.functions.extend(original.functions)
 
 
+def _count_nodes(graph: gs.Graph) -> int:
+    """Nodes of ``graph`` and of its subgraphs."""
+    total = 0
+    for node in graph.nodes:
+        total += 1
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    total += _count_nodes(sub)
+    return total
+
+
 def _quiet_graphsurgeon() -> None:
-    """graphsurgeon logs every fold at INFO; keep its warnings only."""
+    """graphsurgeon logs every fold at INFO; keep its warnings only. The onnxruntime sessions it
+    folds with would print optimizer warnings on stderr (even with ``-q``); keep errors only."""
     G_LOGGER.severity = G_LOGGER.WARNING
+    ort.set_default_logger_severity(3)
