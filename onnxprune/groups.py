@@ -231,6 +231,8 @@ class Analysis:
         arr = self.array(name)
         if arr is None:
             return False
+        if arr.ndim == 0:
+            return True  # a scalar broadcasts over the channels: nothing to slice
         axis = axis % arr.ndim
         if arr.shape[axis] != len(ids):
             if arr.shape[axis] == 1:

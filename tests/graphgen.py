@@ -354,8 +354,8 @@ class Builder:
         self.blocks.append(f"{op} over the channel axis (pins its input channels)")
         return self.record(Act(y, [VAR] * act.c))
 
-    def head(self, act: Act) -> None:
-        """GAP or full Flatten -> [hidden Gemm/MatMul + Relu] -> Gemm or MatMul + Add -> [1, K]."""
+    def head(self, act: Act, hidden: int | None = None) -> None:
+        """GAP or full Flatten -> [hidden Gemm/MatMul + Relu]* -> Gemm or MatMul + Add -> [1, K]."""
         d = self.draw
         if d(st.booleans()):
             (p,) = self.node("GlobalAveragePool", [act.name], "gap")
@@ -368,7 +368,7 @@ class Builder:
             feat = [s for s in act.state for _ in range(H * W)]
             self.blocks.append(f"head: Flatten [1, {act.c * H * W}]")
         cur = self.record(Act(f, feat))
-        if d(st.booleans()):
+        for _ in range(hidden if hidden is not None else d(st.integers(0, 1))):
             cur = self.fc(cur, d(st.integers(2, 6)), zero=True)
             (r,) = self.node("Relu", [cur.name], "relu")
             cur = self.record(Act(r, cur.state))
@@ -378,37 +378,57 @@ class Builder:
         self.output = (out.name, k)
 
     def fc(self, act: Act, n: int, zero: bool) -> Act:
-        """Gemm (transB random, bias or not) or MatMul + Add: [1, F] -> [1, n]."""
+        """Gemm or MatMul + Add: [1, F] -> [1, n].
+
+        Gemm: transB, alpha and beta random; its bias C per output ([n] or [1, n]), broadcast
+        ([1] or a scalar) or absent. MatMul: the Add's constant is [n], [1, n] or [1]. Zeroed
+        columns give exactly 0 unless a broadcast bias (times beta) adds a constant to them.
+        """
         d = self.draw
         f = act.c
-        w, b = self.normal(f, n), self.normal(n)
+        w = self.normal(f, n)
         zeros = self.subset(n) if zero else []
         w[:, zeros] = 0.0
-        b[zeros] = 0.0
         gemm = d(st.booleans())
-        bias = d(st.booleans()) if gemm else True
+        bias = d(st.sampled_from(["n", "1n", "1", "scalar"] + (["none"] if gemm else [])))
+        b = self.normal(n)
+        b[zeros] = 0.0
+        if bias == "1n":
+            b = b.reshape(1, n)
+        elif bias == "1":
+            b = self.normal(1)
+        elif bias == "scalar":
+            b = self.normal(1).reshape(())
+        shift = 0.0 if bias in ("n", "1n", "none") else float(b.reshape(-1)[0])
         if gemm:
             name = self.uid("gemm")
             trans_b = d(st.integers(0, 1))
+            alpha = d(st.sampled_from([1.0, 0.5]))
+            beta = d(st.sampled_from([1.0, 2.0, 0.0])) if bias != "none" else 1.0
+            shift *= beta
             ins = [act.name, self.const(w.T.copy() if trans_b else w, f"{name}_W")]
-            if bias:
+            if bias != "none":
                 ins.append(self.const(b, f"{name}_C"))
             out = name + "_y"
-            self.nodes.append(helper.make_node("Gemm", ins, [out], name=name, transB=trans_b))
-            self.blocks.append(f"Gemm {name} {f}->{n} transB={trans_b}{' bias' if bias else ''}"
-                               + (f" zero={zeros}" if zeros else ""))
+            self.nodes.append(helper.make_node("Gemm", ins, [out], name=name, transB=trans_b,
+                                               alpha=alpha, beta=beta))
+            self.blocks.append(f"Gemm {name} {f}->{n} transB={trans_b} alpha={alpha} beta={beta} "
+                               f"C={bias}" + (f" zero={zeros}" if zeros else ""))
         else:
             name = self.uid("matmul")
             mm = name + "_y"
             self.nodes.append(helper.make_node("MatMul", [act.name, self.const(w, f"{name}_W")],
                                                [mm], name=name))
             (out,) = self.node("Add", [mm, self.const(b, f"{name}_B")], "fc_add")
-            self.blocks.append(f"MatMul {name} {f}->{n} + Add" + (f" zero={zeros}" if zeros else ""))
+            self.blocks.append(f"MatMul {name} {f}->{n} + Add B={bias}"
+                               + (f" zero={zeros}" if zeros else ""))
         if zeros:
             self.zeroed[name] = zeros
-        self.layers.append({"op": "fc", "name": name, "input": act.name, "kind": "Gemm" if gemm else "MatMul",
-                            "bias": bias, "fin": f, "n": n, "zero": zeros, "in_state": list(act.state)})
-        return self.record(Act(out, [ZERO if i in zeros else VAR for i in range(n)]))
+        self.layers.append({"op": "fc", "name": name, "input": act.name,
+                            "kind": "Gemm" if gemm else "MatMul", "bias": bias,
+                            "fin": f, "n": n, "zero": zeros, "in_state": list(act.state)})
+        dead = CONST if shift else ZERO
+        return self.record(Act(out, [dead if i in zeros else VAR for i in range(n)]))
 
     # -- the model -------------------------------------------------------------------------------
     def finish(self, c_in: int) -> Case:
@@ -476,6 +496,27 @@ def cases(draw: Any, max_blocks: int = 5, pin: bool = False) -> Case:
         else:
             act = b.nhwc_matmul(act)
     b.head(act)
+    return b.finish(c_in)
+
+
+@st.composite
+def fc_heads(draw: Any) -> Case:
+    """Conv(zeroed) -> [BN, shift kept or not] -> [activation] -> head with 1-2 hidden layers.
+
+    Dense on the Gemm / MatMul paths of folding: constants (from BN shifts, Sigmoid, broadcast
+    biases) into Gemm biases of every shape, with alpha/beta, transB, and MatMul + new Add.
+    """
+    seed = draw(st.integers(0, 2**32 - 1))
+    b = Builder(draw, seed, constant_nodes=draw(st.booleans()))
+    c_in = draw(st.integers(2, 6))
+    act = b.record(Act("x", [VAR] * c_in))
+    b.blocks.append(f"input [1, {c_in}, {H}, {W}]")
+    act = b.conv(act)
+    if draw(st.booleans()):
+        act = b.batchnorm(act)
+    if draw(st.booleans()):
+        act = b.activation(act)
+    b.head(act, hidden=draw(st.integers(1, 2)))
     return b.finish(c_in)
 
 

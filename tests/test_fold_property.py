@@ -23,7 +23,7 @@ import onnxprune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphgen  # noqa: E402
-from graphgen import CONST, VAR, Case, cases, pinned_cases, plain_chains  # noqa: E402
+from graphgen import CONST, VAR, Case, cases, fc_heads, pinned_cases, plain_chains  # noqa: E402
 
 # FOLD_PROPERTY_EXAMPLES=500 for a longer hunt; the default keeps the file at a few seconds
 EXAMPLES = int(os.environ.get("FOLD_PROPERTY_EXAMPLES", "40"))
@@ -93,7 +93,7 @@ def explain(case: Case, section: dict[str, Any]) -> str:
 
 # -- the generator itself ------------------------------------------------------------------------
 @PROPERTY
-@given(st.one_of(cases(), plain_chains(), pinned_cases(), cases(pin=True)))
+@given(st.one_of(cases(), plain_chains(), pinned_cases(), cases(pin=True), fc_heads()))
 def test_generator_ground_truth_holds(case: Case) -> None:
     """Channels the generator says are zero (constant) are exactly 0 (constant) in onnxruntime."""
     graphgen.check_ground_truth(case)
@@ -110,6 +110,13 @@ def test_fold_is_exact(case: Case, seed: int) -> None:
         ref = ref_sess.run(["y"], {"x": x})[0]
         got = new_sess.run(["y"], {"x": x})[0]
         assert_close(ref, got, explain(case, section))
+
+
+@PROPERTY
+@given(fc_heads(), st.integers(0, 2**31 - 1))
+def test_fold_is_exact_in_fc_heads(case: Case, seed: int) -> None:
+    """Same, for constants folded into Gemm biases (any shape, alpha/beta) and MatMul + Add."""
+    test_fold_is_exact.hypothesis.inner_test(case, seed)
 
 
 @PROPERTY
@@ -163,10 +170,13 @@ def expected_plain_chain(case: Case) -> tuple[int, int]:
                 total += kept * layer["paddle"]  # the Add [1, C, 1, 1] after it
             else:
                 total += kept * cin
+                bias = layer["bias"]
+                own = {"n": kept, "1n": kept, "1": 1, "scalar": 1, "none": 0}[bias]
                 if layer["kind"] == "Gemm":
-                    total += kept * (layer["bias"] or nonzero_const)
+                    # a constant goes into C, which then has one entry per output
+                    total += kept if nonzero_const else own
                 else:
-                    total += kept * (1 + nonzero_const)  # its Add, and a new Add for constants
+                    total += own + kept * nonzero_const  # its Add, and a new Add for constants
         elif op == "bn":
             total += 4 * kept
         elif op == "chan":

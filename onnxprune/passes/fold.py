@@ -289,11 +289,16 @@ def _add_to_bias(graph: onnx.GraphProto, an: Analysis, sink: Sink, delta: np.nda
         beta = _attr_f(node, "beta", 1.0)
         has_c = len(node.input) > 2 and node.input[2]
         if has_c and beta != 0.0:
-            c = _current(graph, node.input[2]).astype(np.float64)
+            old = node.input[2]
+            c = _current(graph, old).astype(np.float64)
             new = c + alpha * delta / beta
             name = _private_copy(graph, node, 2)
             _set_init(graph, name, new.astype(dtype))
-            _retarget_members(an, node.input[2], name)
+            if new.shape != c.shape and len(out_ids):
+                # C broadcast over the outputs before; now it has one entry per output channel
+                an.members.append(Member(name, new.ndim - 1, out_ids, node.name))
+            else:
+                _retarget_members(an, old, name)
         else:
             _set_attr_f(node, "beta", 1.0)
             _bias_input(graph, an, node, 2, (alpha * delta).astype(dtype), out_ids, 0, replace=True)
