@@ -392,3 +392,60 @@ def test_bn_shift_of_zero_channel_folds_into_unpadded_conv_only(k: int) -> None:
         assert weight(new, "a").shape == (4, 3, 3, 3)
         assert any("zero-pads" in reason for reason in section["blocked"]), section["blocked"]
 
+
+
+# -- regressions for failures the properties found -----------------------------------------------
+@pytest.mark.parametrize("op", ["Add", "Mul"])
+def test_rank0_constant_on_a_one_channel_tensor(op: str) -> None:
+    """x[1, 4] -> MatMul W[4, 1] -> Add/Mul a rank-0 constant -> y[1, 1] (a one-logit head).
+
+    The rank-0 constant broadcasts; it must not be taken for a per-channel member (the analysis
+    used to compute ``axis % arr.ndim`` with ``ndim == 0`` and crash with ZeroDivisionError).
+    The same crash hits any tensor that folding shrinks to one channel before such an op.
+    """
+    rng = np.random.default_rng(RNG_SEED)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"),
+             helper.make_node(op, ["t", "b"], ["y"], name="bias")]
+    inits = {"W": _w(rng, 4, 1), "b": np.array(0.5, np.float32)}
+    graph = helper.make_graph(
+        nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        initializer=[numpy_helper.from_array(v, n) for n, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    new, section = fold(model)
+    assert section["channels_removed"] == 0
+    x = rng.standard_normal((1, 4)).astype(np.float32)
+    assert_close(run(model, x), run(new, x))
+
+
+@pytest.mark.parametrize("c_shape", [(1,), ()])
+def test_constant_into_broadcast_gemm_bias_while_its_outputs_shrink(c_shape: tuple[int, ...]) -> None:
+    """conv[3] (channel 1 zero) -> BN (shift: constant) -> GAP -> Gemm g1 (C broadcast [1] or
+    scalar; output column 0 zero, so a constant) -> Gemm g2.
+
+    One round removes conv channel 1 (its constant goes into g1's C, which then needs one entry
+    per output) and g1's output 0 (its constant goes into g2's C). g1's new C must be sliced with
+    g1's outputs: it used to stay [4] while g1 kept 3 outputs, and onnxruntime refused the model
+    ("Gemm: Invalid bias shape for broadcast").
+    """
+    rng = np.random.default_rng(RNG_SEED)
+    inits = {"a_W": _w(rng, 3, 2, 1, 1), "a_B": _w(rng, 3), "bn_s": _w(rng, 3), "bn_b": _w(rng, 3),
+             "bn_m": _w(rng, 3), "bn_v": np.ones(3, np.float32), "g1_W": _w(rng, 3, 4),
+             "g1_C": np.full(c_shape, 0.3, np.float32), "fc_W": _w(rng, 4, 2), "fc_B": _w(rng, 2)}
+    inits["a_W"][1] = inits["a_B"][1] = 0.0
+    inits["g1_W"][:, 0] = 0.0
+    nodes = [_conv("a", "x"),
+             helper.make_node("BatchNormalization", ["a", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"],
+                              name="bn"),
+             helper.make_node("GlobalAveragePool", ["bn"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+             helper.make_node("Gemm", ["flat", "g1_W", "g1_C"], ["g1"], name="g1"),
+             helper.make_node("Gemm", ["g1", "fc_W", "fc_B"], ["y"], name="fc")]
+    model = _graph(nodes, inits, 2, 2)
+    new, section = fold(model)
+    _check_exact(model, new)
+    assert section["channels_removed"] == 2
+    assert weight(new, "g1").shape == (2, 3)
+    assert weight(new, "g1", 2).shape in ((3,), (1, 3))
