@@ -377,8 +377,8 @@ def _const_making(an: Analysis, node: onnx.NodeProto) -> None:
 def _clip(an: Analysis, node: onnx.NodeProto) -> None:
     lo = an.array(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     hi = an.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    lo_v = float(lo) if lo is not None else float(_attr(node, "min", -np.inf))
-    hi_v = float(hi) if hi is not None else float(_attr(node, "max", np.inf))
+    lo_v = _scalar(lo) if lo is not None else float(_attr(node, "min", -np.inf))
+    hi_v = _scalar(hi) if hi is not None else float(_attr(node, "max", np.inf))
     for i in (1, 2):
         if len(node.input) > i and node.input[i] and an.array(node.input[i]) is None:
             an.pin_inputs(node, "min/max are not constants")
@@ -387,6 +387,11 @@ def _clip(an: Analysis, node: onnx.NodeProto) -> None:
         _carry(an, node)
     else:
         _const_making(an, node)
+
+
+def _scalar(arr: np.ndarray) -> float:
+    """The one value of a scalar or one-element array (Clip bounds may be either)."""
+    return float(np.asarray(arr).reshape(-1)[0])
 
 
 def _spatial(an: Analysis, node: onnx.NodeProto) -> None:
@@ -722,31 +727,26 @@ def _axis_after_reshape(src: tuple[int, ...] | None, dst: tuple[int, ...] | None
 
 
 def _merge_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int, int] | None:
-    """(out_axis, first, last): input axes first..last (containing ``axis``) merge into out_axis."""
-    prefix = 1
-    j = 0
-    boundaries = {0: 0}
-    for k, d in enumerate(dst):
-        prefix *= d
-        boundaries[prefix] = k + 1
-    acc = 1
-    starts = {}
-    for i, d in enumerate(src):
-        starts[i] = acc
-        acc *= d
-    # the output axis j covers input axes first..last when cumulative products line up
-    for first in range(axis, -1, -1):
-        if starts[first] not in boundaries:
-            continue
-        j = boundaries[starts[first]]
-        size = 1
-        for last in range(first, len(src)):
-            size *= src[last]
-            if last >= axis and j < len(dst) and size == dst[j]:
-                return j, first, last
-            if j < len(dst) and size > dst[j]:
-                break
-    return None
+    """(out_axis, first, last): input axes first..last (containing ``axis``) become out_axis.
+
+    Holds when the elements before the block and the block itself line up in row-major order:
+    prod(src[:first]) == prod(dst[:out_axis]) and prod(src[first:last+1]) == dst[out_axis].
+    Among several answers (size-1 axes make ties) the smallest block is taken; all are
+    equivalent for the channel labels.
+    """
+    best = None
+    for j in range(len(dst)):
+        before = int(np.prod(dst[:j], dtype=np.int64))
+        for first in range(axis, -1, -1):
+            if int(np.prod(src[:first], dtype=np.int64)) != before:
+                continue
+            for last in range(axis, len(src)):
+                size = int(np.prod(src[first : last + 1], dtype=np.int64))
+                if size == dst[j] and (best is None or last - first < best[2] - best[1]):
+                    best = (j, first, last)
+                if size > dst[j]:
+                    break
+    return best
 
 
 def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
@@ -884,7 +884,7 @@ def _pad(an: Analysis, node: onnx.NodeProto) -> None:
         return
     mode = _attr(node, "mode", b"constant")
     value = an.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if mode in (b"constant", "constant") and (value is None or float(value) == 0.0):
+    if mode in (b"constant", "constant") and (value is None or _scalar(value) == 0.0):
         _carry(an, node, lambda s: np.where(s == CONST, VAR, s))
     elif mode in (b"constant", "constant"):
         _carry(an, node, lambda s: np.where(s == ZERO, VAR, np.where(s == CONST, VAR, s)))
