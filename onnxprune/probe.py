@@ -8,7 +8,6 @@ are known (fold then removes only channels it can prove exactly zero).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,17 +32,23 @@ class Probe:
 def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = None) -> Probe:
     """Run ``model`` on two synthetic samples (one when its batch is fixed) exposing every tensor."""
     shapes = {k: tuple(v) for k, v in infer_shapes(model).items()}
-    exposed = copy.deepcopy(model)
-    known = {o.name for o in exposed.graph.output}
-    for node in exposed.graph.node:
+    graph_outputs = len(model.graph.output)
+    known = {o.name for o in model.graph.output}
+    # expose every tensor on the model itself for the time of one serialisation (no copy)
+    for node in model.graph.node:
         for out in node.output:
             if out and out not in known:
-                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
+                model.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
     try:
-        sess = session(exposed, providers or [CPU], optimize=False)
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[graph_outputs:]
+    try:
+        sess = session(data, providers or [CPU], optimize=False)
     except PassFailedError as exc:
         return Probe(shapes, {}, str(exc))
+    del data
     error = ""
     # two samples show a constant channel is constant across samples; some exports bake in
     # batch 1 even where the input says otherwise, so try 1 as well
@@ -57,3 +62,14 @@ def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = N
         shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
         return Probe(shapes, values, inputs=feeds)
     return Probe(shapes, {}, error)
+
+
+def shrink_shapes(shapes: dict[str, tuple[int, ...]], changes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with ``changes[name] = (axis, new size)`` applied: shapes after a fold round."""
+    out = dict(shapes)
+    for name, (axis, size) in changes.items():
+        if name in out and axis < len(out[name]):
+            shape = list(out[name])
+            shape[axis] = size
+            out[name] = tuple(shape)
+    return out

@@ -164,17 +164,19 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Shape inference needs only their shapes; small ones (shape constants) keep their values.
     """
-    light = onnx.ModelProto()
-    light.CopyFrom(model)  # cheap relative to serialising the weights for the C++ side
-    graph = light.graph
-    kept = []
-    for t in graph.initializer:
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, graph = model.graph, light.graph
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    for t in src.initializer:  # shapes only for the large ones: no weight is copied
         if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
-            kept.append(t)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+            graph.initializer.append(t)
     return light
 
 

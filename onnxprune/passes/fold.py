@@ -14,7 +14,7 @@ from onnxprune.errors import InternalError
 from onnxprune.groups import VAR, ZERO, Analysis, Member, Sink, analyse
 from onnxprune.model import lift_constants, unlist_initializer_inputs
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.probe import Probe, probe
+from onnxprune.probe import Probe, probe, shrink_shapes
 from onnxprune.registry import register_pass
 from onnxprune.runtime import run_model
 from onnxprune.summary import count_parameters
@@ -78,16 +78,27 @@ class Fold(Pass):
         unlist_initializer_inputs(model.graph)
         removed_total = 0
         rounds = []
-        first: Probe | None = None
-        for _ in range(self.max_rounds):
-            pr = probe(model, ctx.seed, ctx.providers)
-            first = first or pr
-            an = analyse(model, pr.shapes)
+        first = pr = probe(model, ctx.seed, ctx.providers)
+        an = analyse(model, pr.shapes)
+        for round_index in range(self.max_rounds):
+            if round_index:
+                # shapes after the last round are known without a run; a new probe is needed
+                # only when some channel may now be constant (a cascade), which is rare
+                an = analyse(model, pr.shapes)
+                if _may_be_constant(an):
+                    pr = probe(model, ctx.seed, ctx.providers)
+                    an = analyse(model, pr.shapes)
             plan = self.plan(an, pr)
             rounds.append(_round_report(an, plan))
             if not plan.removed:
                 break
+            changes = _shape_changes(an, plan)
             removed_total += apply_plan(model, an, plan)
+            shapes = shrink_shapes(pr.shapes, changes)
+            if all(o in shapes for n in model.graph.node for o in n.output if o):
+                pr = Probe(shapes, {}, pr.error)
+            else:  # fold inserted nodes (a bias Add after a MatMul): shapes from a real run
+                pr = probe(model, ctx.seed, ctx.providers)
         report: dict[str, Any] = {
             "channels_removed": removed_total,
             "rounds": len(rounds),
@@ -97,9 +108,9 @@ class Fold(Pass):
             "groups": rounds[0]["groups"] if rounds else [],
             "blocked": _merge_blocked(rounds),
         }
-        if pr.error:
-            report["probe_error"] = pr.error
-        if self.verify and removed_total and first is not None:
+        if first.error:
+            report["probe_error"] = first.error
+        if self.verify and removed_total:
             report["verified"] = verify_same(first, model)
         return PassResult(model, removed_total > 0 or lifted > 0, report)
 
@@ -193,6 +204,23 @@ def verify_same(before: Probe, after: onnx.ModelProto) -> str:
         elif not np.array_equal(r, g):
             raise InternalError(f"fold changed output {name!r}")
     return f"outputs equal on a synthetic batch (max relative error {worst:.2g})"
+
+
+def _may_be_constant(an: Analysis) -> bool:
+    """Whether any free channel is read as zero or constant somewhere (worth a probe run)."""
+    roots = an.roots()
+    pinned = an.pinned_roots()
+    for sink in an.sinks:
+        ids, state = sink.labels.ids, sink.labels.state
+        for cid in ids[(ids >= 0) & (state != VAR)].tolist():
+            if int(roots[cid]) not in pinned:
+                return True
+    return False
+
+
+def _shape_changes(an: Analysis, plan: Plan) -> dict[str, tuple[int, int]]:
+    """New size of the channel axis of every labelled tensor after ``plan``."""
+    return {name: (lab.axis, int(plan.keep(lab.ids).sum())) for name, lab in an.labels.items()}
 
 
 def _keep_last_channels(an: Analysis, plan: Plan) -> None:
