@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 
 from onnxprune.data import Dataset, load_npz, synthesize
+from onnxprune.errors import InternalError
 from onnxprune.runtime import CPU
 
 
@@ -17,7 +18,8 @@ class Context:
     """Shared state of a pass chain.
 
     Attributes:
-        original: the model as loaded, before any pass (validate compares against it).
+        original: the model as loaded, before any pass (validate compares against it); None
+            when the pipeline ran in place and no pass declared ``needs_original``.
         data_path: calibration / test data (.npz), or None to synthesise inputs.
         providers: onnxruntime providers to use, best first.
         seed: seed for anything random (synthetic data, random criteria).
@@ -25,7 +27,7 @@ class Context:
         cache: results computed once and shared by passes (activation statistics...).
     """
 
-    original: onnx.ModelProto
+    original: onnx.ModelProto | None
     data_path: Path | None = None
     providers: list[str] = field(default_factory=lambda: [CPU])
     seed: int = 0
@@ -37,6 +39,8 @@ class Context:
         """The data set (loaded once), or inputs synthesised from ``model``'s declared shapes."""
         if self._data is None:
             target = model if model is not None else self.original
+            if target is None:
+                raise InternalError("Context.data() needs a model when ctx.original is None")
             if self.data_path is not None:
                 self._data = load_npz(self.data_path, target)
             else:

@@ -24,6 +24,7 @@ from onnxprune.errors import ModelLoadError, ModelSaveError
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+LIGHT_CHECK_BYTES = 64 << 20
 PROVENANCE_KEY = "onnxprune"
 
 
@@ -60,11 +61,10 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto
 def check_model(model: onnx.ModelProto, where: str = "model") -> None:
     """Run onnx.checker; raise a one-line :class:`ModelLoadError` naming ``where`` if it fails."""
     try:
-        if model_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
-            with tempfile.TemporaryDirectory() as tmp:
-                p = Path(tmp) / "m.onnx"
-                onnx.save_model(model, str(p), save_as_external_data=True, location="m.data")
-                onnx.checker.check_model(str(p))
+        if model_nbytes(model) > LIGHT_CHECK_BYTES:
+            # large weights are checked for dtype and shape only, not serialised (saves memory
+            # and time; serialising also fails past 2 GB)
+            onnx.checker.check_model(skeleton(model))
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -75,14 +75,40 @@ def check_model(model: onnx.ModelProto, where: str = "model") -> None:
         raise ModelLoadError(f"{where}: onnx.checker rejects the model: {line}") from exc
 
 
+SKELETON_LIMIT = 4096
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A light copy for shape inference: large initializers become typed graph inputs.
+
+    Shape inference needs only their shapes; small ones (shape constants) keep their values.
+    """
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, graph = model.graph, light.graph
+    graph.name = src.name
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    for t in src.initializer:  # shapes only for the large ones: no weight is copied
+        if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            graph.initializer.append(t)
+    return light
+
+
 def model_nbytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held by initializers (all graphs), for the 2 GB decision."""
     return sum(_tensor_nbytes(t) for t in iter_initializers(model.graph))
 
 
 def _tensor_nbytes(t: onnx.TensorProto) -> int:
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
+    """Size from dims and dtype (reading ``raw_data`` would copy the bytes)."""
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return t.ByteSize()
     n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     return n * itemsize

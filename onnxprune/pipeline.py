@@ -36,17 +36,21 @@ def run(
     seed: int = 0,
     model_path: str | os.PathLike[str] | None = None,
     ctx: Context | None = None,
+    inplace: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Apply ``passes`` in order to a copy of ``model``.
 
     Args:
-        model: the input model; it is not modified.
+        model: the input model; it is not modified unless ``inplace``.
         passes: Pass instances or ``"name:key=value,..."`` specs.
         data: calibration / test data (.npz) for passes that run the model.
         device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
         seed: seed for anything random.
         model_path: where the model came from (for messages and the report).
         ctx: a prepared context (overrides data, device, seed, model_path).
+        inplace: let the first pass change ``model`` itself instead of a copy (saves one copy
+            of the weights on large models; the CLI uses it). A copy is still kept as
+            ``ctx.original`` when a pass in the chain declares ``needs_original``.
 
     Returns:
         The new model (with provenance in its metadata) and a JSON-ready report.
@@ -58,8 +62,9 @@ def run(
     if ctx is None:
         if data is not None and not Path(data).is_file():
             raise DataError(f"{data}: no such data file")  # not only when a pass first reads it
+        keep = not inplace or any(p.needs_original for p in chain)
         ctx = Context(
-            original=model,
+            original=(copy.deepcopy(model) if inplace else model) if keep else None,
             data_path=Path(data) if data is not None else None,
             providers=providers_for(device),
             seed=seed,
@@ -74,7 +79,8 @@ def run(
     }
     current = model
     for index, p in enumerate(chain):
-        work = copy.deepcopy(current)
+        # later passes get the previous pass's private result: no copy needed
+        work = current if index or inplace else copy.deepcopy(current)
         start = time.perf_counter()
         result = _apply(p, work, ctx, index, chain)
         section = {

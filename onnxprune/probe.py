@@ -41,14 +41,11 @@ def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = N
                 model.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
     try:
-        data = model.SerializeToString()
-    finally:
-        del model.graph.output[graph_outputs:]
-    try:
-        sess = session(data, providers or [CPU], optimize=False)
+        sess = session(model, providers or [CPU], optimize=False)
     except PassFailedError as exc:
         return Probe(shapes, {}, str(exc))
-    del data
+    finally:
+        del model.graph.output[graph_outputs:]
     error = ""
     # two samples show a constant channel is constant across samples; some exports bake in
     # batch 1 even where the input says otherwise, so try 1 as well

@@ -14,8 +14,10 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from onnxprune.errors import DeviceError, PassFailedError
+from onnxprune.model import model_nbytes
 
 Device = Literal["auto", "cpu", "cuda"]
 CUDA = "CUDAExecutionProvider"
@@ -61,14 +63,28 @@ def providers_for(device: Device = "auto") -> list[str]:
     raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
 
 
+SHARE_WEIGHTS_BYTES = 64 << 20
+_SHARE_MIN_ELEMENTS = 1 << 16
+
+
 def session(
     model: onnx.ModelProto | bytes,
     providers: Sequence[str] = (CPU,),
     *,
     threads: int = 0,
     optimize: bool = True,
+    share_weights: bool | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``model`` (a ModelProto or serialised bytes).
+
+    Args:
+        model: the model.
+        providers: onnxruntime providers, best first.
+        threads: intra-op threads (0: onnxruntime's default).
+        optimize: apply onnxruntime's graph optimisations.
+        share_weights: hand large initializers to onnxruntime as arrays it reads in place,
+            instead of serialising them (saves two copies of the weights); ``None`` decides
+            by size. Weight prepacking is then off: meant for analysis runs, not timing.
 
     Raises:
         PassFailedError: onnxruntime refuses the model (the message is its first line).
@@ -79,12 +95,55 @@ def session(
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    keep: list[np.ndarray] = []
+    if isinstance(model, bytes):
+        data = model
+    else:
+        if share_weights is None:
+            share_weights = model_nbytes(model) > SHARE_WEIGHTS_BYTES
+        data = _light_model(model, opts, keep) if share_weights else model.SerializeToString()
     try:
-        return ort.InferenceSession(data, opts, providers=list(providers))
+        sess = ort.InferenceSession(data, opts, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise PassFailedError(f"onnxruntime cannot run the model: {line.strip()}") from exc
+    sess._onnxprune_weights = keep  # the arrays onnxruntime reads must outlive the session
+    return sess
+
+
+def _light_model(model: onnx.ModelProto, opts: ort.SessionOptions, keep: list[np.ndarray]) -> bytes:
+    """Serialise ``model`` with its large initializers as external placeholders, and register
+    their arrays on ``opts`` so onnxruntime reads them in place."""
+    graph = model.graph
+    big = [t for t in graph.initializer
+           if t.HasField("raw_data") and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS]
+    if not big:
+        return model.SerializeToString()
+    names, values = [], []
+    for t in big:
+        arr = numpy_helper.to_array(t)
+        keep.append(arr)
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+    opts.add_external_initializers(names, values)
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    big_names = set(names)
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light.graph, name).extend(getattr(graph, name))
+    light.graph.name = graph.name
+    for t in graph.initializer:
+        if t.name in big_names:
+            ph = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            ph.data_location = onnx.TensorProto.EXTERNAL
+            ph.external_data.add(key="location", value="onnxprune-in-memory")
+        else:
+            light.graph.initializer.append(t)
+    return light.SerializeToString()
 
 
 def run_model(

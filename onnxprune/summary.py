@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.model import iter_graphs, iter_initializers, model_nbytes
+from onnxprune.model import iter_graphs, iter_initializers, model_nbytes, skeleton
 
 # producer_name written by each exporter -> the framework a user would name
 _PRODUCERS = {
@@ -154,30 +154,6 @@ def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) 
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
-
-
-SKELETON_LIMIT = 4096
-
-
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A light copy for shape inference: large initializers become typed graph inputs.
-
-    Shape inference needs only their shapes; small ones (shape constants) keep their values.
-    """
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    src, graph = model.graph, light.graph
-    graph.node.extend(src.node)
-    graph.input.extend(src.input)
-    graph.output.extend(src.output)
-    graph.value_info.extend(src.value_info)
-    for t in src.initializer:  # shapes only for the large ones: no weight is copied
-        if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            graph.initializer.append(t)
-    return light
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:

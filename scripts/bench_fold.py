@@ -130,7 +130,7 @@ def bench_big(folder: Path) -> None:
         ".split()[1]) * 1024;"
         "base = hwm();"
         f"m = onnxprune.load({str(path)!r});"
-        "t = time.perf_counter(); out, r = onnxprune.run(m, ['fold'], device='cpu');"
+        "t = time.perf_counter(); out, r = onnxprune.run(m, ['fold'], device='cpu', inplace=True);"
         "dt = time.perf_counter() - t;"
         "peak = hwm();"
         f"size = {path.stat().st_size};"

@@ -54,9 +54,12 @@ class Pass:
 
     Class attributes:
         name: what ``-p`` calls the pass.
+        needs_original: the pass reads ``ctx.original`` (the model before any pass), so a
+            copy is kept even when the pipeline runs in place.
     """
 
     name: ClassVar[str] = ""
+    needs_original: ClassVar[bool] = False
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Transform ``model`` (a private copy the pass may change in place)."""

@@ -99,6 +99,7 @@ class Fold(Pass):
                 pr = Probe(shapes, {}, pr.error)
             else:  # fold inserted nodes (a bias Add after a MatMul): shapes from a real run
                 pr = probe(model, ctx.seed, ctx.providers)
+        del an  # its cached weight arrays are not needed for the verification run
         report: dict[str, Any] = {
             "channels_removed": removed_total,
             "rounds": len(rounds),
