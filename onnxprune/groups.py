@@ -55,6 +55,7 @@ class Member:
     axis: int
     ids: np.ndarray
     node: str
+    role: str = "param"  # weight | bias | scale | consumer | param (see Analysis.member)
 
 
 @dataclass
@@ -213,8 +214,14 @@ class Analysis:
         self.spaces.append(Space(start, size, _name(node), node.op_type, tensor))
         return np.arange(start, start + size, dtype=np.int64)
 
-    def member(self, node: onnx.NodeProto, index: int, axis: int, ids: np.ndarray) -> bool:
-        """Register input ``index`` of ``node`` (an initializer) as sliced along ``axis``."""
+    def member(self, node: onnx.NodeProto, index: int, axis: int, ids: np.ndarray,
+               role: str = "param") -> bool:
+        """Register input ``index`` of ``node`` (an initializer) as sliced along ``axis``.
+
+        ``role`` says what the slice is to a channel, for criteria: ``weight`` (a producer's
+        filter or neuron), ``bias``, ``scale`` (BN gamma), ``consumer`` (the rows that read
+        the channel) or ``param`` (any other per-channel constant).
+        """
         name = node.input[index]
         arr = self.array(name)
         if arr is None:
@@ -228,7 +235,7 @@ class Analysis:
             self.pin(ids, f"{node.op_type} {_name(node)}: {name} has {arr.shape[axis]} "
                           f"entries on the channel axis, expected {len(ids)}")
             return True
-        self.members.append(Member(name, axis, ids, _name(node)))
+        self.members.append(Member(name, axis, ids, _name(node), role))
         self._member_uses.add((self._current, index))
         return True
 

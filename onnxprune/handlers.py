@@ -163,7 +163,7 @@ def _batch_norm(an: Analysis, node: onnx.NodeProto) -> None:
         an.pin_inputs(node, "channel axis is not axis 1")
         return
     for i in range(1, 5 if node.op_type == "BatchNormalization" else 3):
-        if not an.member(node, i, 0, lab.ids):
+        if not an.member(node, i, 0, lab.ids, "scale" if i == 1 else "param"):
             an.pin_inputs(node, "parameters are not constants")
             return
     an.set_out(node.output[0], Labels(1, lab.ids, np.where(lab.state == ZERO, CONST, lab.state)))
@@ -253,12 +253,12 @@ def _conv(an: Analysis, node: onnx.NodeProto) -> None:
             if lab.axis != 1:
                 an.pin_inputs(node, "channel axis of the input is not axis 1")
             else:
-                an.member(node, 1, 1, lab.ids)
+                an.member(node, 1, 1, lab.ids, "consumer")
                 an.sinks.append(Sink(node, node.input[0], lab, node.input[1], 1, padded))
         ids = an.open_space(node, node.output[0], cout)
-        an.member(node, 1, 0, ids)
+        an.member(node, 1, 0, ids, "weight")
         if has_bias:
-            an.member(node, 2, 0, ids)
+            an.member(node, 2, 0, ids, "bias")
         state = np.where(zero_rows, np.where(bias_zero, ZERO, CONST), VAR)
         an.set_out(node.output[0], Labels(1, ids, state))
         return
@@ -295,15 +295,15 @@ def _conv_transpose(an: Analysis, node: onnx.NodeProto) -> None:
         if lab.axis != 1:
             an.pin_inputs(node, "channel axis of the input is not axis 1")
         else:
-            an.member(node, 1, 0, lab.ids)
+            an.member(node, 1, 0, lab.ids, "consumer")
             # every input channel spreads over a neighbourhood: treat as padded (exact only for 0)
             an.sinks.append(Sink(node, node.input[0], lab, node.input[1], 0, True))
     cout = w.shape[1]
     ids = an.open_space(node, node.output[0], cout)
-    an.member(node, 1, 1, ids)
+    an.member(node, 1, 1, ids, "weight")
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if has_bias:
-        an.member(node, 2, 0, ids)
+        an.member(node, 2, 0, ids, "bias")
     zero = ~np.moveaxis(w, 1, 0).reshape(cout, -1).any(axis=1)
     bias = an.array(node.input[2]) if has_bias else np.zeros(cout)
     an.set_out(node.output[0], Labels(1, ids, np.where(zero, np.where(bias == 0, ZERO, CONST), VAR)))
@@ -322,16 +322,16 @@ def _gemm(an: Analysis, node: onnx.NodeProto) -> None:
         if lab.axis != (0 if trans_a else 1):
             an.pin_inputs(node, "channels are on the rows (M axis) of the input")
         else:
-            an.member(node, 1, k_axis_b, lab.ids)
+            an.member(node, 1, k_axis_b, lab.ids, "consumer")
             an.sinks.append(Sink(node, node.input[0], lab, node.input[1], k_axis_b))
     n = b.shape[n_axis_b]
     ids = an.open_space(node, node.output[0], n)
-    an.member(node, 1, n_axis_b, ids)
+    an.member(node, 1, n_axis_b, ids, "weight")
     c_zero = np.ones(n, bool)
     if c_name:
         c = an.array(c_name)
         if c.ndim >= 1 and c.shape[-1] == n:
-            an.member(node, 2, c.ndim - 1, ids)
+            an.member(node, 2, c.ndim - 1, ids, "bias")
             c_zero = ~np.broadcast_to(c, (max(1, c.shape[0] if c.ndim == 2 else 1), n)).any(0)
         else:
             c_zero = np.full(n, not np.any(c))
@@ -363,12 +363,12 @@ def _matmul(an: Analysis, node: onnx.NodeProto) -> None:
         if a_lab.axis != len(a_shape) - 1:
             an.pin_inputs(node, "channels are not on the last axis of the input")
         else:
-            an.member(node, 1, b.ndim - 2, a_lab.ids)
+            an.member(node, 1, b.ndim - 2, a_lab.ids, "consumer")
             an.sinks.append(Sink(node, node.input[0], a_lab, node.input[1], b.ndim - 2))
     out_rank = len(an.shape(node.output[0]) or (0, 0))
     n = b.shape[-1]
     ids = an.open_space(node, node.output[0], n)
-    an.member(node, 1, b.ndim - 1, ids)
+    an.member(node, 1, b.ndim - 1, ids, "weight")
     zero = ~np.moveaxis(b, -1, 0).reshape(n, -1).any(axis=1)
     an.set_out(node.output[0], Labels(out_rank - 1, ids, np.where(zero, ZERO, VAR)))
 

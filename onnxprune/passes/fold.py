@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.edit import add_output_bias, get_init, set_attr, set_init, unique_name
 from onnxprune.errors import InternalError
 from onnxprune.groups import VAR, ZERO, Analysis, Member, Sink, analyse
 from onnxprune.model import lift_constants, unlist_initializer_inputs
@@ -234,28 +235,6 @@ def _keep_last_channels(an: Analysis, plan: Plan) -> None:
             plan.blocked[r] = "last channel of its tensor is kept"
 
 
-def _unique(graph: onnx.GraphProto, base: str) -> str:
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    taken |= {i.name for i in graph.input}
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
-
-
-def _set_init(graph: onnx.GraphProto, name: str, arr: np.ndarray) -> None:
-    for i, t in enumerate(graph.initializer):
-        if t.name == name:
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, name))
-            return
-    graph.initializer.append(numpy_helper.from_array(arr, name))
-
-
-def _uses(graph: onnx.GraphProto, name: str) -> int:
-    return sum(name == i for n in graph.node for i in n.input)
-
-
 def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     """Fold constants into biases, slice every member, rewrite shape constants. Returns count."""
     graph = model.graph
@@ -271,21 +250,17 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     for (init, axis), keep in sliced.items():
         by_init[init].append((axis, keep))
     for init, cuts in by_init.items():
-        arr = _current(graph, init)
+        arr = get_init(graph, init)
         for axis, keep in cuts:
             if not keep.all():
                 arr = np.compress(keep, arr, axis=axis)
-        _set_init(graph, init, np.ascontiguousarray(arr))
+        set_init(graph, init, np.ascontiguousarray(arr))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     for rw in an.rewrites:
         _rewrite(graph, rw, plan, opset)
     del graph.value_info[:]
     _remove_unused_initializers(graph)
     return len(plan.removed)
-
-
-def _current(graph: onnx.GraphProto, name: str) -> np.ndarray:
-    return next(numpy_helper.to_array(t) for t in graph.initializer if t.name == name)
 
 
 def _fold_biases(graph: onnx.GraphProto, an: Analysis, plan: Plan) -> None:
@@ -298,7 +273,7 @@ def _fold_biases(graph: onnx.GraphProto, an: Analysis, plan: Plan) -> None:
             per_sink[k].append((j, v))
     for k, items in per_sink.items():
         sink = an.sinks[k]
-        w = _current(graph, sink.weight)
+        w = get_init(graph, sink.weight)
         wk = np.moveaxis(w.astype(np.float64), sink.weight_axis, 0)  # [K, ...]
         delta = sum(v * wk[j] for j, v in items)
         _add_to_bias(graph, an, sink, np.asarray(delta), w.dtype)
@@ -306,121 +281,38 @@ def _fold_biases(graph: onnx.GraphProto, an: Analysis, plan: Plan) -> None:
 
 def _add_to_bias(graph: onnx.GraphProto, an: Analysis, sink: Sink, delta: np.ndarray,
                  dtype: np.dtype) -> None:
+    """Add ``delta`` to the sink's output bias and keep that bias a member of its outputs."""
     node = sink.node
-    out_lab = an.labels.get(node.output[0])
-    out_ids = out_lab.ids if out_lab is not None else np.arange(0)
-    op = node.op_type
-    if op == "Conv":
+    if node.op_type == "Conv":
         delta = delta.reshape(delta.shape[0], -1).sum(axis=1)  # [Cout]
-        _bias_input(graph, an, node, 2, delta.astype(dtype), out_ids, 0)
-    elif op == "Gemm":
-        alpha = _attr_f(node, "alpha", 1.0)
-        beta = _attr_f(node, "beta", 1.0)
-        has_c = len(node.input) > 2 and node.input[2]
-        if has_c and beta != 0.0:
-            old = node.input[2]
-            c = _current(graph, old).astype(np.float64)
-            new = c + alpha * delta / beta
-            name = _private_copy(graph, node, 2)
-            _set_init(graph, name, new.astype(dtype))
-            if new.shape != c.shape and len(out_ids):
-                # C broadcast over the outputs before; now it has one entry per output channel
-                an.members.append(Member(name, new.ndim - 1, out_ids, node.name))
-            else:
-                _retarget_members(an, old, name)
-        else:
-            _set_attr_f(node, "beta", 1.0)
-            _bias_input(graph, an, node, 2, (alpha * delta).astype(dtype), out_ids, 0, replace=True)
-    elif op == "MatMul":
-        bias = _unique(graph, f"{node.output[0]}_folded_bias")
-        mid = _unique(graph, f"{node.output[0]}_pre_bias")
-        out = node.output[0]
-        node.output[0] = mid
-        add = onnx.helper.make_node("Add", [mid, bias], [out], name=_unique(graph, f"{node.name}_folded_add"))
-        index = list(graph.node).index(node)
-        graph.node.insert(index + 1, add)
-        graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), bias))
-        if len(out_ids):
-            an.members.append(Member(bias, delta.ndim - 1, out_ids, add.name))
-
-
-def _bias_input(graph: onnx.GraphProto, an: Analysis, node: onnx.NodeProto, index: int,
-                delta: np.ndarray, out_ids: np.ndarray, axis: int, replace: bool = False) -> None:
-    """Add ``delta`` to input ``index`` (creating it), keeping it a member of the outputs."""
-    if len(node.input) > index and node.input[index] and not replace:
-        old = node.input[index]
-        name = _private_copy(graph, node, index)
-        current = _current(graph, name)
-        _set_init(graph, name, (current.astype(np.float64) + delta).astype(current.dtype))
-        _retarget_members(an, old, name)
-        return
-    name = _unique(graph, f"{node.output[0]}_folded_bias")
-    while len(node.input) <= index:
-        node.input.append("")
-    node.input[index] = name
-    graph.initializer.append(numpy_helper.from_array(delta, name))
-    if len(out_ids):
-        an.members.append(Member(name, axis, out_ids, node.name))
-
-
-def _private_copy(graph: onnx.GraphProto, node: onnx.NodeProto, index: int) -> str:
-    """Input ``index`` of ``node`` as an initializer no other node reads (copied if shared)."""
-    name = node.input[index]
-    if _uses(graph, name) == 1:
-        return name
-    new = _unique(graph, f"{name}_folded")
-    graph.initializer.append(numpy_helper.from_array(_current(graph, name), new))
-    node.input[index] = new
-    return new
-
-
-def _retarget_members(an: Analysis, old: str, new: str) -> None:
-    if old == new:
-        return
-    for m in list(an.members):
-        if m.init == old:
-            an.members.append(Member(new, m.axis, m.ids, m.node))
-
-
-def _attr_f(node: onnx.NodeProto, name: str, default: float) -> float:
-    for a in node.attribute:
-        if a.name == name:
-            return float(a.f)
-    return default
-
-
-def _set_attr_f(node: onnx.NodeProto, name: str, value: float) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            a.f = value
-            return
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
-def _set_attr_i(node: onnx.NodeProto, name: str, value: Any) -> None:
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(kept)
-    node.attribute.append(onnx.helper.make_attribute(name, value))
+    out_lab = an.labels.get(node.output[0])  # before a MatMul's output moves to a new Add
+    change = add_output_bias(graph, node, delta.astype(dtype))
+    if change.previous and change.previous != change.init:
+        for m in list(an.members):
+            if m.init == change.previous:
+                an.members.append(Member(change.init, m.axis, m.ids, m.node, m.role))
+    registered = any(m.init == change.init for m in an.members)
+    if change.per_channel and not registered and out_lab is not None:
+        an.members.append(Member(change.init, change.axis, out_lab.ids, node.name, "bias"))
 
 
 def _rewrite(graph: onnx.GraphProto, rw: Any, plan: Plan, opset: int) -> None:
     node = rw.node
     counts = [int(plan.keep(ids).sum()) for ids in rw.ids]
     if rw.kind == "group":
-        _set_attr_i(node, "group", counts[0])
+        set_attr(node, "group", counts[0])
     elif rw.kind == "reshape":
-        target = _current(graph, node.input[1]).copy()
+        target = get_init(graph, node.input[1]).copy()
         axis = rw.extra["axis"]
         if target[axis] > 0:
             target[axis] = counts[0]
-            name = _unique(graph, f"{node.input[1]}_folded")
+            name = unique_name(graph, f"{node.input[1]}_folded")
             graph.initializer.append(numpy_helper.from_array(target, name))
             node.input[1] = name
     elif rw.kind == "split":
         sizes = np.array(counts, dtype=np.int64)
         if opset >= 13:
-            name = _unique(graph, f"{node.name or node.output[0]}_split_sizes")
+            name = unique_name(graph, f"{node.name or node.output[0]}_split_sizes")
             graph.initializer.append(numpy_helper.from_array(sizes, name))
             while len(node.input) < 2:
                 node.input.append("")
@@ -429,7 +321,7 @@ def _rewrite(graph: onnx.GraphProto, rw: Any, plan: Plan, opset: int) -> None:
             del node.attribute[:]
             node.attribute.extend(kept)
         else:
-            _set_attr_i(node, "split", sizes.tolist())
+            set_attr(node, "split", sizes.tolist())
     elif rw.kind == "slice":
         ids = rw.ids[0]
         keep = plan.keep(ids)
@@ -437,9 +329,9 @@ def _rewrite(graph: onnx.GraphProto, rw: Any, plan: Plan, opset: int) -> None:
         new_start = int(keep[:start].sum())
         new_stop = new_start + int(keep[start:stop].sum())
         for index, value in ((1, new_start), (2, new_stop)):
-            arr = _current(graph, node.input[index]).copy()
+            arr = get_init(graph, node.input[index]).copy()
             arr[k] = value
-            name = _unique(graph, f"{node.input[index]}_folded")
+            name = unique_name(graph, f"{node.input[index]}_folded")
             graph.initializer.append(numpy_helper.from_array(arr, name))
             node.input[index] = name
 

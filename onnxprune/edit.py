@@ -1,0 +1,135 @@
+"""Small graph edits shared by passes: names, initializers, attributes, consumer biases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def unique_name(graph: onnx.GraphProto, base: str) -> str:
+    """``base``, or ``base_N``: a name no initializer, input or node output uses yet."""
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    taken |= {i.name for i in graph.input}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def get_init(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    """The value of initializer ``name``."""
+    return next(numpy_helper.to_array(t) for t in graph.initializer if t.name == name)
+
+
+def set_init(graph: onnx.GraphProto, name: str, arr: np.ndarray) -> None:
+    """Replace (or add) initializer ``name`` with ``arr``."""
+    for i, t in enumerate(graph.initializer):
+        if t.name == name:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, name))
+            return
+    graph.initializer.append(numpy_helper.from_array(arr, name))
+
+
+def uses(graph: onnx.GraphProto, name: str) -> int:
+    """How many node inputs of the main graph read ``name``."""
+    return sum(name == i for n in graph.node for i in n.input)
+
+
+def private_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int) -> str:
+    """Input ``index`` of ``node`` as an initializer no other node reads (copied if shared)."""
+    name = node.input[index]
+    if uses(graph, name) == 1:
+        return name
+    new = unique_name(graph, f"{name}_own")
+    graph.initializer.append(numpy_helper.from_array(get_init(graph, name), new))
+    node.input[index] = new
+    return new
+
+
+def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
+    """Float attribute ``name`` of ``node``, or ``default``."""
+    return next((float(a.f) for a in node.attribute if a.name == name), default)
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    """Set attribute ``name`` of ``node`` (replacing it if present)."""
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+@dataclass
+class BiasChange:
+    """Where a consumer's output bias now lives, for passes that track per-channel slices.
+
+    Attributes:
+        init: the bias initializer (one entry per output channel along ``axis``, or fewer
+            when it broadcasts and stayed that way).
+        axis: the output-channel axis of ``init``.
+        previous: the initializer it replaced or copied, or None when it is new.
+        per_channel: ``init`` has one entry per output channel.
+    """
+
+    init: str
+    axis: int
+    previous: str | None
+    per_channel: bool
+
+
+def add_output_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndarray) -> BiasChange:
+    """Add ``delta`` (one value per output channel) to what a Conv/Gemm/MatMul node outputs.
+
+    Conv: its bias input (created if absent). Gemm: C, scaled by alpha/beta (created if absent
+    or if beta is 0). MatMul: a new ``Add`` node after it. Shared bias initializers are copied
+    first, so other nodes are not affected.
+    """
+    op = node.op_type
+    if op == "MatMul":
+        bias = unique_name(graph, f"{node.output[0]}_bias")
+        mid = unique_name(graph, f"{node.output[0]}_pre_bias")
+        out = node.output[0]
+        node.output[0] = mid
+        add = onnx.helper.make_node("Add", [mid, bias], [out],
+                                    name=unique_name(graph, f"{node.name or out}_bias_add"))
+        graph.node.insert(list(graph.node).index(node) + 1, add)
+        graph.initializer.append(numpy_helper.from_array(delta, bias))
+        return BiasChange(bias, delta.ndim - 1, None, True)
+    if op == "Gemm":
+        alpha, beta = attr_float(node, "alpha", 1.0), attr_float(node, "beta", 1.0)
+        if len(node.input) > 2 and node.input[2] and beta != 0.0:
+            return _add_to_input(graph, node, 2, alpha * delta.astype(np.float64) / beta)
+        set_attr(node, "beta", 1.0)
+        return _new_input(graph, node, 2, (alpha * delta.astype(np.float64)).astype(delta.dtype))
+    if op == "Conv":
+        if len(node.input) > 2 and node.input[2]:
+            return _add_to_input(graph, node, 2, delta.astype(np.float64))
+        return _new_input(graph, node, 2, delta)
+    raise ValueError(f"cannot add a bias to {op}")
+
+
+def _add_to_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
+                  delta: np.ndarray) -> BiasChange:
+    old = node.input[index]
+    name = private_input(graph, node, index)
+    current = get_init(graph, name)
+    new = current.astype(np.float64) + delta
+    set_init(graph, name, new.astype(current.dtype))
+    per_channel = new.ndim >= 1 and new.shape[-1] == delta.shape[-1]
+    return BiasChange(name, max(new.ndim - 1, 0), old, per_channel)
+
+
+def _new_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
+               delta: np.ndarray) -> BiasChange:
+    name = unique_name(graph, f"{node.output[0]}_bias")
+    while len(node.input) <= index:
+        node.input.append("")
+    previous = node.input[index] or None
+    node.input[index] = name
+    graph.initializer.append(numpy_helper.from_array(delta, name))
+    return BiasChange(name, 0, previous, True)
