@@ -91,6 +91,10 @@ def add_output_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndar
     """
     op = node.op_type
     if op == "MatMul":
+        follower = bias_add_after(graph, node)
+        if follower is not None:
+            add, index = follower
+            return _add_to_input(graph, add, index, delta.astype(np.float64))
         bias = unique_name(graph, f"{node.output[0]}_bias")
         mid = unique_name(graph, f"{node.output[0]}_pre_bias")
         out = node.output[0]
@@ -111,6 +115,22 @@ def add_output_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndar
             return _add_to_input(graph, node, 2, delta.astype(np.float64))
         return _new_input(graph, node, 2, delta)
     raise ValueError(f"cannot add a bias to {op}")
+
+
+def bias_add_after(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+    """The ``Add`` of a constant bias that alone reads ``node``'s output, and the bias's input
+    index (MatMul + Add is how most exporters write a linear layer); None if there is none."""
+    out = node.output[0]
+    readers = [n for n in graph.node if out in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add" or out in {o.name for o in graph.output}:
+        return None
+    add = readers[0]
+    other = 1 if add.input[0] == out else 0
+    inits = {t.name: t for t in graph.initializer}
+    t = inits.get(add.input[other])
+    if t is None or any(d != 1 for d in list(t.dims)[:-1]):
+        return None  # a bias broadcast over the last axis only (scalar, [N], [1, N])
+    return add, other
 
 
 def _add_to_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,

@@ -170,7 +170,7 @@ def expected_plain_chain(case: Case) -> tuple[int, int]:
 
     Every zeroed channel goes (exactly-zero ones anywhere, constant ones only feed 1x1 convs or
     the head). A constant that is not exactly 0 is moved into its consumer's bias, which is
-    created when the consumer has none (a Gemm gets a C; a MatMul gets a new Add after it).
+    created when the consumer has none (a Gemm gets a C; a MatMul its bias Add, or a new one).
     """
     need = {layer["input"] for layer in case.layers if "input" in layer}
     x = inputs(case.model, 0, 1)[0]
@@ -196,11 +196,9 @@ def expected_plain_chain(case: Case) -> tuple[int, int]:
                 total += kept * cin
                 bias = layer["bias"]
                 own = {"n": kept, "1n": kept, "1": 1, "scalar": 1, "none": 0}[bias]
-                if layer["kind"] == "Gemm":
-                    # a constant goes into C, which then has one entry per output
-                    total += kept if nonzero_const else own
-                else:
-                    total += own + kept * nonzero_const  # its Add, and a new Add for constants
+                # a constant goes into C (Gemm) or the Add bias after the MatMul (a new Add
+                # when there is none), which then has one entry per output
+                total += kept if nonzero_const else own
         elif op == "bn":
             total += 4 * kept
         elif op == "chan":

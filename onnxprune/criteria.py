@@ -1,0 +1,256 @@
+"""Channel criteria: one score per channel class of a group, from weights or activations.
+
+A criterion is a small named function ``(view) -> np.ndarray | None`` that returns one raw
+statistic per free class of a group (``None`` when it does not apply there, e.g. ``bn`` on a
+group without BatchNormalization). Its ``sign`` says which way is important: ranking uses
+``sign * value`` (higher = keep), thresholds (the ``stats`` pass) use the raw value.
+
+New criteria plug in with :func:`register_criterion`, like passes do with ``register_pass``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxprune.calibrate import ChannelStats
+from onnxprune.errors import PassOptionError
+from onnxprune.groups import Analysis, Member
+
+ArrayGetter = Callable[[str], np.ndarray]
+
+
+@dataclass
+class GroupView:
+    """What a criterion sees of one group.
+
+    Attributes:
+        an: the channel analysis of the model.
+        classes: the group's free (unpinned) channel classes, as union-find roots.
+        array: initializer name -> value (lets ensemble members vote with their own weights).
+        stats: activation statistics of each sink input tensor (empty without calibration).
+        seed: for the random baseline.
+    """
+
+    an: Analysis
+    classes: np.ndarray
+    array: ArrayGetter
+    stats: dict[str, ChannelStats] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._roots = self.an.roots()
+        self._slot = {int(r): i for i, r in enumerate(self.classes.tolist())}
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """Index into ``classes`` of each position's class (-1: not in this group's free set)."""
+        out = np.full(len(ids), -1, dtype=np.int64)
+        for j, cid in enumerate(ids.tolist()):
+            if cid >= 0:
+                out[j] = self._slot.get(int(self._roots[cid]), -1)
+        return out
+
+    def gather(self, ids: np.ndarray, values: np.ndarray, into: np.ndarray) -> bool:
+        """Add per-position ``values`` into per-class ``into``; True if any position counted."""
+        slots = self.slots(ids)
+        mask = slots >= 0
+        np.add.at(into, slots[mask], values[mask])
+        return bool(mask.any())
+
+    def members(self, role: str) -> list[Member]:
+        """Members with ``role`` that touch this group's classes."""
+        return [m for m in self.an.members if m.role == role and (self.slots(m.ids) >= 0).any()]
+
+    def rows(self, m: Member) -> np.ndarray:
+        """The member's slices as a float64 matrix [positions, elements]."""
+        arr = np.asarray(self.array(m.init), dtype=np.float64)
+        return np.moveaxis(arr, m.axis, 0).reshape(arr.shape[m.axis], -1)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A named per-channel statistic; ``sign`` +1: larger is more important."""
+
+    name: str
+    fn: Callable[[GroupView], np.ndarray | None]
+    sign: float = 1.0
+    needs_data: bool = False
+    summary: str = ""
+
+    def rank_scores(self, view: GroupView) -> np.ndarray | None:
+        """Scores where higher means keep, or None when the criterion abstains."""
+        raw = self.fn(view)
+        return None if raw is None else self.sign * raw
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str, *, sign: float = 1.0, needs_data: bool = False
+                       ) -> Callable[[Callable[[GroupView], np.ndarray | None]], Callable]:
+    """Decorator: register ``fn(view) -> per-class values`` as criterion ``name``."""
+    def wrap(fn: Callable[[GroupView], np.ndarray | None]) -> Callable:
+        if name in CRITERIA:
+            raise ValueError(f"criterion {name!r} is registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        CRITERIA[name] = Criterion(name, fn, sign, needs_data, doc[0] if doc else "")
+        return fn
+    return wrap
+
+
+def get_criterion(name: str, where: str = "") -> Criterion:
+    """The criterion called ``name``.
+
+    Raises:
+        PassOptionError: unknown name (the message lists the known ones).
+    """
+    if name not in CRITERIA:
+        prefix = f"{where}: " if where else ""
+        raise PassOptionError(f"{prefix}unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
+    return CRITERIA[name]
+
+
+def _weight_stat(view: GroupView, stat: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
+    out = np.zeros(len(view.classes))
+    found = False
+    for m in view.members("weight"):
+        found |= view.gather(m.ids, stat(view.rows(m)), out)
+    return out if found else None
+
+
+@register_criterion("l1")
+def l1(view: GroupView) -> np.ndarray | None:
+    """Mean |w| of each producer filter or neuron (L1 norm normalised by its size)."""
+    return _weight_stat(view, lambda r: np.abs(r).mean(axis=1))
+
+
+@register_criterion("l2")
+def l2(view: GroupView) -> np.ndarray | None:
+    """Root-mean-square of each producer filter or neuron (L2 norm normalised by its size)."""
+    return _weight_stat(view, lambda r: np.sqrt((r * r).mean(axis=1)))
+
+
+@register_criterion("mean")
+def weight_mean(view: GroupView) -> np.ndarray | None:
+    """|mean| of each producer filter or neuron's weights."""
+    return _weight_stat(view, lambda r: np.abs(r.mean(axis=1)))
+
+
+@register_criterion("std")
+def weight_std(view: GroupView) -> np.ndarray | None:
+    """Standard deviation of each producer filter or neuron's weights."""
+    return _weight_stat(view, lambda r: r.std(axis=1))
+
+
+@register_criterion("bn")
+def bn_scale(view: GroupView) -> np.ndarray | None:
+    """|gamma| of the BatchNormalization after the channel (network slimming)."""
+    out = np.zeros(len(view.classes))
+    found = False
+    for m in view.members("scale"):
+        found |= view.gather(m.ids, np.abs(view.rows(m)[:, 0]), out)
+    return out if found else None
+
+
+def _consumer_norms(view: GroupView, power: float = 2.0) -> tuple[dict[str, np.ndarray], bool]:
+    """Per sink tensor: norm of the consumer rows reading each position."""
+    norms: dict[str, np.ndarray] = {}
+    for sink in view.an.sinks:
+        if not (view.slots(sink.labels.ids) >= 0).any():
+            continue
+        rows = np.moveaxis(np.asarray(view.array(sink.weight), np.float64), sink.weight_axis, 0)
+        rows = rows.reshape(rows.shape[0], -1)
+        n = (np.abs(rows) ** power).sum(axis=1) ** (1.0 / power)
+        norms[sink.tensor] = norms.get(sink.tensor, 0) + n
+    return norms, bool(norms)
+
+
+@register_criterion("consumer")
+def consumer(view: GroupView) -> np.ndarray | None:
+    """L2 norm of the next layer's input weights that read the channel."""
+    out = np.zeros(len(view.classes))
+    found = False
+    for m in view.members("consumer"):
+        found |= view.gather(m.ids, np.sqrt((view.rows(m) ** 2).sum(axis=1)), out)
+    return out if found else None
+
+
+@register_criterion("random")
+def random(view: GroupView) -> np.ndarray | None:
+    """Random scores: the baseline every other criterion should beat."""
+    return np.random.default_rng(view.seed + len(view.classes)).random(len(view.classes))
+
+
+def _activation(view: GroupView, per_tensor: Callable[[str, ChannelStats], np.ndarray | None]
+                ) -> np.ndarray | None:
+    out = np.zeros(len(view.classes))
+    found = False
+    for tensor, stats in view.stats.items():
+        lab = view.an.labels.get(tensor)
+        if lab is None:
+            continue
+        values = per_tensor(tensor, stats)
+        if values is not None:
+            found |= view.gather(lab.ids, values, out)
+    return out if found else None
+
+
+@register_criterion("act_mean", needs_data=True)
+def act_mean(view: GroupView) -> np.ndarray | None:
+    """|mean| activation of the channel where the next layer reads it."""
+    return _activation(view, lambda _t, s: np.abs(s.mean))
+
+
+@register_criterion("act_var", needs_data=True)
+def act_var(view: GroupView) -> np.ndarray | None:
+    """Variance ("fluctuation") of the channel's activation."""
+    return _activation(view, lambda _t, s: s.var)
+
+
+@register_criterion("act_std", needs_data=True)
+def act_std(view: GroupView) -> np.ndarray | None:
+    """Standard deviation of the channel's activation."""
+    return _activation(view, lambda _t, s: s.std)
+
+
+@register_criterion("act_l2", needs_data=True)
+def act_l2(view: GroupView) -> np.ndarray | None:
+    """Root-mean-square of the channel's activation."""
+    return _activation(view, lambda _t, s: s.rms)
+
+
+@register_criterion("apoz", sign=-1.0, needs_data=True)
+def apoz(view: GroupView) -> np.ndarray | None:
+    """Share of exact zeros in the channel's activation (after ReLU-like ops); high = prune."""
+    return _activation(view, lambda _t, s: s.apoz)
+
+
+@register_criterion("flap", needs_data=True)
+def flap(view: GroupView) -> np.ndarray | None:
+    """FLAP fluctuation: activation variance x squared norm of the consumer weights reading it."""
+    norms, _ = _consumer_norms(view)
+    return _activation(view, lambda t, s: s.var * norms[t] ** 2 if t in norms else None)
+
+
+@register_criterion("wanda", needs_data=True)
+def wanda(view: GroupView) -> np.ndarray | None:
+    """Wanda for channels: ||X_j|| x sum of |consumer weights| reading channel j."""
+    norms, _ = _consumer_norms(view, power=1.0)
+    return _activation(view, lambda t, s: s.rms * norms[t] if t in norms else None)
+
+
+def rank_normalise(scores: np.ndarray) -> np.ndarray:
+    """Scores mapped to [0, 1] by rank (ties share their mean rank): scale-free averaging."""
+    n = len(scores)
+    if n < 2:
+        return np.zeros(n)
+    order = scores.argsort(kind="stable")
+    ranks = np.empty(n)
+    ranks[order] = np.arange(n)
+    for value in np.unique(scores):
+        tied = scores == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks / (n - 1)

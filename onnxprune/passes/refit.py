@@ -1,0 +1,195 @@
+"""The ``refit`` pass: least-squares reconstruction of the layers that read pruned channels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import onnx
+
+from onnxprune.calibrate import expose
+from onnxprune.data import feeds_for
+from onnxprune.edit import add_output_bias, bias_add_after, get_init, set_init
+from onnxprune.groups import VAR, Sink
+from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.prune import Workspace
+from onnxprune.registry import register_pass
+from onnxprune.runtime import session
+
+if TYPE_CHECKING:
+    from onnxprune.context import Context
+
+
+@dataclass
+class _Unit:
+    """One linear consumer to refit, with its streaming normal equations."""
+
+    sink: Sink
+    output: str  # the unit's output (after its bias), the same tensor in both models
+    out_axis: int
+    keep: np.ndarray  # positions of the input that stay (not zero/constant)
+    w: np.ndarray  # current weight as [K, N]
+    stride: tuple[int, ...] = ()
+    scale: float = 1.0  # Gemm's alpha: the unit computes x @ (scale * weight)
+    n: int = 0
+    srr: float = 0.0
+    sx: np.ndarray | None = None
+    xtx: np.ndarray | None = None
+    xtr: np.ndarray | None = None
+    sr: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, x: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
+        """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs."""
+        resid = target - current + x @ self.w  # = target - (current bias), per row
+        if self.xtx is None:
+            k, m = x.shape[1], resid.shape[1]
+            self.sx, self.sr = np.zeros(k), np.zeros(m)
+            self.xtx, self.xtr = np.zeros((k, k)), np.zeros((k, m))
+        self.n += len(x)
+        self.sx += x.sum(0)
+        self.sr += resid.sum(0)
+        self.xtx += x.T @ x
+        self.xtr += x.T @ resid
+        self.srr += float((resid * resid).sum())
+
+
+@register_pass
+@dataclass
+class Refit(Pass):
+    """Refit each layer that reads pruned channels so its output matches the original model's.
+
+    Rules:
+        1. A layer qualifies when it is linear per position: Gemm (transA=0), MatMul with a 2-D
+           constant weight, or a 1x1 Conv without padding or groups.
+        2. On the calibration data (``--data``; synthetic inputs otherwise) the pass streams the
+           layer's inputs in the pruned model and its outputs in the original model, and solves
+           a ridge least-squares problem for the weights of the channels that remain and for the
+           bias. Weights of pruned channels become zero, so ``fold`` adds nothing for them.
+        3. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
+    """
+
+    name: ClassVar[str] = "refit"
+    needs_original: ClassVar[bool] = True
+    ridge: float = option(1e-3, "ridge strength, relative to the mean input energy")
+    max_batches: int = option(64, "calibration batches to stream (at most)")
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Refit every qualifying consumer of a zero or constant channel."""
+        if ctx.original is None:
+            raise ValueError("refit needs the original model in the context")
+        ws = Workspace.open(model, ctx)
+        units, skipped = self._units(ws)
+        if not units:
+            return PassResult(model, False, {"refitted": 0, "skipped": skipped})
+        self._stream(ws, units)
+        report_units = [self._solve(ws.model.graph, u) for u in units]
+        return PassResult(ws.model, True, {"refitted": len(units), "skipped": skipped,
+                                           "layers": report_units})
+
+    def _units(self, ws: Workspace) -> tuple[list[_Unit], dict[str, str]]:
+        units, skipped = [], {}
+        seen = set()
+        for sink in ws.an.sinks:
+            node = sink.node
+            name = node.name or node.output[0]
+            if name in seen or not (sink.labels.state != VAR).any():
+                continue
+            seen.add(name)
+            why = _unsupported(ws, sink)
+            if why:
+                skipped[name] = why
+                continue
+            out = node.output[0]
+            if node.op_type == "MatMul":
+                follower = bias_add_after(ws.model.graph, node)
+                out = follower[0].output[0] if follower else out
+            lab = ws.an.labels.get(node.output[0])
+            w = np.moveaxis(np.asarray(get_init(ws.model.graph, sink.weight), np.float64),
+                            sink.weight_axis, 0)
+            w = w.reshape(w.shape[0], -1)
+            stride = tuple(next((a.ints for a in node.attribute if a.name == "strides"), ()))
+            alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
+            alpha = alpha if node.op_type == "Gemm" else 1.0
+            units.append(_Unit(sink, out, lab.axis if lab else -1,
+                               np.flatnonzero(sink.labels.state == VAR), alpha * w, stride, alpha))
+        return units, skipped
+
+    def _stream(self, ws: Workspace, units: list[_Unit]) -> None:
+        """One pass over the data, both models side by side, into each unit's equations."""
+        wanted = sorted({u.sink.tensor for u in units} | {u.output for u in units})
+        new = session(expose(ws.model, wanted), ws.ctx.providers)
+        old = session(expose(ws.ctx.original, sorted({u.output for u in units})), ws.ctx.providers)
+        names_new = [o.name for o in new.get_outputs()]
+        names_old = [o.name for o in old.get_outputs()]
+        data = ws.ctx.data(ws.model)
+        for i, feeds in enumerate(feeds_for(ws.model, data)):
+            if i >= self.max_batches:
+                break
+            got = dict(zip(names_new, new.run(names_new, dict(feeds)), strict=True))
+            ref = dict(zip(names_old, old.run(names_old, dict(feeds)), strict=True))
+            for u in units:
+                x = got[u.sink.tensor]
+                if u.stride and any(s > 1 for s in u.stride):
+                    x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in u.stride)]
+                x = _rows(x, u.sink.labels.axis)
+                u.add(x, _rows(ref[u.output], u.out_axis), _rows(got[u.output], u.out_axis))
+
+    def _solve(self, graph: onnx.GraphProto, u: _Unit) -> dict[str, Any]:
+        keep = u.keep
+        mean_x = u.sx / u.n
+        mean_r = u.sr / u.n
+        cov = u.xtx / u.n - np.outer(mean_x, mean_x)
+        cross = u.xtr / u.n - np.outer(mean_x, mean_r)
+        ck = cov[np.ix_(keep, keep)]
+        lam = self.ridge * max(float(np.trace(ck)) / max(len(keep), 1), 1e-12)
+        w_keep = np.linalg.solve(ck + lam * np.eye(len(keep)), cross[keep])
+        w_new = np.zeros_like(u.w)
+        w_new[keep] = w_keep
+        bias_now = mean_r - mean_x @ u.w  # what the current bias contributes
+        bias_new = mean_r - mean_x[keep] @ w_keep
+        before = _mse(u, u.w, bias_now)
+        after = _mse(u, w_new, bias_new)
+        node = u.sink.node
+        weight = get_init(graph, u.sink.weight)
+        moved = np.moveaxis(weight, u.sink.weight_axis, 0)
+        stored = (w_new / u.scale).reshape(moved.shape).astype(weight.dtype)
+        set_init(graph, u.sink.weight, np.ascontiguousarray(np.moveaxis(stored, 0, u.sink.weight_axis)))
+        add_output_bias(graph, node, (bias_new - bias_now).astype(weight.dtype))
+        return {"node": node.name or node.output[0], "inputs_kept": int(len(keep)),
+                "inputs": int(len(u.w)), "mse_before": before, "mse_after": after}
+
+
+def _mse(u: _Unit, w: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared error per row of ``x w + b`` against the targets, from the stored sums."""
+    cov_x = u.xtx / u.n
+    xr = u.xtr / u.n
+    mean_x, mean_r = u.sx / u.n, u.sr / u.n
+    quad = float(np.einsum("ij,ik,kj->", w, cov_x, w))
+    cross = float(np.einsum("ij,ij->", w, xr))
+    rr = u.srr / u.n
+    return rr + quad - 2 * cross + 2 * float(b @ (mean_x @ w)) - 2 * float(b @ mean_r) + float(b @ b)
+
+
+def _rows(x: np.ndarray, axis: int) -> np.ndarray:
+    """Activation ``x`` as rows [positions, channels] (channel axis last), float64."""
+    return np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+
+
+def _unsupported(ws: Workspace, sink: Sink) -> str:
+    node = sink.node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        return "Gemm with transA" if attrs.get("transA", 0) else ""
+    if node.op_type == "MatMul":
+        w = get_init(ws.model.graph, sink.weight)
+        return "" if w.ndim == 2 else "batched MatMul weight"
+    if node.op_type == "Conv":
+        w = get_init(ws.model.graph, sink.weight)
+        if attrs.get("group", 1) != 1 or any(attrs.get("pads", [])) or any(
+                d != 1 for d in w.shape[2:]) or any(d != 1 for d in attrs.get("dilations", [])):
+            return "only 1x1 convolutions without padding or groups are refitted"
+        auto = attrs.get("auto_pad", b"NOTSET")
+        return "" if auto in (b"NOTSET", b"VALID", "NOTSET", "VALID") else "auto_pad"
+    return f"{node.op_type} is not refitted"

@@ -1,0 +1,225 @@
+"""The ``vote`` pass: several criteria (or ensemble members) vote on which channels to prune."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import onnx
+
+from onnxprune.criteria import Criterion, GroupView, get_criterion, rank_normalise
+from onnxprune.edit import get_init
+from onnxprune.errors import PassOptionError
+from onnxprune.model import lift_constants, load, unlist_initializer_inputs
+from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.prune import (
+    Workspace,
+    allowed_count,
+    reconstruction_error,
+    round_count,
+    zero_and_compensate,
+)
+from onnxprune.registry import register_pass
+from onnxprune.zero import keep_one_per_tensor
+
+if TYPE_CHECKING:
+    from onnxprune.context import Context
+
+
+@dataclass
+class Voter:
+    """One criterion applied to one model's weights (the main model or an ensemble member)."""
+
+    name: str
+    criterion: Criterion
+    view: GroupView
+
+
+@register_pass
+@dataclass
+class Vote(Pass):
+    """Criteria vote on the channels to prune; a quorum decides; the chosen ones are zeroed.
+
+    Rules:
+        1. In every prunable group each criterion ranks the free channels and votes for the
+           lowest ``sparsity`` share (rounded so kept counts are multiples of ``round_to``).
+        2. ``mode=vote``: channels with at least ``quorum`` votes go, most votes first;
+           ``mode=average``: the lowest mean of rank-normalised scores go.
+        3. With calibration data, each voter's choice is checked by how much it changes the
+           consumers' outputs (``check``); voters far worse than the best are dropped, and the
+           vote never ends worse than its best voter on that check.
+        4. ``scope=global`` ranks all groups together after per-group normalisation, keeping at
+           least ``floor`` of every group.
+        5. Pruned channels are zeroed in every member of their group; with data, their mean
+           contribution moves into the next layer's bias (``compensate``). Then ``fold``
+           removes them for real.
+    """
+
+    name: ClassVar[str] = "vote"
+    criteria: tuple[str, ...] = option(("l1", "flap", "wanda"), "criteria that vote (a+b+c)")
+    sparsity: float = option(0.5, "share of each group's channels to prune")
+    quorum: int = option(2, "votes a channel needs to be pruned (mode=vote)")
+    mode: Literal["vote", "average"] = option("vote", "quorum vote, or mean of normalised ranks")
+    scope: Literal["local", "global"] = option("local", "prune per group, or rank across groups")
+    floor: float = option(0.1, "scope=global: keep at least this share of every group")
+    round_to: int = option(8, "keep channel counts a multiple of this (8 suits onnxruntime CPU)")
+    protect: str = option("", "regex of node/initializer names whose groups stay whole")
+    ensemble: tuple[str, ...] = option((), "other models of the same architecture that vote too")
+    compensate: Literal["auto", "on", "off"] = option(
+        "auto", "move pruned channels' mean into the next bias (auto: when --data is given)")
+    check: bool = option(True, "weigh voters by a local reconstruction check (needs data)")
+    fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError("sparsity must be in [0, 1)")
+        if self.quorum < 1:
+            raise ValueError("quorum must be at least 1")
+        if self.round_to < 1:
+            raise ValueError("round_to must be at least 1")
+        if not self.criteria:
+            raise ValueError("criteria must name at least one criterion")
+        for c in self.criteria:
+            get_criterion(c, f"pass {self.name}")
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Vote, zero the chosen classes, compensate biases; report per group."""
+        ws = Workspace.open(model, ctx, self.protect)
+        criteria = [get_criterion(c) for c in self.criteria]
+        has_data = ctx.data_path is not None
+        compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)
+        need_stats = any(c.needs_data for c in criteria) or compensate
+        stats = ws.stats() if need_stats else {}
+        arrays = [("", lambda name: get_init(model.graph, name), stats)]
+        arrays += self._ensemble(ws)
+        check = self.check and has_data
+        chosen: set[int] = set()
+        sections = []
+        plans = []
+        for g in ws.groups:
+            classes = ws.free_classes(g)
+            if not len(classes):
+                continue
+            voters = [Voter(c.name + (f"@{tag}" if tag else ""), c,
+                            GroupView(ws.an, classes, getter, st, ctx.seed))
+                      for tag, getter, st in arrays for c in criteria]
+            plans.append((g, classes, voters))
+        if self.scope == "global":
+            chosen, sections = self._global(ws, plans)
+        else:
+            for g, classes, voters in plans:
+                picked, section = self._local(ws, g, classes, voters, check, compensate)
+                chosen |= picked
+                sections.append(section)
+        chosen = keep_one_per_tensor(ws.an, chosen)
+        applied = zero_and_compensate(ws, chosen, compensate)
+        report: dict[str, Any] = {
+            "channels_pruned": len(chosen),
+            "groups": sections,
+            "compensated": compensate,
+            "data": "synthetic" if not has_data else str(ctx.data_path),
+            **applied,
+        }
+        return PassResult(ws.model, bool(chosen), report)
+
+    def _ensemble(self, ws: Workspace) -> list[tuple[str, Any, dict]]:
+        out = []
+        names = {m.init for m in ws.an.members}
+        shapes = {t.name: list(t.dims) for t in ws.model.graph.initializer if t.name in names}
+        for path in self.ensemble:
+            other = load(path)
+            lift_constants(other.graph)
+            unlist_initializer_inputs(other.graph)
+            theirs = {t.name: list(t.dims) for t in other.graph.initializer if t.name in shapes}
+            if theirs != shapes:
+                missing = sorted(set(shapes) - set(theirs)) or sorted(
+                    n for n in shapes if theirs.get(n) != shapes[n])
+                raise PassOptionError(
+                    f"pass vote: ensemble member {path} differs from the model in "
+                    f"initializer(s) {missing[:3]}: members must share one architecture")
+            stats: dict = {}
+            if any(get_criterion(c).needs_data for c in self.criteria):
+                from onnxprune.calibrate import activation_stats
+
+                stats = activation_stats(ws.ctx, other, ws.sink_tensors())
+            out.append((str(path), (lambda g: (lambda name: get_init(g, name)))(other.graph), stats))
+        return out
+
+    def _local(self, ws: Workspace, g: Any, classes: np.ndarray, voters: list[Voter],
+               check: bool, compensate: bool) -> tuple[set[int], dict[str, Any]]:
+        k = round_count(g.channels, len(classes), self.sparsity, self.round_to)
+        section: dict[str, Any] = {"group": g.index, "channels": g.channels, "free": len(classes),
+                                   "target": k, "producers": [s.node for s in g.spaces]}
+        if k == 0:
+            section["pruned"] = 0
+            return set(), section
+        scores = {v.name: v.criterion.rank_scores(v.view) for v in voters}
+        active = {n: s for n, s in scores.items() if s is not None}
+        section["abstained"] = sorted(set(scores) - set(active))
+        if not active:
+            section["pruned"] = 0
+            return set(), section
+        choices = {n: set(classes[np.argsort(s, kind="stable")[:k]].tolist()) for n, s in active.items()}
+        if check and len(active) > 1:
+            errors = {n: reconstruction_error(ws, c, compensate) for n, c in choices.items()}
+            best = min(errors.values())
+            kept = {n: s for n, s in active.items() if errors[n] <= 1.5 * best + 1e-12}
+            section["voter_errors"] = {n: round(e, 6) for n, e in errors.items()}
+            section["dropped"] = sorted(set(active) - set(kept))
+            active = kept
+        picked = self._combine(classes, active, k, g.channels)
+        if check and len(choices) > 1:
+            err = reconstruction_error(ws, picked, compensate)
+            best_name = min(section["voter_errors"], key=section["voter_errors"].get)
+            if err > section["voter_errors"][best_name] + 1e-12:
+                picked = choices[best_name]
+                section["fallback"] = best_name
+                err = section["voter_errors"][best_name]
+            section["error"] = round(err, 6)
+        section["pruned"] = len(picked)
+        return picked, section
+
+    def _combine(self, classes: np.ndarray, active: dict[str, np.ndarray], k: int, total: int) -> set[int]:
+        mean_rank = np.mean([rank_normalise(s) for s in active.values()], axis=0)
+        if self.mode == "average":
+            return set(classes[np.argsort(mean_rank, kind="stable")[:k]].tolist())
+        votes = np.zeros(len(classes), dtype=np.int64)
+        for s in active.values():
+            votes[np.argsort(s, kind="stable")[:k]] += 1
+        quorum = min(self.quorum, len(active))
+        order = np.lexsort((mean_rank, -votes))
+        if not self.fill:
+            order = order[votes[order] >= quorum]
+        count = allowed_count(total, min(k, len(order)), self.round_to)
+        return set(classes[order[:count]].tolist())
+
+    def _global(self, ws: Workspace, plans: list) -> tuple[set[int], list[dict[str, Any]]]:
+        pooled = []  # (normalised score, group index, class)
+        for g, classes, voters in plans:
+            active = [s for s in (v.criterion.rank_scores(v.view) for v in voters) if s is not None]
+            if not active:
+                continue
+            z = np.mean([(s - s.mean()) / (s.std() + 1e-12) for s in active], axis=0)
+            pooled += [(float(v), g, int(c)) for v, c in zip(z, classes, strict=True)]
+        pooled.sort(key=lambda t: t[0])
+        total_free = len(pooled)
+        budget = int(self.sparsity * total_free)
+        taken: dict[int, list[int]] = {}
+        for _, g, c in pooled:
+            if budget <= 0:
+                break
+            mine = taken.setdefault(g.index, [])
+            limit = g.channels - max(int(np.ceil(self.floor * g.channels)), 1)
+            if len(mine) < limit:
+                mine.append(c)
+                budget -= 1
+        chosen: set[int] = set()
+        sections = []
+        for g, _classes, _voters in plans:
+            mine = taken.get(g.index, [])
+            count = allowed_count(g.channels, len(mine), self.round_to)
+            chosen |= set(mine[:count])
+            sections.append({"group": g.index, "channels": g.channels, "pruned": count,
+                             "producers": [s.node for s in g.spaces]})
+        return chosen, sections

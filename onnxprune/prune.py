@@ -1,0 +1,183 @@
+"""What every structured pruning pass shares: analyse, measure, zero, compensate.
+
+A pruning pass decides *which* channel classes go; this module does the rest the same way for
+all of them: it prepares the model (Constant weights lifted, initializers unlisted as inputs),
+runs the channel analysis, gathers activation statistics at the weighted consumers, zeroes the
+chosen classes (:mod:`onnxprune.zero`) and, with calibration data, compensates each consumer's
+bias for the mean contribution the pruned channels had.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.calibrate import ChannelStats, activation_stats, collect_rows
+from onnxprune.context import Context
+from onnxprune.edit import add_output_bias, get_init
+from onnxprune.groups import Analysis, ChannelGroup, Sink, analyse
+from onnxprune.model import lift_constants, unlist_initializer_inputs
+from onnxprune.probe import probe
+from onnxprune.zero import zero_classes
+
+
+@dataclass
+class Workspace:
+    """A prepared model with its analysis, groups and (lazily) activation data."""
+
+    model: onnx.ModelProto
+    an: Analysis
+    groups: list[ChannelGroup]
+    ctx: Context
+    _stats: dict[str, ChannelStats] | None = None
+    _rows: dict[str, np.ndarray] | None = None
+    protected: set[int] = field(default_factory=set)
+
+    @classmethod
+    def open(cls, model: onnx.ModelProto, ctx: Context, protect: str = "") -> Workspace:
+        """Prepare ``model`` in place and analyse it; ``protect`` is a regex of node or
+        initializer names whose groups must stay whole."""
+        lift_constants(model.graph)
+        unlist_initializer_inputs(model.graph)
+        an = analyse(model, probe(model, ctx.seed, ctx.providers).shapes)
+        ws = cls(model, an, an.groups(), ctx)
+        if protect:
+            pattern = re.compile(protect)
+            for g in ws.groups:
+                names = [s.node for s in g.spaces] + [m.split("[")[0] for m in g.members]
+                if any(pattern.search(n) for n in names):
+                    ws.protected.add(g.index)
+        return ws
+
+    def free_classes(self, group: ChannelGroup) -> np.ndarray:
+        """Unpinned classes of ``group`` (empty when it is protected)."""
+        if group.index in self.protected:
+            return np.zeros(0, dtype=np.int64)
+        roots = self.an.roots()
+        pinned = self.an.pinned_roots()
+        classes = {int(r) for s in group.spaces for r in roots[s.start : s.start + s.size]}
+        return np.array(sorted(classes - set(pinned)), dtype=np.int64)
+
+    def sink_tensors(self) -> dict[str, int]:
+        """Consumer input tensors (name -> channel axis) where channels are read."""
+        return {s.tensor: s.labels.axis for s in self.an.sinks}
+
+    def stats(self) -> dict[str, ChannelStats]:
+        """Activation statistics at every consumer input (computed once, shared via ctx)."""
+        if self._stats is None:
+            self._stats = activation_stats(self.ctx, self.model, self.sink_tensors())
+        return self._stats
+
+    def rows(self, max_rows: int = 2048) -> dict[str, np.ndarray]:
+        """Sampled activation vectors [rows, C] at every consumer input."""
+        if self._rows is None:
+            data = self.ctx.data(self.model)
+            self._rows = collect_rows(self.model, self.sink_tensors(), data, max_rows,
+                                      self.ctx.seed, self.ctx.providers)
+        return self._rows
+
+
+def round_count(total: int, free: int, sparsity: float, round_to: int) -> int:
+    """How many of ``free`` classes to prune from a group of ``total`` channels.
+
+    The kept count is ``total * (1 - sparsity)`` rounded up to a multiple of ``round_to``
+    (never below ``round_to``, never all channels); fewer when not enough classes are free.
+    """
+    if total <= 1 or free == 0:
+        return 0
+    r = max(1, round_to)
+    kept = int(np.ceil(total * (1.0 - sparsity) / r - 1e-9)) * r
+    kept = min(total, max(kept, r, 1))
+    k = min(total - kept, free)
+    while k > 0 and (total - k) % r:
+        k -= 1
+    return k
+
+
+def allowed_count(total: int, k: int, round_to: int) -> int:
+    """The largest count <= k whose remainder keeps ``total - count`` a multiple of round_to."""
+    r = max(1, round_to)
+    while k > 0 and (total - k) % r:
+        k -= 1
+    return k
+
+
+def reconstruction_error(ws: Workspace, classes: set[int], compensate: bool) -> float:
+    """Mean squared change of the consumers' outputs when ``classes`` are removed.
+
+    Uses sampled activations at each consumer input: ``|| (X_S - mean_S) W_S ||^2`` per row
+    (without the mean term when there is no bias compensation). Kernel taps of a spatial
+    convolution are treated as one vector: a cheap local proxy, used to weigh voters.
+    """
+    if not classes:
+        return 0.0
+    roots = ws.an.roots()
+    chosen = np.array(sorted(classes))
+    rows = ws.rows()
+    total = 0.0
+    for sink in ws.an.sinks:
+        ids = sink.labels.ids
+        pos = np.flatnonzero((ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen))
+        if not len(pos) or sink.tensor not in rows:
+            continue
+        x = rows[sink.tensor][:, pos]
+        if compensate:
+            x = x - x.mean(axis=0)
+        w = np.moveaxis(np.asarray(get_init(ws.model.graph, sink.weight), np.float64),
+                        sink.weight_axis, 0)
+        w = w.reshape(w.shape[0], -1)[pos]
+        total += float(((x @ w) ** 2).sum(axis=1).mean())
+    return total
+
+
+def zero_and_compensate(ws: Workspace, classes: set[int], compensate: bool) -> dict[str, int]:
+    """Zero ``classes``; with ``compensate``, move their mean contribution into the biases.
+
+    After zeroing, a channel may still be a constant ``c`` at its consumer (a sigmoid of 0); the
+    compensation adds ``(mean - c) * W`` so that, after fold moves ``c * W`` too, the consumer
+    receives the channel's calibration mean.
+    """
+    if not classes:
+        return {"zeroed_entries": 0, "compensated_consumers": 0}
+    means: dict[str, np.ndarray] = {}
+    if compensate:
+        means = {t: s.mean for t, s in ws.stats().items()}
+    zeroed = zero_classes(ws.model, ws.an, classes)
+    done = 0
+    if compensate:
+        after = probe(ws.model, ws.ctx.seed, ws.ctx.providers).values
+        roots = ws.an.roots()
+        chosen = np.array(sorted(classes))
+        for sink in ws.an.sinks:
+            if _compensate_sink(ws.model.graph, sink, roots, chosen, means, after):
+                done += 1
+    return {"zeroed_entries": zeroed, "compensated_consumers": done}
+
+
+def _compensate_sink(graph: onnx.GraphProto, sink: Sink, roots: np.ndarray, chosen: np.ndarray,
+                     means: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+    ids = sink.labels.ids
+    pos = np.flatnonzero((ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen))
+    if not len(pos) or sink.tensor not in means or sink.node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return False
+    now = np.zeros(len(pos))
+    if sink.tensor in after:
+        flat = np.moveaxis(after[sink.tensor], sink.labels.axis, 0).reshape(len(ids), -1)
+        now = flat[pos, 0].astype(np.float64)
+    shift = means[sink.tensor][pos] - now
+    if not np.any(shift):
+        return False
+    w = get_init(graph, sink.weight)
+    wk = np.moveaxis(w.astype(np.float64), sink.weight_axis, 0)[pos]  # [|S|, ...]
+    delta = np.tensordot(shift, wk, axes=(0, 0))
+    if sink.node.op_type == "Conv":
+        delta = delta.reshape(delta.shape[0], -1).sum(axis=1)
+    if sink.node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in sink.node.attribute):
+        return False
+    if sink.node.op_type == "MatMul" and w.ndim > 2:
+        return False  # a batched weight would need a per-batch bias
+    add_output_bias(graph, sink.node, delta.astype(w.dtype))
+    return True
