@@ -19,7 +19,15 @@ from onnxprune.errors import OnnxPruneError, PassNotFoundError
 from onnxprune.passes.base import Pass
 
 ENTRY_POINT_GROUP = "onnxprune.passes"
-BUILTIN_MODULES = ("onnxprune.passes.cleanup", "onnxprune.passes.fold")
+BUILTIN_MODULES = (
+    "onnxprune.passes.cleanup",
+    "onnxprune.passes.vote",
+    "onnxprune.passes.refit",
+    "onnxprune.passes.stats",
+    "onnxprune.passes.magnitude",
+    "onnxprune.passes.fold",
+    "onnxprune.passes.validate",
+)
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _ORIGIN: dict[str, str] = {}

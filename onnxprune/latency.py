@@ -1,0 +1,163 @@
+"""Latency of two models measured fairly: warm-up, interleaved rounds, median and p90.
+
+Timing one model after the other lets drift (CPU frequency, caches, other processes) favour one
+of them. Here every round runs each callable once, and the order rotates from round to round
+(``a, b`` then ``b, a``...), so neither always goes first. Statistics are robust ones: the
+median, and the 90th percentile (linear interpolation between closest ranks, as numpy's
+default) for the tail.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+Clock = Callable[[], float]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, interpolating linearly between ranks.
+
+    Raises:
+        ValueError: no values, or ``q`` outside 0-100.
+    """
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q={q} is outside 0-100")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Statistics of one model's timed runs, in milliseconds."""
+
+    runs: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float]) -> LatencyStats:
+        """Statistics of durations given in seconds.
+
+        Raises:
+            ValueError: no samples.
+        """
+        if not samples:
+            raise ValueError("no timed runs")
+        ms = [s * 1e3 for s in samples]
+        return cls(
+            runs=len(ms),
+            median_ms=statistics.median(ms),
+            p90_ms=percentile(ms, 90),
+            mean_ms=statistics.fmean(ms),
+            min_ms=min(ms),
+            max_ms=max(ms),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures."""
+        return asdict(self)
+
+
+def round_order(n: int, round_index: int) -> list[int]:
+    """Indices of ``n`` callables in the order round ``round_index`` runs them (rotated)."""
+    shift = round_index % n if n else 0
+    return list(range(shift, n)) + list(range(shift))
+
+
+def interleaved(
+    fns: Sequence[Callable[[], object]],
+    runs: int,
+    warmup: int = 3,
+    clock: Clock = time.perf_counter,
+) -> list[list[float]]:
+    """Time each callable ``runs`` times, interleaved; returns durations (seconds) per callable.
+
+    First ``warmup`` untimed rounds (each callable once, in order), then ``runs`` timed rounds
+    whose order rotates (see :func:`round_order`).
+
+    Raises:
+        ValueError: ``runs`` < 1 or ``warmup`` < 0.
+    """
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    if warmup < 0:
+        raise ValueError("warmup must be >= 0")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(runs):
+        for i in round_order(len(fns), r):
+            start = clock()
+            fns[i]()
+            times[i].append(clock() - start)
+    return times
+
+
+@dataclass
+class LatencyComparison:
+    """Latency of the original and the pruned model; truthy when the ratio is allowed.
+
+    ``ratio`` is pruned median / original median (below 1 = faster).
+    """
+
+    original: LatencyStats
+    pruned: LatencyStats
+    max_ratio: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Pruned median over original median."""
+        return self.pruned.median_ms / self.original.median_ms if self.original.median_ms else math.inf
+
+    @property
+    def slower(self) -> bool:
+        """Whether the pruned model's median is above the original's."""
+        return self.pruned.median_ms > self.original.median_ms
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the medians differ by less than either model's median-to-p90 spread."""
+        spread = max(self.original.p90_ms - self.original.median_ms,
+                     self.pruned.p90_ms - self.pruned.median_ms)
+        return abs(self.pruned.median_ms - self.original.median_ms) <= spread
+
+    def __bool__(self) -> bool:
+        return self.max_ratio is None or self.ratio <= self.max_ratio
+
+    def __str__(self) -> str:
+        o, p = self.original, self.pruned
+        return (
+            f"median {o.median_ms:.3f} -> {p.median_ms:.3f} ms (ratio {self.ratio:.3f}), p90 "
+            f"{o.p90_ms:.3f} -> {p.p90_ms:.3f} ms, {o.runs} interleaved runs each: "
+            f"{'PASSED' if self else 'FAILED'}"
+        )
+
+
+def compare_latency(
+    run_original: Callable[[], object],
+    run_pruned: Callable[[], object],
+    runs: int,
+    warmup: int = 3,
+    *,
+    max_ratio: float | None = None,
+    clock: Clock = time.perf_counter,
+) -> LatencyComparison:
+    """Time both callables interleaved and compare their statistics."""
+    t_orig, t_new = interleaved([run_original, run_pruned], runs, warmup, clock)
+    return LatencyComparison(
+        LatencyStats.from_seconds(t_orig), LatencyStats.from_seconds(t_new), max_ratio
+    )
