@@ -30,8 +30,8 @@ class _Unit:
     out_axis: int
     keep: np.ndarray  # positions of the input that stay (not zero/constant)
     w: np.ndarray  # current weight as [K, N]
-    stride: tuple[int, ...] = ()
     scale: float = 1.0  # Gemm's alpha: the unit computes x @ (scale * weight)
+    conv: dict[str, Any] | None = None  # kernel, pads, strides of a Conv (inputs as patches)
     n: int = 0
     srr: float = 0.0
     sx: np.ndarray | None = None
@@ -61,19 +61,22 @@ class Refit(Pass):
     """Refit each layer that reads pruned channels so its output matches the original model's.
 
     Rules:
-        1. A layer qualifies when it is linear per position: Gemm (transA=0), MatMul with a 2-D
-           constant weight, or a 1x1 Conv without padding or groups.
+        1. A layer qualifies when it is linear in its input: Gemm (transA=0), MatMul with a 2-D
+           constant weight, or a Conv without groups or dilation (its input taken as patches).
         2. On the calibration data (``--data``; synthetic inputs otherwise) the pass streams the
            layer's inputs in the pruned model and its outputs in the original model, and solves
            a ridge least-squares problem for the weights of the channels that remain and for the
            bias. Weights of pruned channels become zero, so ``fold`` adds nothing for them.
-        3. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
+        3. Layers are refitted in graph order, each on the inputs that the layers refitted
+           before it produce (one pass over the data per layer).
+        4. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
     """
 
     name: ClassVar[str] = "refit"
     needs_original: ClassVar[bool] = True
-    ridge: float = option(1e-3, "ridge strength, relative to the mean input energy")
+    ridge: float = option(0.1, "ridge strength, relative to the mean input energy")
     max_batches: int = option(64, "calibration batches to stream (at most)")
+    max_rows: int = option(4096, "rows (positions) sampled per batch and layer")
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Refit every qualifying consumer of a zero or constant channel."""
@@ -83,8 +86,13 @@ class Refit(Pass):
         units, skipped = self._units(ws)
         if not units:
             return PassResult(model, False, {"refitted": 0, "skipped": skipped})
-        self._stream(ws, units)
-        report_units = [self._solve(ws.model.graph, u) for u in units]
+        # in graph order, each layer fitted on the inputs the layers refitted before it give
+        report_units = []
+        original = session(expose(ws.ctx.original, sorted({u.output for u in units})),
+                           ws.ctx.providers)
+        for unit in units:
+            self._stream(ws, [unit], original)
+            report_units.append(self._solve(ws.model.graph, unit))
         return PassResult(ws.model, True, {"refitted": len(units), "skipped": skipped,
                                            "layers": report_units})
 
@@ -106,24 +114,29 @@ class Refit(Pass):
                 follower = bias_add_after(ws.model.graph, node)
                 out = follower[0].output[0] if follower else out
             lab = ws.an.labels.get(node.output[0])
-            w = np.moveaxis(np.asarray(get_init(ws.model.graph, sink.weight), np.float64),
-                            sink.weight_axis, 0)
-            w = w.reshape(w.shape[0], -1)
-            stride = tuple(next((a.ints for a in node.attribute if a.name == "strides"), ()))
+            weight = np.asarray(get_init(ws.model.graph, sink.weight), np.float64)
+            keep = np.flatnonzero(sink.labels.state == VAR)
+            conv = None
+            if node.op_type == "Conv":
+                w, conv = _conv_matrix(node, weight)
+                taps = conv["taps"]
+                keep = (keep[:, None] * taps + np.arange(taps)).ravel()
+            else:
+                w = np.moveaxis(weight, sink.weight_axis, 0)
+                w = w.reshape(w.shape[0], -1)
             alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
             alpha = alpha if node.op_type == "Gemm" else 1.0
-            units.append(_Unit(sink, out, lab.axis if lab else -1,
-                               np.flatnonzero(sink.labels.state == VAR), alpha * w, stride, alpha))
+            units.append(_Unit(sink, out, lab.axis if lab else -1, keep, alpha * w, alpha, conv))
         return units, skipped
 
-    def _stream(self, ws: Workspace, units: list[_Unit]) -> None:
+    def _stream(self, ws: Workspace, units: list[_Unit], old: Any) -> None:
         """One pass over the data, both models side by side, into each unit's equations."""
         wanted = sorted({u.sink.tensor for u in units} | {u.output for u in units})
         new = session(expose(ws.model, wanted), ws.ctx.providers)
-        old = session(expose(ws.ctx.original, sorted({u.output for u in units})), ws.ctx.providers)
         names_new = [o.name for o in new.get_outputs()]
         names_old = [o.name for o in old.get_outputs()]
         data = ws.ctx.data(ws.model)
+        rng = np.random.default_rng(ws.ctx.seed)
         for i, feeds in enumerate(feeds_for(ws.model, data)):
             if i >= self.max_batches:
                 break
@@ -131,10 +144,12 @@ class Refit(Pass):
             ref = dict(zip(names_old, old.run(names_old, dict(feeds)), strict=True))
             for u in units:
                 x = got[u.sink.tensor]
-                if u.stride and any(s > 1 for s in u.stride):
-                    x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in u.stride)]
-                x = _rows(x, u.sink.labels.axis)
-                u.add(x, _rows(ref[u.output], u.out_axis), _rows(got[u.output], u.out_axis))
+                x = _patches(x, u.conv) if u.conv else _rows(x, u.sink.labels.axis)
+                target, current = _rows(ref[u.output], u.out_axis), _rows(got[u.output], u.out_axis)
+                if len(x) > self.max_rows:  # the same random rows of inputs and outputs
+                    pick = rng.choice(len(x), self.max_rows, replace=False)
+                    x, target, current = x[pick], target[pick], current[pick]
+                u.add(x, target, current)
 
     def _solve(self, graph: onnx.GraphProto, u: _Unit) -> dict[str, Any]:
         keep = u.keep
@@ -149,16 +164,26 @@ class Refit(Pass):
         w_new[keep] = w_keep
         bias_now = mean_r - mean_x @ u.w  # what the current bias contributes
         bias_new = mean_r - mean_x[keep] @ w_keep
+        # outputs a pruning pass zeroed (their weight column is all zero) stay as they are
+        dead = ~u.w.any(axis=0)
+        w_new[:, dead] = 0
+        bias_new[dead] = bias_now[dead]
         before = _mse(u, u.w, bias_now)
         after = _mse(u, w_new, bias_new)
         node = u.sink.node
         weight = get_init(graph, u.sink.weight)
-        moved = np.moveaxis(weight, u.sink.weight_axis, 0)
-        stored = (w_new / u.scale).reshape(moved.shape).astype(weight.dtype)
-        set_init(graph, u.sink.weight, np.ascontiguousarray(np.moveaxis(stored, 0, u.sink.weight_axis)))
+        if u.conv:
+            stored = _conv_weight(w_new, weight.shape).astype(weight.dtype)
+        else:
+            moved = np.moveaxis(weight, u.sink.weight_axis, 0)
+            stored = np.moveaxis((w_new / u.scale).reshape(moved.shape).astype(weight.dtype),
+                                 0, u.sink.weight_axis)
+        set_init(graph, u.sink.weight, np.ascontiguousarray(stored))
         add_output_bias(graph, node, (bias_new - bias_now).astype(weight.dtype))
-        return {"node": node.name or node.output[0], "inputs_kept": int(len(keep)),
-                "inputs": int(len(u.w)), "mse_before": before, "mse_after": after}
+        taps = u.conv["taps"] if u.conv else 1
+        return {"node": node.name or node.output[0], "inputs_kept": int(len(keep)) // taps,
+                "inputs": int(len(u.w)) // taps, "rows": u.n, "mse_before": before,
+                "mse_after": after}
 
 
 def _mse(u: _Unit, w: np.ndarray, b: np.ndarray) -> float:
@@ -177,6 +202,39 @@ def _rows(x: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
 
 
+def _conv_matrix(node: onnx.NodeProto, weight: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A Conv weight [O, C, k...] as a matrix [C * taps, O], and its geometry."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    kernel = list(weight.shape[2:])
+    nd = len(kernel)
+    pads = list(attrs.get("pads", [0] * 2 * nd))
+    strides = list(attrs.get("strides", [1] * nd))
+    order = [1, *range(2, 2 + nd), 0]
+    taps = int(np.prod(kernel, dtype=np.int64))
+    matrix = weight.transpose(order).reshape(weight.shape[1] * taps, weight.shape[0])
+    return matrix, {"kernel": kernel, "pads": pads, "strides": strides, "taps": taps}
+
+
+def _conv_weight(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`_conv_matrix`: [C * taps, O] back to [O, C, k...]."""
+    nd = len(shape) - 2
+    return matrix.reshape(shape[1], *shape[2:], shape[0]).transpose([nd + 1, 0, *range(1, nd + 1)])
+
+
+def _patches(x: np.ndarray, conv: dict[str, Any]) -> np.ndarray:
+    """Conv input [N, C, spatial...] as rows [N * out positions, C * taps] (im2col)."""
+    nd = len(conv["kernel"])
+    pads = conv["pads"]
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
+    xp = np.pad(np.asarray(x, np.float64), width)
+    win = np.lib.stride_tricks.sliding_window_view(xp, conv["kernel"], axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in conv["strides"])]
+    # [N, C, out..., k...] -> [N, out..., C, k...]
+    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    win = win.transpose(order)
+    return win.reshape(-1, x.shape[1] * int(np.prod(conv["kernel"], dtype=np.int64)))
+
+
 def _unsupported(ws: Workspace, sink: Sink) -> str:
     node = sink.node
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -186,10 +244,10 @@ def _unsupported(ws: Workspace, sink: Sink) -> str:
         w = get_init(ws.model.graph, sink.weight)
         return "" if w.ndim == 2 else "batched MatMul weight"
     if node.op_type == "Conv":
-        w = get_init(ws.model.graph, sink.weight)
-        if attrs.get("group", 1) != 1 or any(attrs.get("pads", [])) or any(
-                d != 1 for d in w.shape[2:]) or any(d != 1 for d in attrs.get("dilations", [])):
-            return "only 1x1 convolutions without padding or groups are refitted"
+        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [])):
+            return "grouped or dilated convolutions are not refitted"
+        if sink.labels.axis != 1:
+            return "channel axis is not axis 1"
         auto = attrs.get("auto_pad", b"NOTSET")
-        return "" if auto in (b"NOTSET", b"VALID", "NOTSET", "VALID") else "auto_pad"
+        return "" if auto in (b"NOTSET", "NOTSET") else "auto_pad convolutions are not refitted"
     return f"{node.op_type} is not refitted"
