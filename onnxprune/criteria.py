@@ -52,12 +52,23 @@ class GroupView:
                 out[j] = self._slot.get(int(self._roots[cid]), -1)
         return out
 
-    def gather(self, ids: np.ndarray, values: np.ndarray, into: np.ndarray) -> bool:
-        """Add per-position ``values`` into per-class ``into``; True if any position counted."""
-        slots = self.slots(ids)
-        mask = slots >= 0
-        np.add.at(into, slots[mask], values[mask])
-        return bool(mask.any())
+    def average(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+        """Per-class mean of per-position values, from (ids, values) pairs; None if no position
+        of this group occurs (the criterion abstains).
+
+        A class read at several positions (a flattened channel, a residual stream with several
+        producers) gets the mean, so values keep their scale for thresholds.
+        """
+        total = np.zeros(len(self.classes))
+        count = np.zeros(len(self.classes))
+        for ids, values in pairs:
+            slots = self.slots(ids)
+            mask = slots >= 0
+            np.add.at(total, slots[mask], values[mask])
+            np.add.at(count, slots[mask], 1)
+        if not count.any():
+            return None
+        return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
     def members(self, role: str) -> list[Member]:
         """Members with ``role`` that touch this group's classes."""
@@ -113,11 +124,7 @@ def get_criterion(name: str, where: str = "") -> Criterion:
 
 
 def _weight_stat(view: GroupView, stat: Callable[[np.ndarray], np.ndarray]) -> np.ndarray | None:
-    out = np.zeros(len(view.classes))
-    found = False
-    for m in view.members("weight"):
-        found |= view.gather(m.ids, stat(view.rows(m)), out)
-    return out if found else None
+    return view.average([(m.ids, stat(view.rows(m))) for m in view.members("weight")])
 
 
 @register_criterion("l1")
@@ -147,11 +154,7 @@ def weight_std(view: GroupView) -> np.ndarray | None:
 @register_criterion("bn")
 def bn_scale(view: GroupView) -> np.ndarray | None:
     """|gamma| of the BatchNormalization after the channel (network slimming)."""
-    out = np.zeros(len(view.classes))
-    found = False
-    for m in view.members("scale"):
-        found |= view.gather(m.ids, np.abs(view.rows(m)[:, 0]), out)
-    return out if found else None
+    return view.average([(m.ids, np.abs(view.rows(m)[:, 0])) for m in view.members("scale")])
 
 
 def _consumer_norms(view: GroupView, power: float = 2.0) -> tuple[dict[str, np.ndarray], bool]:
@@ -170,11 +173,8 @@ def _consumer_norms(view: GroupView, power: float = 2.0) -> tuple[dict[str, np.n
 @register_criterion("consumer")
 def consumer(view: GroupView) -> np.ndarray | None:
     """L2 norm of the next layer's input weights that read the channel."""
-    out = np.zeros(len(view.classes))
-    found = False
-    for m in view.members("consumer"):
-        found |= view.gather(m.ids, np.sqrt((view.rows(m) ** 2).sum(axis=1)), out)
-    return out if found else None
+    return view.average([(m.ids, np.sqrt((view.rows(m) ** 2).sum(axis=1)))
+                         for m in view.members("consumer")])
 
 
 @register_criterion("random")
@@ -185,16 +185,13 @@ def random(view: GroupView) -> np.ndarray | None:
 
 def _activation(view: GroupView, per_tensor: Callable[[str, ChannelStats], np.ndarray | None]
                 ) -> np.ndarray | None:
-    out = np.zeros(len(view.classes))
-    found = False
+    pairs = []
     for tensor, stats in view.stats.items():
         lab = view.an.labels.get(tensor)
-        if lab is None:
-            continue
-        values = per_tensor(tensor, stats)
+        values = per_tensor(tensor, stats) if lab is not None else None
         if values is not None:
-            found |= view.gather(lab.ids, values, out)
-    return out if found else None
+            pairs.append((lab.ids, values))
+    return view.average(pairs)
 
 
 @register_criterion("act_mean", needs_data=True)

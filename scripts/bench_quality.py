@@ -114,7 +114,7 @@ def mlp_cosine() -> dict[str, float]:
 
     model = mlp([512, 2048, 2048, 512], "gemm")
     rng = np.random.default_rng(1)
-    calib = rng.standard_normal((2048, 512)).astype(np.float32)
+    calib = rng.standard_normal((8192, 512)).astype(np.float32)
     held = rng.standard_normal((512, 512)).astype(np.float32)
     ref = session(model).run(None, {"x": held})[0]
     out = {}
@@ -124,7 +124,8 @@ def mlp_cosine() -> dict[str, float]:
         for label, passes in (
             ("l1, no data", ["vote:criteria=l1,quorum=1,check=false,sparsity=0.5", "fold"]),
             ("vote + compensation", ["vote:sparsity=0.5,compensate=on", "fold"]),
-            ("vote + compensation + refit", ["vote:sparsity=0.5,compensate=on", "refit", "fold"]),
+            ("vote + compensation + refit",
+             ["vote:sparsity=0.5,compensate=on", "refit:max_batches=1000", "fold"]),
         ):
             pruned, _ = onnxprune.run(model, passes, data=data, device="cpu")
             y = session(pruned).run(None, {"x": held})[0]
