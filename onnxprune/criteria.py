@@ -157,85 +157,138 @@ def bn_scale(view: GroupView) -> np.ndarray | None:
     return view.average([(m.ids, np.abs(view.rows(m)[:, 0])) for m in view.members("scale")])
 
 
-def _consumer_norms(view: GroupView, power: float = 2.0) -> tuple[dict[str, np.ndarray], bool]:
-    """Per sink tensor: norm of the consumer rows reading each position."""
+def _per_class(view: GroupView, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sum of per-position ``values`` for each class of this group (0 where absent)."""
+    out = np.zeros(len(view.classes))
+    slots = view.slots(ids)
+    mask = slots >= 0
+    np.add.at(out, slots[mask], values[mask])
+    return out
+
+
+def _consumer_norms(view: GroupView, power: float = 2.0) -> dict[str, np.ndarray]:
+    """Per sink tensor and class: the L-``power`` norm of all consumer weights reading it."""
     norms: dict[str, np.ndarray] = {}
     for sink in view.an.sinks:
         if not (view.slots(sink.labels.ids) >= 0).any():
             continue
         rows = np.moveaxis(np.asarray(view.array(sink.weight), np.float64), sink.weight_axis, 0)
         rows = rows.reshape(rows.shape[0], -1)
-        n = (np.abs(rows) ** power).sum(axis=1) ** (1.0 / power)
-        norms[sink.tensor] = norms.get(sink.tensor, 0) + n
-    return norms, bool(norms)
+        powered = _per_class(view, sink.labels.ids, (np.abs(rows) ** power).sum(axis=1))
+        norms[sink.tensor] = norms.get(sink.tensor, 0) + powered
+    return {t: n ** (1.0 / power) for t, n in norms.items()}
 
 
 @register_criterion("consumer")
 def consumer(view: GroupView) -> np.ndarray | None:
     """L2 norm of the next layer's input weights that read the channel."""
-    return view.average([(m.ids, np.sqrt((view.rows(m) ** 2).sum(axis=1)))
-                         for m in view.members("consumer")])
+    members = view.members("consumer")
+    if not members:
+        return None
+    per_member = [np.sqrt(_per_class(view, m.ids, (view.rows(m) ** 2).sum(axis=1)))
+                  for m in members]
+    return np.mean(per_member, axis=0)
 
 
 @register_criterion("random")
 def random(view: GroupView) -> np.ndarray | None:
     """Random scores: the baseline every other criterion should beat."""
-    return np.random.default_rng(view.seed + len(view.classes)).random(len(view.classes))
+    first = int(view.classes[0]) if len(view.classes) else 0
+    return np.random.default_rng([view.seed, first]).random(len(view.classes))
 
 
-def _activation(view: GroupView, per_tensor: Callable[[str, ChannelStats], np.ndarray | None]
+def _class_stats(view: GroupView, ids: np.ndarray, stats: ChannelStats) -> tuple[np.ndarray, dict]:
+    """Merge the per-position statistics of each class of this group (a flattened channel is
+    read at several positions of one tensor): its slots and merged moments."""
+    slots = view.slots(ids)
+    mask = slots >= 0
+    k = len(view.classes)
+    n = np.zeros(k)
+    total = np.zeros(k)
+    sumsq = np.zeros(k)
+    zeros = np.zeros(k)
+    count = np.broadcast_to(np.asarray(stats.count, np.float64), ids.shape)
+    np.add.at(n, slots[mask], count[mask])
+    np.add.at(total, slots[mask], stats.sum[mask])
+    np.add.at(sumsq, slots[mask], stats.sumsq[mask])
+    np.add.at(zeros, slots[mask], stats.zeros[mask])
+    present = n > 0
+    mean = np.divide(total, n, out=np.zeros(k), where=present)
+    # Chan: within-position spread plus the spread of position means around the class mean
+    spread = np.zeros(k)
+    within = stats.var * count
+    between = count * (stats.mean - mean[np.maximum(slots, 0)]) ** 2
+    np.add.at(spread, slots[mask], (within + between)[mask])
+    merged = {
+        "mean": mean,
+        "var": np.divide(spread, n, out=np.zeros(k), where=present),
+        "rms": np.sqrt(np.divide(sumsq, n, out=np.zeros(k), where=present)),
+        "apoz": np.divide(zeros, n, out=np.zeros(k), where=present),
+    }
+    return present, merged
+
+
+def _activation(view: GroupView, per_tensor: Callable[[str, dict], np.ndarray | None]
                 ) -> np.ndarray | None:
-    pairs = []
+    """Mean over the tensors reading each class of ``per_tensor(tensor, merged class stats)``."""
+    total = np.zeros(len(view.classes))
+    count = np.zeros(len(view.classes))
     for tensor, stats in view.stats.items():
         lab = view.an.labels.get(tensor)
-        values = per_tensor(tensor, stats) if lab is not None else None
+        if lab is None:
+            continue
+        present, merged = _class_stats(view, lab.ids, stats)
+        values = per_tensor(tensor, merged) if present.any() else None
         if values is not None:
-            pairs.append((lab.ids, values))
-    return view.average(pairs)
+            total[present] += values[present]
+            count[present] += 1
+    if not count.any():
+        return None
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
 @register_criterion("act_mean", needs_data=True)
 def act_mean(view: GroupView) -> np.ndarray | None:
     """|mean| activation of the channel where the next layer reads it."""
-    return _activation(view, lambda _t, s: np.abs(s.mean))
+    return _activation(view, lambda _t, s: np.abs(s["mean"]))
 
 
 @register_criterion("act_var", needs_data=True)
 def act_var(view: GroupView) -> np.ndarray | None:
     """Variance ("fluctuation") of the channel's activation."""
-    return _activation(view, lambda _t, s: s.var)
+    return _activation(view, lambda _t, s: s["var"])
 
 
 @register_criterion("act_std", needs_data=True)
 def act_std(view: GroupView) -> np.ndarray | None:
     """Standard deviation of the channel's activation."""
-    return _activation(view, lambda _t, s: s.std)
+    return _activation(view, lambda _t, s: np.sqrt(s["var"]))
 
 
 @register_criterion("act_l2", needs_data=True)
 def act_l2(view: GroupView) -> np.ndarray | None:
     """Root-mean-square of the channel's activation."""
-    return _activation(view, lambda _t, s: s.rms)
+    return _activation(view, lambda _t, s: s["rms"])
 
 
 @register_criterion("apoz", sign=-1.0, needs_data=True)
 def apoz(view: GroupView) -> np.ndarray | None:
     """Share of exact zeros in the channel's activation (after ReLU-like ops); high = prune."""
-    return _activation(view, lambda _t, s: s.apoz)
+    return _activation(view, lambda _t, s: s["apoz"])
 
 
 @register_criterion("flap", needs_data=True)
 def flap(view: GroupView) -> np.ndarray | None:
     """FLAP fluctuation: activation variance x squared norm of the consumer weights reading it."""
-    norms, _ = _consumer_norms(view)
-    return _activation(view, lambda t, s: s.var * norms[t] ** 2 if t in norms else None)
+    norms = _consumer_norms(view)
+    return _activation(view, lambda t, s: s["var"] * norms[t] ** 2 if t in norms else None)
 
 
 @register_criterion("wanda", needs_data=True)
 def wanda(view: GroupView) -> np.ndarray | None:
     """Wanda for channels: ||X_j|| x sum of |consumer weights| reading channel j."""
-    norms, _ = _consumer_norms(view, power=1.0)
-    return _activation(view, lambda t, s: s.rms * norms[t] if t in norms else None)
+    norms = _consumer_norms(view, power=1.0)
+    return _activation(view, lambda t, s: s["rms"] * norms[t] if t in norms else None)
 
 
 def rank_normalise(scores: np.ndarray) -> np.ndarray:

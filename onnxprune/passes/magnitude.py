@@ -12,7 +12,6 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.calibrate import activation_stats
-from onnxprune.model import lift_constants
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.registry import register_pass
 
@@ -42,7 +41,8 @@ class Magnitude(Pass):
     """Zero the smallest weights (unstructured or N:M), by |w| or, with data, by Wanda.
 
     Rules:
-        1. Weights of Conv, Gemm and MatMul nodes that are initializers are considered;
+        1. Constant weights of Conv, Gemm and MatMul nodes (initializers or Constant nodes) are
+           considered;
            ``skip`` (a regex of node or weight names) leaves some out.
         2. ``method=magnitude`` scores |w|; ``method=wanda`` scores |w| x ||x_j|| with the
            input channel norms from the calibration data, compared per output row.
@@ -69,13 +69,12 @@ class Magnitude(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Sparsify every eligible weight in place."""
-        lift_constants(model.graph)
-        layers = _layers(model, self.skip)
+        tensors = _weight_tensors(model.graph)
+        layers = _layers(model, tensors, self.skip)
         norms: dict[str, np.ndarray] = {}
         if self.method == "wanda":
             stats = activation_stats(ctx, model, {ly.input: ly.input_axis for ly in layers})
             norms = {name: s.l2 for name, s in stats.items()}
-        inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
         done: set[str] = set()
         zeros = total = 0
         per_layer: list[dict[str, Any]] = []
@@ -85,7 +84,7 @@ class Magnitude(Pass):
             if ly.init in done:
                 continue  # a shared weight is sparsified once, by its first reader
             done.add(ly.init)
-            w = numpy_helper.to_array(model.graph.initializer[inits[ly.init]]).copy()
+            w = numpy_helper.to_array(tensors[ly.init]).copy()
             if m_size and w.shape[ly.in_axis] % m_size:
                 skipped[ly.init] = f"{w.shape[ly.in_axis]} inputs are not a multiple of {m_size}"
                 continue
@@ -98,8 +97,8 @@ class Magnitude(Pass):
             mask = self._mask(score)
             mat = np.where(mask, 0, mat).astype(w.dtype)
             w = np.moveaxis(mat.reshape(shape), (0, 1), (ly.out_axis, ly.in_axis))
-            model.graph.initializer[inits[ly.init]].CopyFrom(
-                numpy_helper.from_array(np.ascontiguousarray(w), ly.init))
+            # in place, in the initializer or Constant node that holds it: no new tensors
+            tensors[ly.init].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), ly.init))
             z = int((w == 0).sum())
             zeros += z
             total += w.size
@@ -130,8 +129,16 @@ class Magnitude(Pass):
         return np.moveaxis(mask.reshape(out, kernel, cin), 2, 1)
 
 
-def _layers(model: onnx.ModelProto, skip: str) -> list[_Layer]:
-    inits = {t.name: t for t in model.graph.initializer}
+def _weight_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Constant tensors by name: initializers, and Constant nodes' ``value`` (edited in place)."""
+    tensors = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensors.setdefault(node.output[0], node.attribute[0].t)
+    return tensors
+
+
+def _layers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], skip: str) -> list[_Layer]:
     pattern = re.compile(skip) if skip else None
     layers = []
     for node in model.graph.node:

@@ -162,13 +162,14 @@ class Refit(Pass):
         w_keep = np.linalg.solve(ck + lam * np.eye(len(keep)), cross[keep])
         w_new = np.zeros_like(u.w)
         w_new[keep] = w_keep
-        bias_now = mean_r - mean_x @ u.w  # what the current bias contributes
+        # the residual rows already exclude the current bias: what is solved for here is the
+        # change to add to it
         bias_new = mean_r - mean_x[keep] @ w_keep
         # outputs a pruning pass zeroed (their weight column is all zero) stay as they are
         dead = ~u.w.any(axis=0)
-        w_new[:, dead] = 0
-        bias_new[dead] = bias_now[dead]
-        before = _mse(u, u.w, bias_now)
+        w_new[:, dead] = u.w[:, dead]
+        bias_new[dead] = 0.0
+        before = _mse(u, u.w, np.zeros_like(bias_new))
         after = _mse(u, w_new, bias_new)
         node = u.sink.node
         weight = get_init(graph, u.sink.weight)
@@ -179,7 +180,8 @@ class Refit(Pass):
             stored = np.moveaxis((w_new / u.scale).reshape(moved.shape).astype(weight.dtype),
                                  0, u.sink.weight_axis)
         set_init(graph, u.sink.weight, np.ascontiguousarray(stored))
-        add_output_bias(graph, node, (bias_new - bias_now).astype(weight.dtype))
+        # Gemm adds alpha * delta to its output; the solve is in output units
+        add_output_bias(graph, node, (bias_new / u.scale).astype(weight.dtype))
         taps = u.conv["taps"] if u.conv else 1
         return {"node": node.name or node.output[0], "inputs_kept": int(len(keep)) // taps,
                 "inputs": int(len(u.w)) // taps, "rows": u.n, "mse_before": before,

@@ -29,7 +29,8 @@ class Stats(Pass):
            e.g. ``std`` of the weights, ``apoz``, ``act_std``).
         2. A free channel goes when its value is ``< below`` or ``> above`` (give one or both).
         3. A group never loses all its channels. With data, each pruned channel's mean moves
-           into the next layer's bias (exact for a channel that is constant on the data).
+           into the next layer's bias (exact for a channel that is constant on the data, except
+           at the borders of a consumer that zero-pads its input).
 
     Examples: ``metric=std,below=0.05``; ``metric=apoz,above=0.9`` (dead neurons);
     ``metric=act_std,below=1e-3`` (constant neurons, folded into the next bias).
@@ -72,9 +73,11 @@ class Stats(Pass):
                 hit |= values > self.above
             picked = set(classes[hit].tolist())
             chosen |= picked
-            sections.append({"group": g.index, "channels": g.channels, "pruned": len(picked),
+            sections.append({"group": g.index, "channels": g.channels, "_picked": picked,
                              "min": float(values.min()), "max": float(values.max())})
         chosen = keep_one_per_tensor(ws.an, chosen)
+        for section in sections:  # counted after the last-channel guard
+            section["pruned"] = len(section.pop("_picked") & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
         report = {"metric": self.metric, "channels_pruned": len(chosen), "groups": sections,
                   "compensated": compensate, **applied}

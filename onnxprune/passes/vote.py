@@ -113,6 +113,11 @@ class Vote(Pass):
                 chosen |= picked
                 sections.append(section)
         chosen = keep_one_per_tensor(ws.an, chosen)
+        roots = ws.an.roots()
+        for section in sections:  # counted after the last-channel guard
+            g = ws.groups[section["group"]]
+            mine = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
+            section["pruned"] = len(mine & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
         report: dict[str, Any] = {
             "channels_pruned": len(chosen),
