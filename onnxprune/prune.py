@@ -105,12 +105,19 @@ def allowed_count(total: int, k: int, round_to: int) -> int:
     return k
 
 
-def reconstruction_error(ws: Workspace, classes: set[int], compensate: bool) -> float:
-    """Mean squared change of the consumers' outputs when ``classes`` are removed.
+def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") -> float:
+    """How much the consumers' outputs change, per row, when ``classes`` are removed.
 
-    Uses sampled activations at each consumer input: ``|| (X_S - mean_S) W_S ||^2`` per row
-    (without the mean term when there is no bias compensation). Kernel taps of a spatial
-    convolution are treated as one vector: a cheap local proxy, used to weigh voters.
+    From sampled activations at each consumer input (columns = positions of that tensor):
+
+    * ``mean``: ``E || (X_S - mean_S) W_S ||^2`` -- what is lost when only the mean of the
+      removed channels is kept (bias compensation);
+    * ``lsq``: ``tr(W_S' (C_SS - C_SK C_KK^-1 C_KS) W_S)`` -- what is lost when the remaining
+      channels are also refitted by least squares (``refit``): the part of the removed
+      channels that the others cannot explain.
+
+    Kernel taps of a spatial convolution are treated as one vector: a cheap local proxy, used
+    to weigh voters, not a prediction of accuracy.
     """
     if not classes:
         return 0.0
@@ -120,16 +127,23 @@ def reconstruction_error(ws: Workspace, classes: set[int], compensate: bool) -> 
     total = 0.0
     for sink in ws.an.sinks:
         ids = sink.labels.ids
-        pos = np.flatnonzero((ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen))
-        if not len(pos) or sink.tensor not in rows:
+        gone = (ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen)
+        if not gone.any() or sink.tensor not in rows:
             continue
-        x = rows[sink.tensor][:, pos]
-        if compensate:
-            x = x - x.mean(axis=0)
+        x = rows[sink.tensor]
         w = np.moveaxis(np.asarray(get_init(ws.model.graph, sink.weight), np.float64),
                         sink.weight_axis, 0)
-        w = w.reshape(w.shape[0], -1)[pos]
-        total += float(((x @ w) ** 2).sum(axis=1).mean())
+        ws_rows = w.reshape(w.shape[0], -1)[gone]
+        xc = x - x.mean(axis=0)
+        cov = xc.T @ xc / max(len(x) - 1, 1)
+        c_ss = cov[np.ix_(gone, gone)]
+        if mode == "lsq" and (~gone).any():
+            keep = ~gone
+            c_kk = cov[np.ix_(keep, keep)]
+            ridge = 1e-3 * max(float(np.trace(c_kk)) / keep.sum(), 1e-12)
+            c_ks = cov[np.ix_(keep, gone)]
+            c_ss = c_ss - c_ks.T @ np.linalg.solve(c_kk + ridge * np.eye(keep.sum()), c_ks)
+        total += float(np.einsum("ij,ik,kj->", ws_rows, c_ss, ws_rows))
     return total
 
 

@@ -51,7 +51,7 @@ def chain(method: str, sparsity: float, variant: str) -> list[str]:
     elif method == "average":
         first = f"vote:{opts},mode=average"
     else:
-        first = f"vote:{opts},criteria={method},quorum=1,check=false"
+        first = f"vote:{opts},criteria={method},quorum=1,check=off"
     return [first] + (["refit"] if variant == "comp+refit" else []) + ["fold"]
 
 
@@ -122,7 +122,7 @@ def mlp_cosine() -> dict[str, float]:
         data = Path(tmp) / "calib.npz"
         np.savez(data, x=calib)
         for label, passes in (
-            ("l1, no data", ["vote:criteria=l1,quorum=1,check=false,sparsity=0.5", "fold"]),
+            ("l1, no data", ["vote:criteria=l1,quorum=1,check=off,sparsity=0.5", "fold"]),
             ("vote + compensation", ["vote:sparsity=0.5,compensate=on", "fold"]),
             ("vote + compensation + refit",
              ["vote:sparsity=0.5,compensate=on", "refit:max_batches=1000", "fold"]),

@@ -46,9 +46,10 @@ class Vote(Pass):
            lowest ``sparsity`` share (rounded so kept counts are multiples of ``round_to``).
         2. ``mode=vote``: channels with at least ``quorum`` votes go, most votes first;
            ``mode=average``: the lowest mean of rank-normalised scores go.
-        3. With calibration data, each voter's choice is checked by how much it changes the
-           consumers' outputs (``check``); voters far worse than the best are dropped, and the
-           vote never ends worse than its best voter on that check.
+        3. With calibration data, each voter's choice is checked by how much of the consumers'
+           outputs it loses (``check``: after a least-squares refit, or after bias compensation);
+           voters far worse than the best are dropped, and the vote never ends worse than its
+           best voter on that check.
         4. ``scope=global`` ranks all groups together after per-group normalisation, keeping at
            least ``floor`` of every group.
         5. Pruned channels are zeroed in every member of their group; with data, their mean
@@ -68,7 +69,9 @@ class Vote(Pass):
     ensemble: tuple[str, ...] = option((), "other models of the same architecture that vote too")
     compensate: Literal["auto", "on", "off"] = option(
         "auto", "move pruned channels' mean into the next bias (auto: when --data is given)")
-    check: bool = option(True, "weigh voters by a local reconstruction check (needs data)")
+    check: Literal["lsq", "mean", "off"] = option(
+        "lsq", "weigh voters by the loss left after a least-squares refit (lsq) or after bias "
+        "compensation (mean); needs data")
     fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
 
     def __post_init__(self) -> None:
@@ -93,7 +96,7 @@ class Vote(Pass):
         stats = ws.stats() if need_stats else {}
         arrays = [("", lambda name: get_init(model.graph, name), stats)]
         arrays += self._ensemble(ws)
-        check = self.check and has_data
+        check = self.check if has_data else "off"
         chosen: set[int] = set()
         sections = []
         plans = []
@@ -109,7 +112,7 @@ class Vote(Pass):
             chosen, sections = self._global(ws, plans)
         else:
             for g, classes, voters in plans:
-                picked, section = self._local(ws, g, classes, voters, check, compensate)
+                picked, section = self._local(ws, g, classes, voters, check)
                 chosen |= picked
                 sections.append(section)
         chosen = keep_one_per_tensor(ws.an, chosen)
@@ -152,7 +155,7 @@ class Vote(Pass):
         return out
 
     def _local(self, ws: Workspace, g: Any, classes: np.ndarray, voters: list[Voter],
-               check: bool, compensate: bool) -> tuple[set[int], dict[str, Any]]:
+               check: str) -> tuple[set[int], dict[str, Any]]:
         k = round_count(g.channels, len(classes), self.sparsity, self.round_to)
         section: dict[str, Any] = {"group": g.index, "channels": g.channels, "free": len(classes),
                                    "target": k, "producers": [s.node for s in g.spaces]}
@@ -166,16 +169,16 @@ class Vote(Pass):
             section["pruned"] = 0
             return set(), section
         choices = {n: set(classes[np.argsort(s, kind="stable")[:k]].tolist()) for n, s in active.items()}
-        if check and len(active) > 1:
-            errors = {n: reconstruction_error(ws, c, compensate) for n, c in choices.items()}
+        if check != "off" and len(active) > 1:
+            errors = {n: reconstruction_error(ws, c, check) for n, c in choices.items()}
             best = min(errors.values())
             kept = {n: s for n, s in active.items() if errors[n] <= 1.5 * best + 1e-12}
             section["voter_errors"] = {n: round(e, 6) for n, e in errors.items()}
             section["dropped"] = sorted(set(active) - set(kept))
             active = kept
         picked = self._combine(classes, active, k, g.channels)
-        if check and len(choices) > 1:
-            err = reconstruction_error(ws, picked, compensate)
+        if check != "off" and len(choices) > 1:
+            err = reconstruction_error(ws, picked, check)
             best_name = min(section["voter_errors"], key=section["voter_errors"].get)
             if err > section["voter_errors"][best_name] + 1e-12:
                 picked = choices[best_name]
