@@ -72,7 +72,7 @@ class BiasChange:
         init: the bias initializer (one entry per output channel along ``axis``, or fewer
             when it broadcasts and stayed that way).
         axis: the output-channel axis of ``init``.
-        previous: the initializer it replaced or copied, or None when it is new.
+        previous: the initializer it was copied or grown from, or None when it is new.
         per_channel: ``init`` has one entry per output channel.
     """
 
@@ -149,7 +149,6 @@ def _new_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
     name = unique_name(graph, f"{node.output[0]}_bias")
     while len(node.input) <= index:
         node.input.append("")
-    previous = node.input[index] or None
-    node.input[index] = name
+    node.input[index] = name  # a bias Gemm ignored (beta = 0) is replaced, not carried over
     graph.initializer.append(numpy_helper.from_array(delta, name))
-    return BiasChange(name, 0, previous, True)
+    return BiasChange(name, 0, None, True)
