@@ -68,7 +68,7 @@ class Workspace:
     def stats(self) -> dict[str, ChannelStats]:
         """Activation statistics at every consumer input (computed once, shared via ctx)."""
         if self._stats is None:
-            self._stats = activation_stats(self.ctx, self.model, self.sink_tensors())
+            self._stats = activation_stats(self.ctx, self.model, self.sink_tensors(), progress=True)
         return self._stats
 
     def rows(self, max_rows: int = 2048) -> dict[str, np.ndarray]:

@@ -163,3 +163,28 @@ def tiny() -> onnx.ModelProto:
 @pytest.fixture
 def tiny_feeds() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)}
+
+
+def build_model(nodes, inputs, outputs, inits: Mapping[str, np.ndarray], opset: int = 17
+                ) -> onnx.ModelProto:
+    """A checked opset-``opset``, IR 8 model from onnx.helper parts; ``inits`` by name."""
+    graph = onnx.helper.make_graph(
+        nodes, "test", inputs, outputs,
+        [onnx.numpy_helper.from_array(np.asarray(a), n) for n, a in inits.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def invoke(*args: object):
+    """Run the CLI in-process with stdout and stderr kept apart (any click version)."""
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import build_model as _model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -45,14 +46,6 @@ RNG = np.random.default_rng(0)
 # tiny models
 
 
-def _model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "calib", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def _f32(*shape: int) -> np.ndarray:

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import build_model as _model
+from onnx import TensorProto, helper
 
 from onnxprune.context import Context
 from onnxprune.criteria import CRITERIA, GroupView, get_criterion, rank_normalise
@@ -35,13 +36,6 @@ def _f32(*shape: int, scale: float = 1.0) -> np.ndarray:
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-def _model(nodes, inputs, outputs, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "crit", inputs, outputs,
-                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def conv_bn_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

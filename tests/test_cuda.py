@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import invoke as cli
 
 import onnxprune
 from onnxprune import runtime
-from onnxprune.cli import main
 from onnxprune.errors import DeviceError
 from onnxprune.runtime import CPU, CUDA, cuda_works, providers_for
 
@@ -23,12 +22,6 @@ DATA = DIGITS / "torch_cnn.test.npz"
 needs_cuda = pytest.mark.skipif(not cuda_works(), reason="no GPU that onnxruntime can use here")
 
 
-def cli(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 # --- everywhere ------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
+from conftest import invoke as cli
 from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import Pass, PassResult, register_pass
-from onnxprune.cli import main
 from onnxprune.latency import LatencyComparison, LatencyStats
 from onnxprune.passes import validate as validate_module
 
@@ -27,12 +26,6 @@ DATA = DIGITS / "torch_cnn.test.npz"
 FAST = "validate:runs=2,warmup=1"
 
 
-def cli(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def one_line_error(result, code: int) -> str:

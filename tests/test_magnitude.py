@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import build_model as _model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
@@ -23,13 +24,6 @@ from onnxprune.runtime import run_model
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-def _model(nodes, inputs, outputs, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "magnitude", inputs, outputs,
-                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def _rand(rng: np.random.Generator, *shape: int) -> np.ndarray:

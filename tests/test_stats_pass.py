@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import build_model as _model
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
@@ -24,13 +25,6 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"
 
 
-def _model(nodes, inputs, outputs, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "stats", inputs, outputs,
-                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def constant_channel_model(act: str, consumer: str, kind: str, seed: int = 0) -> onnx.ModelProto:

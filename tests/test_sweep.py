@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from click.testing import CliRunner
+from conftest import invoke as cli
 
 import onnxprune
 from onnxprune import Pass, PassResult, option, register_pass
-from onnxprune.cli import main
 from onnxprune.errors import PassOptionError
 from onnxprune.groups import analyse
 from onnxprune.model import lift_constants
@@ -63,12 +62,6 @@ def random_prune(isolated_registry):
     register_pass(Rounds)
 
 
-def cli(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def one_line_error(result, code: int = 2) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import build_model as _model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -91,13 +92,6 @@ def test_round_count_properties(total: int, data, sparsity: float, round_to: int
 # voting rules with hand-made criteria
 
 
-def _model(nodes, inputs, outputs, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "vote", inputs, outputs,
-                              [numpy_helper.from_array(a, n) for n, a in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def mlp() -> onnx.ModelProto:
