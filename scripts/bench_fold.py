@@ -108,15 +108,20 @@ def bench_latency(runs: int) -> None:
         if path.exists():
             model, _ = onnxprune.run(onnxprune.load(path), ["cleanup"])
             cases.append((rel, model, 1))
-    print(f"{'model':36} {'params zeroed->folded':>24} {'MAC ratio':>9} {'zeroed ms':>9} "
+            if "cnn" in rel:  # the same, zeroed by vote: kept counts multiples of 8
+                cases.append((f"{rel} (vote, round_to=8)", model, -1))
+    print(f"{'model':44} {'params zeroed->folded':>24} {'MAC ratio':>9} {'zeroed ms':>9} "
           f"{'folded ms':>9} {'lat ratio':>9} {'lat/MAC':>8}")
     for name, model, batch in cases:
-        zeroed = zero_half(model)
+        if batch < 0:
+            zeroed, batch = onnxprune.run(model, ["vote:sparsity=0.5"], device="cpu")[0], 1
+        else:
+            zeroed = zero_half(model)
         folded, _ = onnxprune.run(zeroed, ["fold"], device="cpu")
         sz, sf = summarize(zeroed), summarize(folded)
         mac_ratio = sf.macs / sz.macs if sz.macs else 1.0
         mz, mf, ratio = latency_ratio(zeroed, folded, batch, runs)
-        print(f"{name:36} {sz.parameters:>11,} -> {sf.parameters:>10,} {mac_ratio:>9.3f} {mz:>9.3f} "
+        print(f"{name:44} {sz.parameters:>11,} -> {sf.parameters:>10,} {mac_ratio:>9.3f} {mz:>9.3f} "
               f"{mf:>9.3f} {ratio:>9.3f} {ratio / mac_ratio if mac_ratio else 0:>8.2f}")
 
 
