@@ -146,3 +146,83 @@ def test_fold_leaves_subgraph_and_unknown_ops_whole() -> None:
         feeds = {"x": x, "cond": np.array(cond)}
         np.testing.assert_allclose(run_model(folded, feeds)["y"], run_model(model, feeds)["y"],
                                    rtol=1e-5, atol=1e-6)
+
+
+def _conv_chain_around(middle: list[onnx.NodeProto], extra_inits: dict[str, np.ndarray],
+                       extra_inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
+    """x -> [middle: produces 'a' from 'x'] -> Relu -> Conv w2 (channel 2 zeroed) -> Relu ->
+    Conv w3 -> y."""
+    h = onnx.helper
+    rng = np.random.default_rng(3)
+    w2 = rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
+    w2[2] = 0
+    w3 = rng.normal(size=(2, 5, 1, 1)).astype(np.float32)
+    nodes = [*middle,
+             h.make_node("Relu", ["a"], ["a2"]),
+             h.make_node("Conv", ["a2", "w2"], ["b"]),
+             h.make_node("Relu", ["b"], ["b2"]),
+             h.make_node("Conv", ["b2", "w3"], ["y"])]
+    inits = {"w2": w2, "w3": w3, **extra_inits}
+    graph = h.make_graph(
+        nodes, "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]), *(extra_inputs or [])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_fold_leaves_quantized_layer_whole_and_folds_the_rest() -> None:
+    """A QDQ conv (int8 weights, per-channel scales) stays whole; the float conv after it folds."""
+    h = onnx.helper
+    rng = np.random.default_rng(4)
+    wq = rng.integers(-100, 100, size=(4, 3, 1, 1)).astype(np.int8)
+    wq[1] = 0  # zero int8 filter: still not removed, the analysis does not see through QDQ
+    qdq = [
+        h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        h.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w1"], axis=0),
+        h.make_node("Conv", ["xd", "w1"], ["a"]),
+    ]
+    model = _conv_chain_around(qdq, {
+        "xs": np.array(0.05, np.float32), "xz": np.array(0, np.int8), "wq": wq,
+        "ws": rng.uniform(0.01, 0.02, 4).astype(np.float32), "wz": np.zeros(4, np.int8)})
+    folded, report = onnxprune.run(model, ["fold"])
+    sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    assert sizes["wq"] == [4, 3, 1, 1] and sizes["ws"] == [4]
+    assert sizes["w2"] == [4, 4, 1, 1] and sizes["w3"] == [2, 4, 1, 1]
+    x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fold_leaves_channels_read_by_a_loop_whole() -> None:
+    """A Loop body that reads a channel tensor from the outer scope pins it; others fold."""
+    h = onnx.helper
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    w1[0] = 0
+    body = h.make_graph(
+        [h.make_node("Identity", ["cond_in"], ["cond_out"]),
+         h.make_node("Add", ["carry", "a0"], ["carry_out"])],  # a0: from the outer scope
+        "body",
+        [h.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+         h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+         h.make_tensor_value_info("carry", onnx.TensorProto.FLOAT, None)],
+        [h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         h.make_tensor_value_info("carry_out", onnx.TensorProto.FLOAT, None)])
+    middle = [
+        h.make_node("Conv", ["x", "w1"], ["a0"]),
+        h.make_node("Loop", ["trips", "", "a0"], ["a"], body=body),
+    ]
+    model = _conv_chain_around(middle, {"w1": w1, "trips": np.array(2, np.int64)})
+    folded, report = onnxprune.run(model, ["fold"])
+    sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    assert sizes["w1"] == [4, 3, 1, 1], "a0 is read inside the Loop body: its channels stay"
+    assert sizes["w2"] == [4, 4, 1, 1], "the conv after the loop still folds"
+    assert any("subgraph" in r for r in report["passes"][0]["blocked"])
+    x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)
