@@ -92,9 +92,11 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.input.extend(src.input)
     graph.output.extend(src.output)
     graph.value_info.extend(src.value_info)
+    listed = {i.name for i in src.input}  # MXNet-style models list initializers as inputs too
     for t in src.initializer:  # shapes only for the large ones: no weight is copied
         if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            if t.name not in listed:
+                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         else:
             graph.initializer.append(t)
     return light

@@ -115,8 +115,13 @@ def _light_model(model: onnx.ModelProto, opts: ort.SessionOptions, keep: list[np
     """Serialise ``model`` with its large initializers as external placeholders, and register
     their arrays on ``opts`` so onnxruntime reads them in place."""
     graph = model.graph
+    # float weights only: integer tensors (axes, shapes, indices) feed onnxruntime's own shape
+    # inference, which cannot read external data
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+              onnx.TensorProto.BFLOAT16)
     big = [t for t in graph.initializer
-           if t.HasField("raw_data") and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS]
+           if t.HasField("raw_data") and t.data_type in floats
+           and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS]
     if not big:
         return model.SerializeToString()
     names, values = [], []
