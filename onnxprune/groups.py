@@ -184,6 +184,7 @@ class Analysis:
         self.pins: dict[int, str] = {}
         self._member_uses: set[tuple[int, int]] = set()
         self._current = -1
+        self._readers: dict[str, list[onnx.NodeProto]] | None = None
 
     # -- small helpers -------------------------------------------------------------------------
     def array(self, name: str) -> np.ndarray | None:
@@ -198,6 +199,15 @@ class Analysis:
         if name in self.inits:
             return tuple(self.inits[name].dims)
         return self.shapes.get(name)
+
+    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
+        """Nodes of the main graph that read ``tensor``."""
+        if self._readers is None:
+            self._readers = defaultdict(list)
+            for node in self.graph.node:
+                for name in set(node.input):
+                    self._readers[name].append(node)
+        return self._readers.get(tensor, [])
 
     def pin(self, ids: np.ndarray, reason: str) -> None:
         """Mark channel ids as never removable."""

@@ -342,22 +342,11 @@ def _gemm(an: Analysis, node: onnx.NodeProto) -> None:
 
 
 def _matmul(an: Analysis, node: onnx.NodeProto) -> None:
-    a_lab, b_lab = an.labels.get(node.input[0]), an.labels.get(node.input[1])
+    a_lab = an.labels.get(node.input[0])
     b = an.array(node.input[1])
     a_shape = an.shape(node.input[0])
     if b is None or a_shape is None or b.ndim < 2 or len(a_shape) < 2:
-        if b_lab is not None:
-            an.pin_inputs(node, "multiplies two activations")
-        elif a_lab is not None:
-            a_rank = len(a_shape or ())
-            if an.array(node.input[0]) is None and a_lab.axis < a_rank - 1 and b_lab is None:
-                # channels on a row/batch axis of A pass through to the output unchanged
-                out_rank = len(an.shape(node.output[0]) or ())
-                axis = a_lab.axis + out_rank - a_rank
-                an.set_out(node.output[0], Labels(axis, a_lab.ids, np.where(
-                    a_lab.state == ZERO, ZERO, VAR)))
-            else:
-                an.pin_inputs(node, "multiplies two activations over the channel axis")
+        _matmul_activations(an, node)
         return
     if a_lab is not None:
         if a_lab.axis != len(a_shape) - 1:
@@ -371,6 +360,55 @@ def _matmul(an: Analysis, node: onnx.NodeProto) -> None:
     an.member(node, 1, b.ndim - 1, ids, "weight")
     zero = ~np.moveaxis(b, -1, 0).reshape(n, -1).any(axis=1)
     an.set_out(node.output[0], Labels(out_rank - 1, ids, np.where(zero, ZERO, VAR)))
+
+
+def _matmul_axis(an: Analysis, tensor: str, axis: int, is_a: bool, out_rank: int) -> int | None:
+    """Output axis of an operand's labelled ``axis`` in a MatMul, or None if it is contracted."""
+    rank = len(an.shape(tensor) or ())
+    if rank < 2:
+        return None
+    if axis < rank - 2:
+        return axis + out_rank - rank  # a batch axis (attention heads)
+    if is_a and axis == rank - 2:
+        return out_rank - 2  # rows of A
+    if not is_a and axis == rank - 1:
+        return out_rank - 1  # columns of B
+    return None
+
+
+def _matmul_activations(an: Analysis, node: onnx.NodeProto) -> None:
+    """MatMul of two activations (attention scores, attention x values): channels on batch
+    axes (heads) or on A's rows / B's columns pass through; contracted ones are pinned."""
+    out_shape = an.shape(node.output[0])
+    labelled = [(i, t) for i, t in enumerate(node.input[:2]) if t in an.labels]
+    if not labelled:
+        return
+    if out_shape is None:
+        an.pin_inputs(node, "output shape unknown")
+        return
+    out_rank = len(out_shape)
+    axes = {i: _matmul_axis(an, t, an.labels[t].axis, i == 0, out_rank) for i, t in labelled}
+    if any(a is None for a in axes.values()) or len(set(axes.values())) > 1:
+        an.pin_inputs(node, "multiplies two activations over the channel axis")
+        return
+    (out_axis,) = set(axes.values())
+    first = an.labels[labelled[0][1]]
+    if len(labelled) == 2:
+        an.union(first.ids, an.labels[labelled[1][1]].ids,
+                 f"MatMul {_name(node)}: joins channels with fixed ones")
+    else:  # the other operand must broadcast along that axis, or its positions are fixed
+        other = node.input[1 - labelled[0][0]]
+        shape = an.shape(other)
+        rank = len(shape) if shape is not None else 0
+        other_axis = out_axis - (out_rank - rank)
+        if shape is None or (0 <= other_axis < rank - 2 and shape[other_axis] != 1):
+            an.pin_inputs(node, f"multiplies channels with an unanalysed tensor {other!r}")
+            return
+    states = np.stack([an.labels[t].state for _, t in labelled])
+    zero = (states == ZERO).any(0)
+    var = (states == VAR).any(0) | (len(labelled) < 2)
+    an.set_out(node.output[0], Labels(out_axis, first.ids,
+                                      np.where(zero, ZERO, np.where(var, VAR, CONST))))
 
 
 def _transpose(an: Analysis, node: onnx.NodeProto) -> None:
@@ -443,7 +481,7 @@ def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
         return
     found = _merge_map(tuple(src), tuple(dst), lab.axis)
     if found is None:
-        an.pin_inputs(node, "splits the channel axis (or interleaves it with others)")
+        _split_reshape(an, node, tuple(src), tuple(dst), lab)
         return
     out_axis, first, last = found
     block = src[first : last + 1]
@@ -452,6 +490,90 @@ def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
     if node.op_type == "Reshape":
         an.rewrites.append(Rewrite("reshape", node, [ids], {"axis": out_axis}))
     an.set_out(node.output[0], Labels(out_axis, ids, state))
+
+
+def _split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int] | None:
+    """(first, last): output axes first..last (two or more) that input ``axis`` splits into."""
+    before = int(np.prod(src[:axis], dtype=np.int64))
+    for first in range(len(dst)):
+        if int(np.prod(dst[:first], dtype=np.int64)) != before:
+            continue
+        size = 1
+        for last in range(first, len(dst)):
+            size *= dst[last]
+            if size == src[axis] and last > first:
+                return first, last
+            if size > src[axis]:
+                break
+    return None
+
+
+_PASS_THROUGH = ("Transpose", "Unsqueeze", "Squeeze", "Identity")
+
+
+def _selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> bool:
+    """Whether every path from ``tensor`` soon picks positions of ``axis`` apart (Gather,
+    Split or Slice along it) after only Transpose/Unsqueeze/Squeeze/Identity."""
+    readers = an.consumers(tensor)
+    if not readers or depth == 0:
+        return False
+    for node in readers:
+        if node.op_type in ("Gather", "Split", "Slice"):
+            rank = len(an.shape(tensor) or ()) or 1
+            if node.op_type == "Slice":
+                axes = an.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+                along = [int(a) % rank for a in axes.tolist()] if axes is not None else [0]
+            else:
+                along = [int(_attr(node, "axis", 0)) % rank]
+            if axis not in along:
+                return False
+        elif node.op_type in _PASS_THROUGH:
+            if node.op_type == "Transpose":
+                rank = len(an.shape(tensor) or ())
+                perm = list(_attr(node, "perm", None) or reversed(range(rank)))
+                moved = perm.index(axis)
+            else:
+                moved = _axis_after_reshape(an.shape(tensor), an.shape(node.output[0]), axis)
+            if moved is None or not _selected_later(an, node.output[0], moved, depth - 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def _split_reshape(an: Analysis, node: onnx.NodeProto, src: tuple[int, ...],
+                   dst: tuple[int, ...], lab: Labels) -> None:
+    """A Reshape that splits the channel axis into several (attention heads: D -> (H, d)).
+
+    If the ids depend on one output axis only (an unflatten), that axis carries them. Else the
+    axis before the innermost carries them and every position sharing its coordinate becomes
+    one channel class: a head, with its q, k and v parts, goes or stays as a whole.
+    """
+    found = _split_map(src, dst, lab.axis)
+    if found is None or node.op_type != "Reshape":
+        an.pin_inputs(node, "reshapes the channel axis in a way the analysis cannot follow")
+        return
+    first, last = found
+    block = dst[first : last + 1]
+    ids, state = lab.ids.reshape(block), lab.state.reshape(block)
+    for k in range(len(block)):
+        moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
+        if (moved == moved[:, :1]).all():  # ids constant across the other axes
+            st = np.moveaxis(state, k, 0).reshape(block[k], -1).max(axis=1)
+            an.rewrites.append(Rewrite("reshape", node, [moved[:, 0]], {"axis": first + k}))
+            an.set_out(node.output[0], Labels(first + k, moved[:, 0], st))
+            return
+    k = len(block) - 2  # heads: the axis before the innermost (d) ...
+    if _selected_later(an, node.output[0], first + k):
+        k += 1  # ... unless it is picked apart later (q, k, v packed as [3, D]): then D
+    moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
+    for row in moved:
+        an.union(np.repeat(row[:1], len(row) - 1), row[1:],
+                 f"Reshape {_name(node)}: splits channels into blocks with fixed ones")
+    st = np.moveaxis(state, k, 0).reshape(block[k], -1)
+    head_state = np.where((st == ZERO).all(1), ZERO, np.where((st == VAR).any(1), VAR, CONST))
+    an.rewrites.append(Rewrite("reshape", node, [moved[:, 0]], {"axis": first + k}))
+    an.set_out(node.output[0], Labels(first + k, moved[:, 0], head_state))
 
 
 def _concat(an: Analysis, node: onnx.NodeProto) -> None:

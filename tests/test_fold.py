@@ -226,3 +226,23 @@ def test_fold_leaves_channels_read_by_a_loop_whole() -> None:
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rel", ["torch/encoder_legacy", "torch/encoder_dynamo"])
+def test_attention_heads_are_groups_and_fold_whole(rel: str) -> None:
+    """q, k, v projections split into heads: each head is one class; pruning two of the four
+    heads removes their q, k, v and out-projection slices and rewrites the head count."""
+    model, _ = onnxprune.run(onnxprune.load(MODELS / f"{rel}.onnx"), ["cleanup"])
+    groups = onnxprune.channel_groups(model)
+    heads = [g for g in groups if g.channels == 4]
+    assert len(heads) == 1 and heads[0].prunable, [g.to_dict() for g in groups]
+    zeroed, _ = onnxprune.run(model, ["vote:sparsity=0.5,round_to=1,protect=linear"])
+    folded, report = onnxprune.run(zeroed, ["fold"])
+    assert report["passes"][0]["channels_removed"] == 2  # the FFN group is protected
+    sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    in_proj = [s for s in sizes.values() if s[-1:] == [48]]  # 3 x 2 heads x 8
+    assert in_proj, sizes
+    feeds = _sample(MODELS / f"{rel}.onnx")
+    want, got = run_model(zeroed, feeds), run_model(folded, feeds)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-5)
