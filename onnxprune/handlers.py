@@ -278,10 +278,35 @@ def _conv(an: Analysis, node: onnx.NodeProto) -> None:
         state = np.where(zero_rows, np.where(bias_zero, ZERO, CONST), from_input)
         an.set_out(node.output[0], Labels(1, lab.ids, state))
         return
-    an.pin_inputs(node, f"grouped convolution (group={group}) keeps channels per group equal")
+    _grouped_conv(an, node, lab, group, zero_rows, bias_zero, has_bias)
+
+
+def _grouped_conv(an: Analysis, node: onnx.NodeProto, lab: Labels | None, group: int,
+                  zero_rows: np.ndarray, bias_zero: np.ndarray, has_bias: bool) -> None:
+    """A grouped convolution prunes whole groups: group g's input block and output block are
+    one channel class, and the ``group`` attribute counts the groups that remain."""
+    if lab is None:
+        return  # the input channels are fixed, so are the groups
+    if lab.axis != 1:
+        an.pin_inputs(node, "channel axis of the input is not axis 1")
+        return
+    cout = len(zero_rows)
+    cin_g, cout_g = len(lab.ids) // group, cout // group
     ids = an.open_space(node, node.output[0], cout)
-    an.pin(ids, f"Conv {_name(node)}: grouped convolution (group={group})")
-    an.set_out(node.output[0], Labels(1, ids, np.full(cout, VAR)))
+    why = f"Conv {_name(node)}: a group joins fixed channels"
+    for g in range(group):
+        block_in = lab.ids[g * cin_g : (g + 1) * cin_g]
+        block_out = ids[g * cout_g : (g + 1) * cout_g]
+        an.union(np.repeat(block_out[:1], cin_g), block_in, why)
+        an.union(np.repeat(block_out[:1], cout_g - 1), block_out[1:], why)
+    an.member(node, 1, 0, ids, "weight")
+    if has_bias:
+        an.member(node, 2, 0, ids, "bias")
+    an.rewrites.append(Rewrite("group", node, [ids[::cout_g]]))
+    in_zero = (lab.state.reshape(group, cin_g) == ZERO).all(axis=1).repeat(cout_g)
+    quiet = zero_rows | in_zero  # the output is its bias
+    state = np.where(quiet, np.where(bias_zero, ZERO, CONST), VAR)
+    an.set_out(node.output[0], Labels(1, ids, state))
 
 
 def _conv_transpose(an: Analysis, node: onnx.NodeProto) -> None:

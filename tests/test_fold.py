@@ -246,3 +246,58 @@ def test_attention_heads_are_groups_and_fold_whole(rel: str) -> None:
     want, got = run_model(zeroed, feeds), run_model(folded, feeds)
     for name, w in want.items():
         np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-5)
+
+
+def _grouped_model(groups: int, cin_g: int, cout_g: int, seed: int) -> onnx.ModelProto:
+    """x -> Conv 3->C1 -> Relu -> grouped Conv (3x3, pad 1) -> Relu -> Conv 1x1 -> y."""
+    h = onnx.helper
+    rng = np.random.default_rng(seed)
+    c1, c2 = groups * cin_g, groups * cout_g
+    inits = {
+        "w1": rng.normal(size=(c1, 3, 1, 1)).astype(np.float32),
+        "b1": rng.normal(size=c1).astype(np.float32),
+        "wg": rng.normal(size=(c2, cin_g, 3, 3)).astype(np.float32),
+        "bg": rng.normal(size=c2).astype(np.float32),
+        "w3": rng.normal(size=(2, c2, 1, 1)).astype(np.float32),
+    }
+    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["a"]), h.make_node("Relu", ["a"], ["a2"]),
+             h.make_node("Conv", ["a2", "wg", "bg"], ["g"], group=groups, pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["g"], ["g2"]), h.make_node("Conv", ["g2", "w3"], ["y"])]
+    graph = h.make_graph(
+        nodes, "grouped", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(("groups", "cin_g", "cout_g"), [(4, 2, 3), (3, 1, 2), (2, 4, 4)])
+def test_grouped_convolution_prunes_whole_groups(groups: int, cin_g: int, cout_g: int) -> None:
+    """Zeroing one group's filters removes that group: its input block upstream, its output
+    block downstream, and the group attribute drops by one."""
+    model = _grouped_model(groups, cin_g, cout_g, seed=groups)
+    wg = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "wg")).copy()
+    wg[cout_g : 2 * cout_g] = 0  # group 1 (its bias stays: a constant after Relu, then 1x1)
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(wg, "wg"))
+    folded, report = onnxprune.run(model, ["fold"])
+    node = next(n for n in folded.graph.node if "wg" in n.input)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["group"] == groups - 1
+    sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
+    assert sizes["w1"][0] == (groups - 1) * cin_g and sizes["wg"][0] == (groups - 1) * cout_g
+    assert sizes["w3"][1] == (groups - 1) * cout_g
+    x = np.random.default_rng(0).normal(size=(1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_convolution_with_random_zeroing_is_exact() -> None:
+    for seed in range(4):
+        model = _grouped_model(4, 2, 2, seed)
+        zeroed, expected, _ = zero_random_channels(model, seed)
+        folded, _ = onnxprune.run(zeroed, ["fold"])
+        x = np.random.default_rng(seed).normal(size=(1, 3, 6, 6)).astype(np.float32)
+        np.testing.assert_allclose(run_model(folded, {"x": x})["y"],
+                                   run_model(zeroed, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+        assert _params(folded) == expected
