@@ -752,6 +752,38 @@ def _dequantize(an: Analysis, node: onnx.NodeProto) -> None:
     _const_making(an, node)
 
 
+def _expand(an: Analysis, node: onnx.NodeProto) -> None:
+    """Expand broadcasts other axes; a shape entry that counts the channels is rewritten."""
+    lab = an.labels.get(node.input[0])
+    if lab is None:
+        return
+    target = an.array(node.input[1])
+    src, dst = an.shape(node.input[0]), an.shape(node.output[0])
+    if target is None or src is None or dst is None:
+        an.pin_inputs(node, "target shape is computed at run time")
+        return
+    out_axis = lab.axis + len(dst) - len(src)
+    index = out_axis - (len(dst) - len(target))
+    if dst[out_axis] != src[lab.axis]:
+        an.pin_inputs(node, "expands the channel axis")
+        return
+    if index >= 0:
+        an.rewrites.append(Rewrite("reshape", node, [lab.ids], {"axis": index}))
+    an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
+
+
+def _tile(an: Analysis, node: onnx.NodeProto) -> None:
+    """Tile repeating other axes carries the channels; repeating the channel axis pins them."""
+    lab = an.labels.get(node.input[0])
+    if lab is None:
+        return
+    repeats = an.array(node.input[1])
+    if repeats is None or int(repeats[lab.axis]) != 1:
+        an.pin_inputs(node, "repeats the channel axis, or repeats computed at run time")
+        return
+    _carry(an, node)
+
+
 def _flatten(an: Analysis, node: onnx.NodeProto) -> None:
     _reshape(an, node)
 
@@ -778,6 +810,8 @@ HANDLERS: dict[str, Any] = {
     "Unsqueeze": _squeeze_like,
     "Reshape": _reshape,
     "Flatten": _flatten,
+    "Expand": _expand,
+    "Tile": _tile,
     "Concat": _concat,
     "Split": _split,
     "Slice": _slice,

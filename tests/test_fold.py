@@ -301,3 +301,32 @@ def test_grouped_convolution_with_random_zeroing_is_exact() -> None:
         np.testing.assert_allclose(run_model(folded, {"x": x})["y"],
                                    run_model(zeroed, {"x": x})["y"], rtol=1e-5, atol=1e-5)
         assert _params(folded) == expected
+
+
+def test_expand_and_tile_follow_the_channels() -> None:
+    """GAP -> Expand back to the map (shape constant counts channels) and Tile on space."""
+    h = onnx.helper
+    rng = np.random.default_rng(9)
+    w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    w1[1] = 0
+    inits = {"w1": w1, "w2": rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
+             "shape": np.array([1, 4, 3, 3], np.int64), "reps": np.array([1, 1, 2, 2], np.int64)}
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("GlobalAveragePool", ["r"], ["p"]),
+             h.make_node("Expand", ["p", "shape"], ["e"]),
+             h.make_node("Tile", ["e", "reps"], ["t"]),
+             h.make_node("Conv", ["t", "w2"], ["y"])]
+    graph = h.make_graph(
+        nodes, "expand", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 3, 3])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    folded, report = onnxprune.run(model, ["fold"])
+    assert report["passes"][0]["channels_removed"] == 1
+    shape = next(numpy_helper.to_array(t) for t in folded.graph.initializer
+                 if t.name in next(n for n in folded.graph.node if n.op_type == "Expand").input)
+    assert shape.tolist() == [1, 3, 3, 3]
+    x = rng.normal(size=(1, 3, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
+                               rtol=1e-5, atol=1e-6)
