@@ -43,6 +43,24 @@ def cuda_works() -> bool:
     return sess.get_providers()[0] == CUDA
 
 
+@functools.cache
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (Linux /proc/cpuinfo; False where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(" avx512f" in line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def channel_multiple(providers: Sequence[str] = (CPU,)) -> int:
+    """Channel counts that keep onnxruntime's fast kernels: its CPU convolutions use a blocked
+    (NCHWc) layout of 16 channels on AVX-512 and 8 elsewhere; CUDA's tensor cores want 8."""
+    if providers and providers[0] == CUDA:
+        return 8
+    return 16 if cpu_has_avx512() else 8
+
+
 def providers_for(device: Device = "auto") -> list[str]:
     """The provider list for ``device``; ``cuda`` without a usable GPU is an error, not a fallback.
 

@@ -108,9 +108,11 @@ def guess_framework(model: onnx.ModelProto) -> str:
     inits = {t.name for t in model.graph.initializer}
     if any(n.startswith("p2o.") for n in names) or any(i.startswith("p2o.") for i in inits):
         return "PaddlePaddle (paddle2onnx)"
-    if inits and sum(i.name in inits for i in model.graph.input) >= len(inits) // 2 and any(
-        i.endswith(("_weight", "_gamma", "_running_mean", "_moving_mean")) for i in inits
-    ):
+    listed = inits and sum(i.name in inits for i in model.graph.input) >= len(inits) // 2
+    mxnet_names = any(i.endswith(("_weight", "_gamma", "_running_mean", "_moving_mean"))
+                      for i in inits)
+    fwd_outputs = any(o.name.endswith("_fwd") for o in model.graph.output)  # after cleanup
+    if mxnet_names and (listed or fwd_outputs):
         return "MXNet (likely)"
     return model.producer_name or "unknown"
 

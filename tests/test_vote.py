@@ -260,7 +260,7 @@ def test_unknown_criterion_is_a_one_line_option_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.parametrize("spec", ["vote:sparsity=1.0", "vote:quorum=0", "vote:round_to=0",
+@pytest.mark.parametrize("spec", ["vote:sparsity=1.0", "vote:quorum=0", "vote:round_to=-1",
                                   "vote:mode=median", "vote:scope=world", "vote:criteria=+"])
 def test_bad_options_name_the_pass(spec: str) -> None:
     with pytest.raises(PassOptionError, match=r"^pass vote: "):
@@ -325,7 +325,7 @@ def test_ensemble_with_data_criteria(tmp_path: Path) -> None:
     model = onnxprune.load(DIGITS / "torch_cnn.onnx")
     member = tmp_path / "member.onnx"
     onnx.save(_perturbed(model, 9), member)
-    _, section = vote(model, f"vote:sparsity=0.5,ensemble={member}",
+    _, section = vote(model, f"vote:sparsity=0.5,round_to=8,ensemble={member}",
                       data=DIGITS / "torch_cnn.calib.npz")
     names = set().union(*(g.get("voter_errors", {}) for g in section["groups"]))
     assert names == {"l1", "flap", "wanda", f"l1@{member}", f"flap@{member}", f"wanda@{member}"}

@@ -32,13 +32,12 @@ from onnxprune.metrics import (
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.registry import register_pass
-from onnxprune.runtime import CPU, session
+from onnxprune.runtime import CPU, channel_multiple, session
 from onnxprune.summary import summarize
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
 
-BLOCK = 8  # onnxruntime's NCHWc block on CPU: channel counts should be multiples of this
 SHORT_RUN_MS = 0.2
 SLOW_MARGIN = 0.05  # flag "slower" past this share, and only beyond run-to-run noise
 
@@ -349,7 +348,9 @@ def _conv_channels(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
 
 
 def unaligned_convs(original: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
-    """Convs whose channel counts were multiples of 8 in ``original`` and are not any more."""
+    """Convs whose channel counts were multiples of the NCHWc block in ``original`` and are
+    not any more."""
+    block = channel_multiple()
     before = {name: (o, i) for name, o, i in _conv_channels(original)}
     out = []
     for name, o, i in _conv_channels(model):
@@ -357,7 +358,7 @@ def unaligned_convs(original: onnx.ModelProto, model: onnx.ModelProto) -> list[s
             continue
         o0, i0 = before[name]
         lost = [f"{what} {a}->{b}" for what, a, b in (("out", o0, o), ("in", i0, i))
-                if a % BLOCK == 0 and b % BLOCK]
+                if a % block == 0 and b % block]
         if lost:
             out.append(f"{name} ({', '.join(lost)})")
     return out
@@ -378,8 +379,9 @@ def slow_causes(
         if convs:
             shown = ", ".join(convs[:4]) + (f" and {len(convs) - 4} more" if len(convs) > 4 else "")
             causes.append(
-                f"channel counts that are not multiples of {BLOCK} defeat onnxruntime's blocked "
-                f"(NCHWc) convolution layout on CPU: Conv {shown}; prune to multiples of {BLOCK}")
+                f"channel counts that are not multiples of {channel_multiple()} defeat "
+                f"onnxruntime's blocked (NCHWc) convolution layout on this CPU: Conv {shown}; "
+                f"prune to multiples of {channel_multiple()} (vote's round_to)")
     if cmp.original.median_ms < SHORT_RUN_MS:
         causes.append(f"runs are very short ({cmp.original.median_ms:.3f} ms): onnxruntime's fixed "
                       "per-node overhead dominates")
