@@ -108,8 +108,8 @@ def bench_latency(runs: int) -> None:
         if path.exists():
             model, _ = onnxprune.run(onnxprune.load(path), ["cleanup"])
             cases.append((rel, model, 1))
-            if "cnn" in rel:  # the same, zeroed by vote: kept counts multiples of 8
-                cases.append((f"{rel} (vote, round_to=8)", model, -1))
+            if "cnn" in rel:  # the same, zeroed by vote: kept counts multiples of the block
+                cases.append((f"{rel} (vote, block counts)", model, -1))
     print(f"{'model':44} {'params zeroed->folded':>24} {'MAC ratio':>9} {'zeroed ms':>9} "
           f"{'folded ms':>9} {'lat ratio':>9} {'lat/MAC':>8}")
     for name, model, batch in cases:
