@@ -195,6 +195,10 @@ class Analysis:
             self._arrays[name] = numpy_helper.to_array(self.inits[name])
         return self._arrays[name]
 
+    def release_arrays(self) -> None:
+        """Drop the cached initializer values (they are read again on demand)."""
+        self._arrays.clear()
+
     def shape(self, name: str) -> tuple[int, ...] | None:
         if name in self.inits:
             return tuple(self.inits[name].dims)

@@ -104,10 +104,10 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def model_nbytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held by initializers (all graphs), for the 2 GB decision."""
-    return sum(_tensor_nbytes(t) for t in iter_initializers(model.graph))
+    return sum(tensor_nbytes(t) for t in iter_initializers(model.graph))
 
 
-def _tensor_nbytes(t: onnx.TensorProto) -> int:
+def tensor_nbytes(t: onnx.TensorProto) -> int:
     """Size from dims and dtype (reading ``raw_data`` would copy the bytes)."""
     if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return t.ByteSize()

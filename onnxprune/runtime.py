@@ -8,13 +8,16 @@ session ends up using, not by ``get_available_providers()`` or ``get_device()``.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from onnxprune.errors import DeviceError, PassFailedError
 from onnxprune.model import model_nbytes
@@ -100,9 +103,10 @@ def session(
         providers: onnxruntime providers, best first.
         threads: intra-op threads (0: onnxruntime's default).
         optimize: apply onnxruntime's graph optimisations.
-        share_weights: hand large initializers to onnxruntime as arrays it reads in place,
-            instead of serialising them (saves two copies of the weights); ``None`` decides
-            by size. Weight prepacking is then off: meant for analysis runs, not timing.
+        share_weights: give onnxruntime the large weights through a temporary external-data
+            file that it maps into memory, instead of serialising them (saves two copies of
+            the weights); ``None`` decides by size. Weight prepacking is then off: meant for
+            analysis runs, not timing.
 
     Raises:
         PassFailedError: onnxruntime refuses the model (the message is its first line).
@@ -113,60 +117,71 @@ def session(
         opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    keep: list[np.ndarray] = []
+    source: bytes | str
+    tmpdir = None
     if isinstance(model, bytes):
-        data = model
+        source = model
     else:
         if share_weights is None:
             share_weights = model_nbytes(model) > SHARE_WEIGHTS_BYTES
-        data = _light_model(model, opts, keep) if share_weights else model.SerializeToString()
+        if share_weights:
+            tmpdir = tempfile.mkdtemp(prefix="onnxprune-")
+            source = _write_light_model(model, tmpdir)
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        else:
+            source = model.SerializeToString()
     try:
-        sess = ort.InferenceSession(data, opts, providers=list(providers))
+        sess = ort.InferenceSession(source, opts, providers=list(providers))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise PassFailedError(f"onnxruntime cannot run the model: {line.strip()}") from exc
-    sess._onnxprune_weights = keep  # the arrays onnxruntime reads must outlive the session
+    if tmpdir is not None:  # the weights file is mapped: it goes with the session
+        weakref.finalize(sess, shutil.rmtree, tmpdir, True)
     return sess
 
 
-def _light_model(model: onnx.ModelProto, opts: ort.SessionOptions, keep: list[np.ndarray]) -> bytes:
-    """Serialise ``model`` with its large initializers as external placeholders, and register
-    their arrays on ``opts`` so onnxruntime reads them in place."""
-    graph = model.graph
-    # float weights only: integer tensors (axes, shapes, indices) feed onnxruntime's own shape
-    # inference, which cannot read external data
+def _write_light_model(model: onnx.ModelProto, folder: str) -> str:
+    """Save ``model`` into ``folder`` with its large float weights in one external data file.
+
+    onnxruntime maps that file into memory instead of copying the weights, so a session over a
+    large model costs little more than the model itself. Returns the model file's path.
+    """
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
               onnx.TensorProto.BFLOAT16)
-    big = [t for t in graph.initializer
-           if t.HasField("raw_data") and t.data_type in floats
-           and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS]
-    if not big:
-        return model.SerializeToString()
-    names, values = [], []
-    for t in big:
-        arr = numpy_helper.to_array(t)
-        keep.append(arr)
-        names.append(t.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
-    opts.add_external_initializers(names, values)
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    big_names = set(names)
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(light, field, getattr(model, field))
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
+    graph = model.graph
     for name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(light.graph, name).extend(getattr(graph, name))
     light.graph.name = graph.name
-    for t in graph.initializer:
-        if t.name in big_names:
+    with open(os.path.join(folder, "weights.bin"), "wb") as f:
+        for t in graph.initializer:
+            # float weights only: integer tensors (axes, shapes) feed shape inference, which
+            # reads them from the model itself
+            big = (t.HasField("raw_data") and t.data_type in floats
+                   and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS)
+            if not big:
+                light.graph.initializer.append(t)
+                continue
+            offset = f.tell()
+            offset += f.write(b"\0" * ((-offset) % 4096))  # page-aligned: mapped in place
+            raw = t.raw_data
+            f.write(raw)
             ph = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
             ph.data_location = onnx.TensorProto.EXTERNAL
-            ph.external_data.add(key="location", value="onnxprune-in-memory")
-        else:
-            light.graph.initializer.append(t)
-    return light.SerializeToString()
+            for key, value in (("location", "weights.bin"), ("offset", str(offset)),
+                               ("length", str(len(raw)))):
+                ph.external_data.add(key=key, value=value)
+            del raw
+    path = os.path.join(folder, "model.onnx")
+    with open(path, "wb") as f:
+        f.write(light.SerializeToString())
+    return path
 
 
 def run_model(

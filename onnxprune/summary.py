@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.model import iter_graphs, iter_initializers, model_nbytes, skeleton
+from onnxprune.model import iter_graphs, iter_initializers, model_nbytes, skeleton, tensor_nbytes
 
 # producer_name written by each exporter -> the framework a user would name
 _PRODUCERS = {
@@ -68,10 +68,11 @@ def summarize(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> 
 
 
 def _proto_overhead(model: onnx.ModelProto) -> int:
-    """Serialised size minus tensor data (cheap: initializers are cleared on a shallow copy)."""
-    if model_nbytes(model) > 2**30:
-        return 0
-    return model.ByteSize() - model_nbytes(model)
+    """Serialised size minus the large tensors' data, measured on the weightless skeleton
+    (``ByteSize`` of the whole model would serialise every weight once more)."""
+    light = skeleton(model)
+    small = sum(tensor_nbytes(t) for t in light.graph.initializer)
+    return max(light.ByteSize() - small, 0)
 
 
 def count_parameters(model: onnx.ModelProto) -> int:

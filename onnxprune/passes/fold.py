@@ -238,6 +238,7 @@ def _keep_last_channels(an: Analysis, plan: Plan) -> None:
 def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     """Fold constants into biases, slice every member, rewrite shape constants. Returns count."""
     graph = model.graph
+    an.release_arrays()  # the planning copies of the weights: not needed to cut them
     _fold_biases(graph, an, plan)
     sliced: dict[tuple[str, int], np.ndarray] = {}
     for m in an.members:
