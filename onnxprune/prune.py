@@ -147,26 +147,29 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
     return total
 
 
-def zero_and_compensate(ws: Workspace, classes: set[int], compensate: bool) -> dict[str, int]:
-    """Zero ``classes``; with ``compensate``, move their mean contribution into the biases.
+def zero_and_compensate(ws: Workspace, classes: set[int], compensate: bool,
+                        model: onnx.ModelProto | None = None) -> dict[str, int]:
+    """Zero ``classes`` in ``model`` (default: the workspace's own, or a copy of it); with
+    ``compensate``, move their mean contribution into the biases.
 
     After zeroing, a channel may still be a constant ``c`` at its consumer (a sigmoid of 0); the
     compensation adds ``(mean - c) * W`` so that, after fold moves ``c * W`` too, the consumer
     receives the channel's calibration mean.
     """
+    target = ws.model if model is None else model
     if not classes:
         return {"zeroed_entries": 0, "compensated_consumers": 0}
     means: dict[str, np.ndarray] = {}
     if compensate:
         means = {t: s.mean for t, s in ws.stats().items()}
-    zeroed = zero_classes(ws.model, ws.an, classes)
+    zeroed = zero_classes(target, ws.an, classes)
     done = 0
     if compensate:
-        after = probe(ws.model, ws.ctx.seed, ws.ctx.providers).values
+        after = probe(target, ws.ctx.seed, ws.ctx.providers).values
         roots = ws.an.roots()
         chosen = np.array(sorted(classes))
         for sink in ws.an.sinks:
-            if _compensate_sink(ws.model.graph, sink, roots, chosen, means, after):
+            if _compensate_sink(target.graph, sink, roots, chosen, means, after):
                 done += 1
     return {"zeroed_entries": zeroed, "compensated_consumers": done}
 
@@ -193,5 +196,7 @@ def _compensate_sink(graph: onnx.GraphProto, sink: Sink, roots: np.ndarray, chos
         return False
     if sink.node.op_type == "MatMul" and w.ndim > 2:
         return False  # a batched weight would need a per-batch bias
-    add_output_bias(graph, sink.node, delta.astype(w.dtype))
+    # the sink's node in ``graph`` (which may be a copy of the analysed model)
+    node = next(n for n in graph.node if n.output[0] == sink.node.output[0])
+    add_output_bias(graph, node, delta.astype(w.dtype))
     return True

@@ -466,3 +466,19 @@ def test_random_criterion_draws_independently_per_group() -> None:
                 for n in ("onnx::Conv_39", "features.7.weight"))
         assert len(a) == len(b) == 16
         assert a != b, f"seed {seed}: both groups pruned {sorted(a)}"
+
+
+def test_select_keeps_the_choice_that_moves_the_outputs_least() -> None:
+    """With data, the vote's choice and each voter's own are tried on the whole model; the kept
+    one is never worse on the calibration data (accuracy first, then output error)."""
+    model = onnxprune.load(DIGITS / "keras_cnn.onnx")
+    _, report = onnxprune.run(model, ["vote:sparsity=0.5"], data=DIGITS / "keras_cnn.calib.npz")
+    section = report["passes"][0]
+    scores = section["selection"]
+    assert set(scores) == {"vote", "l1", "flap", "wanda"}
+    best = scores[section["selected"]]
+    for other in scores.values():
+        assert (best["accuracy"], -best["error"]) >= (other["accuracy"], -other["error"])
+    _, local = onnxprune.run(model, ["vote:sparsity=0.5,select=local"],
+                             data=DIGITS / "keras_cnn.calib.npz")
+    assert "selected" not in local["passes"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -9,9 +10,10 @@ import numpy as np
 import onnx
 
 from onnxprune.criteria import Criterion, GroupView, get_criterion, rank_normalise
+from onnxprune.data import feeds_for
 from onnxprune.edit import get_init
 from onnxprune.errors import PassOptionError
-from onnxprune.model import lift_constants, load, unlist_initializer_inputs
+from onnxprune.model import lift_constants, load, model_nbytes, unlist_initializer_inputs
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.prune import (
     Workspace,
@@ -21,11 +23,34 @@ from onnxprune.prune import (
     zero_and_compensate,
 )
 from onnxprune.registry import register_pass
-from onnxprune.runtime import channel_multiple
+from onnxprune.runtime import channel_multiple, session
 from onnxprune.zero import keep_one_per_tensor
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
+
+
+SELECT_LIMIT = 512 << 20  # select=auto compares whole-model copies only below this size
+SELECT_SAMPLES = 512  # calibration samples used to compare choices
+
+
+def _outputs(model: onnx.ModelProto, feeds: list, providers: list[str]) -> list[np.ndarray]:
+    """The model's outputs on ``feeds``, concatenated per output along the samples."""
+    sess = session(model, providers)
+    names = [o.name for o in sess.get_outputs()]
+    runs = [sess.run(names, dict(f)) for f in feeds]
+    return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
+
+
+def _score(reference: list[np.ndarray], got: list[np.ndarray],
+           labels: np.ndarray | None) -> tuple[float, float]:
+    """(minus accuracy against the labels, or 0; relative squared output error): lower wins."""
+    err = float(np.mean([np.mean((g.astype(np.float64) - r) ** 2) / (np.mean(
+        r.astype(np.float64) ** 2) + 1e-12) for r, g in zip(reference, got, strict=True)]))
+    first = got[0]
+    if labels is not None and first.ndim == 2 and len(first) == len(labels):
+        return -float((first.argmax(1) == labels).mean()), err
+    return 0.0, err
 
 
 @dataclass
@@ -49,8 +74,10 @@ class Vote(Pass):
            ``mode=average``: the lowest mean of rank-normalised scores go.
         3. With calibration data, each voter's choice is checked by how much of the consumers'
            outputs it loses (``check``: after a least-squares refit, or after bias compensation);
-           voters far worse than the best are dropped, and the vote never ends worse than its
-           best voter on that check.
+           voters far worse than the best are dropped. Then (``select``) the vote's choice and
+           each voter's own choice are tried on the whole model: the one whose outputs move
+           least on the calibration data (accuracy first when it has labels) is kept, so the
+           vote is never worse there than its best voter.
         4. ``scope=global`` ranks all groups together after per-group normalisation, keeping at
            least ``floor`` of every group.
         5. Pruned channels are zeroed in every member of their group; with data, their mean
@@ -76,6 +103,10 @@ class Vote(Pass):
         "lsq", "weigh voters by the loss left after a least-squares refit (lsq) or after bias "
         "compensation (mean); needs data")
     fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
+    select: Literal["auto", "output", "local"] = option(
+        "auto", "with data, keep the vote or a single voter's choice, whichever changes the "
+        "model's outputs least on the calibration data (output); local: the vote as it is; "
+        "auto: output for models under 512 MiB")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -119,6 +150,12 @@ class Vote(Pass):
                 picked, section = self._local(ws, g, classes, voters, check)
                 chosen |= picked
                 sections.append(section)
+        selection: dict[str, Any] = {}
+        if self._selects(ws, has_data, sections):
+            chosen, selection = self._select(ws, chosen, sections, compensate)
+        for section in sections:
+            section.pop("_choices", None)
+            section.pop("_picked", None)
         chosen = keep_one_per_tensor(ws.an, chosen)
         roots = ws.an.roots()
         for section in sections:  # counted after the last-channel guard
@@ -132,6 +169,7 @@ class Vote(Pass):
             "compensated": compensate,
             "round_to": self._round,
             "data": "synthetic" if not has_data else str(ctx.data_path),
+            **selection,
             **applied,
         }
         return PassResult(ws.model, bool(chosen), report)
@@ -191,7 +229,40 @@ class Vote(Pass):
                 err = section["voter_errors"][best_name]
             section["error"] = round(err, 6)
         section["pruned"] = len(picked)
+        section["_choices"], section["_picked"] = choices, picked
         return picked, section
+
+    def _selects(self, ws: Workspace, has_data: bool, sections: list[dict[str, Any]]) -> bool:
+        if not has_data or self.select == "local" or self.scope == "global":
+            return False
+        if self.select == "auto" and model_nbytes(ws.model) > SELECT_LIMIT:
+            return False
+        return any(len(s.get("_choices", {})) > 1 for s in sections)
+
+    def _select(self, ws: Workspace, vote: set[int], sections: list[dict[str, Any]],
+                compensate: bool) -> tuple[set[int], dict[str, Any]]:
+        """Rule 3, end to end: the vote's choice against each voter's own choice (in every
+        group), scored by how far the pruned model's outputs move on the calibration data."""
+        names = sorted({n for s in sections for n in s.get("_choices", {})})
+        candidates = {"vote": vote}
+        for name in names:
+            candidates[name] = set().union(*(
+                s["_choices"].get(name, s["_picked"]) for s in sections if "_picked" in s))
+        data = ws.ctx.data(ws.model)
+        feeds = list(feeds_for(ws.model, data, limit=SELECT_SAMPLES))
+        reference = _outputs(ws.model, feeds, ws.ctx.providers)
+        labels = data.labels[: sum(len(next(iter(f.values()))) for f in feeds)] \
+            if data.labels is not None else None
+        scores = {}
+        for name, classes in candidates.items():
+            trial = copy.deepcopy(ws.model)
+            zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
+            scores[name] = _score(reference, _outputs(trial, feeds, ws.ctx.providers), labels)
+        best = min(scores, key=lambda n: (scores[n][0], scores[n][1], n != "vote"))
+        report = {"selected": best, "selection": {n: {"error": round(e, 6), **(
+            {"accuracy": round(-a, 4)} if a <= 0 and labels is not None else {})}
+            for n, (a, e) in scores.items()}}
+        return candidates[best], report
 
     def _combine(self, classes: np.ndarray, active: dict[str, np.ndarray], k: int, total: int) -> set[int]:
         mean_rank = np.mean([rank_normalise(s) for s in active.values()], axis=0)
