@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.groups import Analysis, Labels
+from onnxprune.groups import Analysis, Labels, _attr
 
 
 def _carry(an: Analysis, node: onnx.NodeProto, state_fn: Any = None) -> None:
@@ -26,3 +26,10 @@ def _broadcast_axis(out_rank: int, in_rank: int, out_axis: int) -> int:
     """Axis of an input of rank ``in_rank`` that broadcasts onto ``out_axis``, or -1."""
     axis = out_axis - (out_rank - in_rank)
     return axis if axis >= 0 else -1
+
+
+def _zero_pads(node: onnx.NodeProto) -> bool:
+    """Whether a Conv/pool node pads its input (explicit pads, or SAME auto-padding)."""
+    pads = _attr(node, "pads", []) or []
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    return any(pads) or auto not in (b"NOTSET", b"VALID", "NOTSET", "VALID")

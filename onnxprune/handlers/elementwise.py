@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 
 from onnxprune.groups import CONST, VAR, ZERO, Analysis, Labels, _attr, _name
-from onnxprune.handlers.common import _broadcast_axis, _carry, _scalar
+from onnxprune.handlers.common import _broadcast_axis, _carry, _scalar, _zero_pads
 
 # Unary ops applied per element: f(channel) depends on that channel only.
 ZERO_PRESERVING = {
@@ -55,8 +55,7 @@ def _spatial(an: Analysis, node: onnx.NodeProto) -> None:
     _carry(an, node)
 
 def _average_pool(an: Analysis, node: onnx.NodeProto) -> None:
-    pads = _attr(node, "pads", []) or []
-    padded = any(pads) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+    padded = _zero_pads(node)
     if padded and _attr(node, "count_include_pad", 0):
         lab = an.labels.get(node.input[0])
         if lab is not None and lab.axis == 1:

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from onnxprune.groups import CONST, VAR, ZERO, Analysis, Labels, Rewrite, Sink, _attr, _name
+from onnxprune.handlers.common import _zero_pads
 
 
 def _conv(an: Analysis, node: onnx.NodeProto) -> None:
@@ -16,8 +17,7 @@ def _conv(an: Analysis, node: onnx.NodeProto) -> None:
         return
     group = _attr(node, "group", 1)
     cout, cin = w.shape[0], w.shape[1] * group
-    pads = _attr(node, "pads", []) or []
-    padded = any(pads) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+    padded = _zero_pads(node)
     has_bias = len(node.input) > 2 and bool(node.input[2])
     bias = an.array(node.input[2]) if has_bias else None
     if has_bias and bias is None:

@@ -103,6 +103,7 @@ def _split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[i
 
 _PASS_THROUGH = ("Transpose", "Unsqueeze", "Squeeze", "Identity")
 
+
 def _selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> bool:
     """Whether every path from ``tensor`` soon picks positions of ``axis`` apart (Gather,
     Split or Slice along it) after only Transpose/Unsqueeze/Squeeze/Identity."""
