@@ -382,13 +382,12 @@ def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
     """
     import copy
 
-    from onnxprune.model import lift_constants, unlist_initializer_inputs
+    from onnxprune.model import prepare_for_pruning
     from onnxprune.probe import probe
     from onnxprune.summary import node_macs
 
     work = copy.deepcopy(model)
-    lift_constants(work.graph)
-    unlist_initializer_inputs(work.graph)
+    prepare_for_pruning(work.graph)
     pr = probe(work, seed)
     an = analyse(work, pr.shapes)
     groups = an.groups()

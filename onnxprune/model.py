@@ -259,6 +259,15 @@ def unlist_initializer_inputs(graph: onnx.GraphProto) -> int:
     return removed
 
 
+def prepare_for_pruning(graph: onnx.GraphProto) -> int:
+    """Make every weight of the main graph a plain constant that passes may slice: Constant
+    nodes become initializers, and initializers stop being listed as graph inputs. Returns how
+    many Constant nodes were lifted."""
+    lifted = lift_constants(graph)
+    unlist_initializer_inputs(graph)
+    return lifted
+
+
 def lift_constants(graph: onnx.GraphProto) -> int:
     """Turn ``Constant`` nodes holding a tensor into initializers, in this graph only.
 

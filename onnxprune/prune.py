@@ -19,7 +19,7 @@ from onnxprune.calibrate import ChannelStats, activation_stats, collect_rows
 from onnxprune.context import Context
 from onnxprune.edit import add_output_bias, get_init
 from onnxprune.groups import Analysis, ChannelGroup, Sink, analyse
-from onnxprune.model import lift_constants, unlist_initializer_inputs
+from onnxprune.model import prepare_for_pruning
 from onnxprune.probe import probe
 from onnxprune.zero import zero_classes
 
@@ -40,8 +40,7 @@ class Workspace:
     def open(cls, model: onnx.ModelProto, ctx: Context, protect: str = "") -> Workspace:
         """Prepare ``model`` in place and analyse it; ``protect`` is a regex of node or
         initializer names whose groups must stay whole."""
-        lift_constants(model.graph)
-        unlist_initializer_inputs(model.graph)
+        prepare_for_pruning(model.graph)
         an = analyse(model, probe(model, ctx.seed, ctx.providers).shapes)
         ws = cls(model, an, an.groups(), ctx)
         if protect:

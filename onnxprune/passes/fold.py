@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from onnxprune.edit import add_output_bias, get_init, set_attr, set_init, unique_name
 from onnxprune.errors import InternalError
 from onnxprune.groups import VAR, ZERO, Analysis, Member, Sink, analyse
-from onnxprune.model import lift_constants, unlist_initializer_inputs
+from onnxprune.model import prepare_for_pruning
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.probe import Probe, probe, shrink_shapes
 from onnxprune.registry import register_pass
@@ -75,8 +75,7 @@ class Fold(Pass):
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Fold ``model`` in place; report per group what went and what could not."""
         params_before = count_parameters(model)
-        lifted = lift_constants(model.graph)
-        unlist_initializer_inputs(model.graph)
+        lifted = prepare_for_pruning(model.graph)
         removed_total = 0
         rounds = []
         first = pr = probe(model, ctx.seed, ctx.providers)

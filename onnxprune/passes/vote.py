@@ -13,7 +13,7 @@ from onnxprune.criteria import Criterion, GroupView, get_criterion, rank_normali
 from onnxprune.data import feeds_for
 from onnxprune.edit import get_init
 from onnxprune.errors import PassOptionError
-from onnxprune.model import lift_constants, load, model_nbytes, unlist_initializer_inputs
+from onnxprune.model import load, model_nbytes, prepare_for_pruning
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.prune import (
     Workspace,
@@ -180,8 +180,7 @@ class Vote(Pass):
         shapes = {t.name: list(t.dims) for t in ws.model.graph.initializer if t.name in names}
         for path in self.ensemble:
             other = load(path)
-            lift_constants(other.graph)
-            unlist_initializer_inputs(other.graph)
+            prepare_for_pruning(other.graph)
             theirs = {t.name: list(t.dims) for t in other.graph.initializer if t.name in shapes}
             if theirs != shapes:
                 missing = sorted(set(shapes) - set(theirs)) or sorted(
