@@ -25,6 +25,8 @@ from onnxprune.errors import ModelLoadError, ModelSaveError
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 LIGHT_CHECK_BYTES = 64 << 20
+FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16))
 PROVENANCE_KEY = "onnxprune"
 
 

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.errors import DeviceError, PassFailedError
-from onnxprune.model import model_nbytes
+from onnxprune.model import FLOAT_TYPES, model_nbytes
 
 Device = Literal["auto", "cpu", "cuda"]
 CUDA = "CUDAExecutionProvider"
@@ -148,8 +148,6 @@ def _write_light_model(model: onnx.ModelProto, folder: str) -> str:
     onnxruntime maps that file into memory instead of copying the weights, so a session over a
     large model costs little more than the model itself. Returns the model file's path.
     """
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-              onnx.TensorProto.BFLOAT16)
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(light, field, getattr(model, field))
@@ -163,7 +161,7 @@ def _write_light_model(model: onnx.ModelProto, folder: str) -> str:
         for t in graph.initializer:
             # float weights only: integer tensors (axes, shapes) feed shape inference, which
             # reads them from the model itself
-            big = (t.HasField("raw_data") and t.data_type in floats
+            big = (t.HasField("raw_data") and t.data_type in FLOAT_TYPES
                    and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS)
             if not big:
                 light.graph.initializer.append(t)

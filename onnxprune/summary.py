@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.model import iter_graphs, iter_initializers, model_nbytes, skeleton, tensor_nbytes
+from onnxprune.model import (
+    FLOAT_TYPES,
+    iter_graphs,
+    iter_initializers,
+    model_nbytes,
+    skeleton,
+    tensor_nbytes,
+)
 
 # producer_name written by each exporter -> the framework a user would name
 _PRODUCERS = {
@@ -93,10 +100,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
 
 
 def _is_float(data_type: int) -> bool:
-    return data_type in (
-        onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
-    )
+    return data_type in FLOAT_TYPES
 
 
 def guess_framework(model: onnx.ModelProto) -> str:
