@@ -10,16 +10,16 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from onnxprune.context import Context  # noqa: E402
-from onnxprune.errors import OnnxPruneError  # noqa: E402
-from onnxprune.groups import ChannelGroup, channel_groups  # noqa: E402
-from onnxprune.model import load, save  # noqa: E402
-from onnxprune.passes.base import Pass, PassResult, option  # noqa: E402
-from onnxprune.pipeline import run  # noqa: E402
-from onnxprune.registry import available_passes, get_pass, register_pass  # noqa: E402
-from onnxprune.summary import summarize  # noqa: E402
+from onnxprune.analysis.inspect import channel_groups
+from onnxprune.analysis.labels import ChannelGroup
+from onnxprune.context import Context
+from onnxprune.cost import summarize
+from onnxprune.errors import OnnxPruneError
+from onnxprune.model import load, save
+from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.registry import available_passes, get_pass, register_pass
+from onnxprune.pipeline import run
+from onnxprune.version import __version__
 
 __all__ = [
     "ChannelGroup",

@@ -21,24 +21,24 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from onnxprune import __version__
+from onnxprune.analysis.inspect import channel_groups
+from onnxprune.cost import summarize
 from onnxprune.errors import InternalError, ModelSaveError, OnnxPruneError, ValidationFailed
-from onnxprune.groups import channel_groups
 from onnxprune.model import load, save
 from onnxprune.passes.base import Pass
-from onnxprune.passes.validate import failed_gates, gate_message, validate_sections, with_gates
-from onnxprune.pipeline import run
-from onnxprune.recipe import load_recipe
-from onnxprune.registry import (
+from onnxprune.passes.registry import (
     available_passes,
     parse_pass_spec,
     pass_origin,
     unavailable_passes,
 )
+from onnxprune.passes.validate import failed_gates, gate_message, validate_sections, with_gates
+from onnxprune.pipeline import run
+from onnxprune.recipe import load_recipe
 from onnxprune.report import human, summary_table, write_json
 from onnxprune.runtime import CPU
-from onnxprune.summary import summarize
 from onnxprune.sweep import parse_values, require_matplotlib, run_sweep, sweep_table, write_plot
+from onnxprune.version import __version__
 
 INTERNAL_EXIT = 3
 
@@ -79,7 +79,9 @@ class Job:
     external_data: bool | None
 
 
-def _sweep_values(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[float] | None:
+def _sweep_values(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> list[float] | None:
     if value is None:
         return None
     try:
@@ -90,38 +92,101 @@ def _sweep_values(_ctx: click.Context, _param: click.Parameter, value: str | Non
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False, type=click.Path(path_type=Path, dir_okay=True))
-@click.option("-p", "--pass", "pass_specs", multiple=True, metavar="PASS[:key=value,...]",
-              help="A pass to run, with options; repeat for a chain (runs in order).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Output model [default: MODEL with a .pruned.onnx suffix]; with --sweep, a "
-                   "folder for each point's model [default: none written].")
-@click.option("--recipe", type=click.Path(path_type=Path), default=None,
-              help="TOML file with the pass chain and run options (see README).")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration/test data: .npz keyed by input name, optional 'labels'.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Execution provider for onnxruntime runs [default: auto].")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Write the full report as JSON here.")
+@click.option(
+    "-p",
+    "--pass",
+    "pass_specs",
+    multiple=True,
+    metavar="PASS[:key=value,...]",
+    help="A pass to run, with options; repeat for a chain (runs in order).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output model [default: MODEL with a .pruned.onnx suffix]; with --sweep, a "
+    "folder for each point's model [default: none written].",
+)
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TOML file with the pass chain and run options (see README).",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Calibration/test data: .npz keyed by input name, optional 'labels'.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Execution provider for onnxruntime runs [default: auto].",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the full report as JSON here.",
+)
 @click.option("--seed", type=int, default=None, help="Seed for anything random [default: 0].")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Store weights in OUT.data [default: only past 2 GB].")
-@click.option("--max-accuracy-drop", type=float, default=None, metavar="DROP",
-              help="Gate: fail (exit 1) when accuracy drops more than this, e.g. 0.01.")
-@click.option("--min-cosine", type=float, default=None, metavar="COS",
-              help="Gate: fail (exit 1) when an output's mean cosine similarity is below this.")
-@click.option("--max-latency-ratio", type=float, default=None, metavar="RATIO",
-              help="Gate: fail (exit 1) when pruned/original median latency is above this.")
-@click.option("--sweep", "sweep", default=None, callback=_sweep_values,
-              metavar="START:STOP:STEP|V1,V2,...",
-              help="Run the chain once per value of --sweep-key, validate each, tabulate.")
-@click.option("--sweep-key", default="sparsity", show_default=True,
-              help="The pass option --sweep sets (in every pass that has it).")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="With --sweep: write a PNG of accuracy/cosine and latency ratio (needs matplotlib).")
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Store weights in OUT.data [default: only past 2 GB].",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=None,
+    metavar="DROP",
+    help="Gate: fail (exit 1) when accuracy drops more than this, e.g. 0.01.",
+)
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=None,
+    metavar="COS",
+    help="Gate: fail (exit 1) when an output's mean cosine similarity is below this.",
+)
+@click.option(
+    "--max-latency-ratio",
+    type=float,
+    default=None,
+    metavar="RATIO",
+    help="Gate: fail (exit 1) when pruned/original median latency is above this.",
+)
+@click.option(
+    "--sweep",
+    "sweep",
+    default=None,
+    callback=_sweep_values,
+    metavar="START:STOP:STEP|V1,V2,...",
+    help="Run the chain once per value of --sweep-key, validate each, tabulate.",
+)
+@click.option(
+    "--sweep-key",
+    default="sparsity",
+    show_default=True,
+    help="The pass option --sweep sets (in every pass that has it).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --sweep: write a PNG of accuracy/cosine and latency ratio (needs matplotlib).",
+)
 @click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
-@click.option("--inspect", is_flag=True,
-              help="Print the model's channel groups (what can shrink, and why not), then exit.")
+@click.option(
+    "--inspect",
+    is_flag=True,
+    help="Print the model's channel groups (what can shrink, and why not), then exit.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on errors.")
 @click.version_option(__version__, "-V", "--version", message=_version_message())
@@ -164,8 +229,11 @@ def main(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     out = Console(quiet=quiet)
     start = time.perf_counter()
-    gates = {"max_accuracy_drop": max_accuracy_drop, "min_cosine": min_cosine,
-             "max_latency_ratio": max_latency_ratio}
+    gates = {
+        "max_accuracy_drop": max_accuracy_drop,
+        "min_cosine": min_cosine,
+        "max_latency_ratio": max_latency_ratio,
+    }
     try:
         if list_passes:
             _list_passes()
@@ -177,7 +245,9 @@ def main(
             return
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
-        job = _job(model, pass_specs, output, recipe, data, device, report_path, seed, external_data)
+        job = _job(
+            model, pass_specs, output, recipe, data, device, report_path, seed, external_data
+        )
         if sweep is not None:
             _sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
@@ -196,7 +266,9 @@ def main(
             msg += "; rerun with -v for the traceback"
         raise CliError(msg, INTERNAL_EXIT) from exc
     if not quiet:
-        click.echo(f"PASSED | {time.perf_counter() - start:.2f} s | onnxprune {' '.join(sys.argv[1:])}")
+        click.echo(
+            f"PASSED | {time.perf_counter() - start:.2f} s | onnxprune {' '.join(sys.argv[1:])}"
+        )
 
 
 def _job(
@@ -248,8 +320,15 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
         return
     target = job.output if job.output is not None else default_output(job.model)
     with out.status(f"running {', '.join(p.name for p in chain)}"):
-        new, report = run(model, chain, data=job.data, device=job.device, seed=job.seed,
-                          model_path=job.model, inplace=True)
+        new, report = run(
+            model,
+            chain,
+            data=job.data,
+            device=job.device,
+            seed=job.seed,
+            model_path=job.model,
+            inplace=True,
+        )
     save(new, target, external_data=job.external_data, protect=job.model)
     report["output"] = str(target)
     out.print(summary_table(report["before"], report["after"], title=f"{job.model} -> {target}"))
@@ -285,19 +364,36 @@ def _sweep(
         require_matplotlib()
     if job.output is not None:
         if job.output.suffix == ".onnx" or job.output.is_file():
-            raise click.UsageError(f"with --sweep, -o is a folder for each point's model, not {job.output}")
+            raise click.UsageError(
+                f"with --sweep, -o is a folder for each point's model, not {job.output}"
+            )
         try:
             job.output.mkdir(exist_ok=True)
         except OSError as exc:
-            raise ModelSaveError(f"{job.output}: cannot create the folder: {exc.strerror or exc}") from exc
+            raise ModelSaveError(
+                f"{job.output}: cannot create the folder: {exc.strerror or exc}"
+            ) from exc
     chain = with_gates(job.chain, always=True, **gates)
     model = load(job.model)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=out, transient=True) as progress:
         task = progress.add_task(f"sweep {key}", total=len(values))
         report = run_sweep(
-            model, chain, values, key, data=job.data, device=job.device, seed=job.seed,
-            model_path=job.model, save_to=job.output, external_data=job.external_data,
+            model,
+            chain,
+            values,
+            key,
+            data=job.data,
+            device=job.device,
+            seed=job.seed,
+            model_path=job.model,
+            save_to=job.output,
+            external_data=job.external_data,
             on_point=lambda *_: progress.advance(task),
         )
     out.print(sweep_table(report))
@@ -334,20 +430,24 @@ def _f(value: float | None, spec: str = ".4g") -> str:
 
 def validate_tables(section: dict[str, Any]) -> list[Table]:
     """Terminal tables of one validate section: outputs, classification, cost, gates."""
-    outputs = Table(title=f"validate: outputs on {section['data']['samples']} samples "
-                          f"({section['data']['source']})")
+    outputs = Table(
+        title=f"validate: outputs on {section['data']['samples']} samples "
+        f"({section['data']['source']})"
+    )
     outputs.add_column("")
     for o in section["outputs"]:
         outputs.add_column(o["name"], justify="right")
-    rows = (("shape", lambda o: "x".join(map(str, o["shape"]))),
-            ("max abs error", lambda o: _f(o["max_abs"])),
-            ("mean abs error", lambda o: _f(o["mean_abs"])),
-            ("max rel error", lambda o: _f(o["max_rel"])),
-            ("mean rel error", lambda o: _f(o["mean_rel"])),
-            ("cosine (mean)", lambda o: _f(o["cosine"], ".6f")),
-            ("cosine (worst sample)", lambda o: _f(o["cosine_min"], ".6f")),
-            ("top-1 agreement", lambda o: _f(o["top1"], ".2%")),
-            ("new NaN/Inf", lambda o: str(o["nonfinite"])))
+    rows = (
+        ("shape", lambda o: "x".join(map(str, o["shape"]))),
+        ("max abs error", lambda o: _f(o["max_abs"])),
+        ("mean abs error", lambda o: _f(o["mean_abs"])),
+        ("max rel error", lambda o: _f(o["max_rel"])),
+        ("mean rel error", lambda o: _f(o["mean_rel"])),
+        ("cosine (mean)", lambda o: _f(o["cosine"], ".6f")),
+        ("cosine (worst sample)", lambda o: _f(o["cosine_min"], ".6f")),
+        ("top-1 agreement", lambda o: _f(o["top1"], ".2%")),
+        ("new NaN/Inf", lambda o: str(o["nonfinite"])),
+    )
     for label, cell in rows:
         outputs.add_row(label, *(cell(o) for o in section["outputs"]))
     tables = [outputs]
@@ -359,8 +459,12 @@ def validate_tables(section: dict[str, Any]) -> list[Table]:
             t.add_column(col, justify="right")
         for k in ("accuracy", "precision", "recall", "f1"):
             label = k if k == "accuracy" else f"macro {k}"
-            t.add_row(label, f"{cls['original'][k]:.4f}", f"{cls['pruned'][k]:.4f}",
-                      f"{cls['difference'][k]:+.4f}")
+            t.add_row(
+                label,
+                f"{cls['original'][k]:.4f}",
+                f"{cls['pruned'][k]:.4f}",
+                f"{cls['difference'][k]:+.4f}",
+            )
         tables.append(t)
     cost, lat = section["cost"], section["latency"]
     dims = ", ".join(f"{k}={v}" for k, v in cost["dims"].items())
@@ -374,8 +478,10 @@ def validate_tables(section: dict[str, Any]) -> list[Table]:
         for k, label in (("median_ms", "latency median ms"), ("p90_ms", "latency p90 ms")):
             a, b = lat["original"][k], lat["pruned"][k]
             t.add_row(label, f"{a:.4f}", f"{b:.4f}", _ratio(a, b))
-        t.caption = (f"{lat['provider']}, threads {lat['threads'] or 'default'}, batch "
-                     f"{lat['batch']}, {lat['runs']} interleaved runs after {lat['warmup']} warm-up")
+        t.caption = (
+            f"{lat['provider']}, threads {lat['threads'] or 'default'}, batch "
+            f"{lat['batch']}, {lat['runs']} interleaved runs after {lat['warmup']} warm-up"
+        )
     tables.append(t)
     if section["gates"]:
         t = Table(title="validate: gates")
@@ -383,8 +489,13 @@ def validate_tables(section: dict[str, Any]) -> list[Table]:
             t.add_column(col, justify="right")
         for g in section["gates"]:
             value = g["value"] if isinstance(g["value"], int) else _f(g["value"])
-            t.add_row(g["name"], g["output"] or "", str(value), f"{g['limit']:g}",
-                      "pass" if g["passed"] else "[bold red]FAIL[/]")
+            t.add_row(
+                g["name"],
+                g["output"] or "",
+                str(value),
+                f"{g['limit']:g}",
+                "pass" if g["passed"] else "[bold red]FAIL[/]",
+            )
         tables.append(t)
     return tables
 
@@ -397,8 +508,12 @@ def _inspect(out: Console, model_path: Path) -> None:
     for g in groups:
         free = g.channels - g.pinned
         table.add_row(
-            str(g.index), str(g.channels), f"{free}/{g.channels}", human(g.macs),
-            ", ".join(f"{s.op} {s.node}" for s in g.spaces), g.reasons[0] if g.reasons else "",
+            str(g.index),
+            str(g.channels),
+            f"{free}/{g.channels}",
+            human(g.macs),
+            ", ".join(f"{s.op} {s.node}" for s in g.spaces),
+            g.reasons[0] if g.reasons else "",
         )
     out.print(table)
 

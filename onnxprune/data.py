@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import DataError
-from onnxprune.model import graph_input_names
+from onnxprune.graph import graph_input_names
 
 SYNTH_DIM = 16
 LABELS = "labels"
@@ -99,8 +99,10 @@ def synthesize(model: onnx.ModelProto, samples: int = 8, seed: int = 0) -> Datas
     rng = np.random.default_rng(seed)
     inputs = {}
     for name, (dims, dtype) in input_specs(model).items():
-        shape = [samples if i == 0 else (d if isinstance(d, int) and d > 0 else SYNTH_DIM)
-                 for i, d in enumerate(dims)]
+        shape = [
+            samples if i == 0 else (d if isinstance(d, int) and d > 0 else SYNTH_DIM)
+            for i, d in enumerate(dims)
+        ]
         if not dims:
             shape = []
         if np.issubdtype(dtype, np.floating):
@@ -124,7 +126,9 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def feeds_for(model: onnx.ModelProto, data: Dataset, limit: int | None = None) -> Iterator[Mapping[str, np.ndarray]]:
+def feeds_for(
+    model: onnx.ModelProto, data: Dataset, limit: int | None = None
+) -> Iterator[Mapping[str, np.ndarray]]:
     """Batches of ``data`` sized for the model: per sample when its batch is fixed to 1."""
     fixed = fixed_batch(model)
     batch = fixed or 64

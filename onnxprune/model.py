@@ -18,15 +18,21 @@ from typing import Any
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
 
 from onnxprune.errors import ModelLoadError, ModelSaveError
+from onnxprune.graph import iter_graphs, iter_initializers
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 LIGHT_CHECK_BYTES = 64 << 20
-FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                         onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16))
+FLOAT_TYPES = frozenset(
+    (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    )
+)
 PROVENANCE_KEY = "onnxprune"
 
 
@@ -98,7 +104,9 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     for t in src.initializer:  # shapes only for the large ones: no weight is copied
         if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
             if t.name not in listed:
-                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                graph.input.append(
+                    onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                )
         else:
             graph.initializer.append(t)
     return light
@@ -116,23 +124,6 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     return n * itemsize
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """Yield ``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            for g in attr.graphs:
-                yield from iter_graphs(g)
-
-
-def iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Yield initializers of ``graph`` and of all its subgraphs."""
-    for g in iter_graphs(graph):
-        yield from g.initializer
 
 
 def save(
@@ -178,8 +169,12 @@ def save(
         if external_data:
             unset = [t for t in _all_tensors(model.graph) if not t.HasField("data_location")]
             onnx.save_model(
-                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
+                model,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
             )
             # save_model converted the in-memory tensors to external references; load them back
             # (and clear the data_location it set) so the caller's model is unchanged.
@@ -238,76 +233,3 @@ def provenance(model: onnx.ModelProto) -> list[dict[str, Any]]:
         if prop.key == PROVENANCE_KEY:
             return list(json.loads(prop.value))
     return []
-
-
-def graph_input_names(graph: onnx.GraphProto) -> list[str]:
-    """Names of the real inputs: graph inputs that are not also initializers."""
-    inits = {t.name for t in graph.initializer}
-    return [i.name for i in graph.input if i.name not in inits]
-
-
-def unlist_initializer_inputs(graph: onnx.GraphProto) -> int:
-    """Stop listing initializers as graph inputs (MXNet, IR < 4 habit); returns how many.
-
-    Such an input is an overridable default, so pruning it would change the model's interface;
-    unlisted, it is a plain constant. Passes that prune call this first.
-    """
-    inits = {t.name for t in graph.initializer}
-    keep = [i for i in graph.input if i.name not in inits]
-    removed = len(graph.input) - len(keep)
-    if removed:
-        del graph.input[:]
-        graph.input.extend(keep)
-    return removed
-
-
-def prepare_for_pruning(graph: onnx.GraphProto) -> int:
-    """Make every weight of the main graph a plain constant that passes may slice: Constant
-    nodes become initializers, and initializers stop being listed as graph inputs. Returns how
-    many Constant nodes were lifted."""
-    lifted = lift_constants(graph)
-    unlist_initializer_inputs(graph)
-    return lifted
-
-
-def lift_constants(graph: onnx.GraphProto) -> int:
-    """Turn ``Constant`` nodes holding a tensor into initializers, in this graph only.
-
-    Returns how many were lifted. Constants inside subgraphs stay where they are (a subgraph's
-    initializers are local to it; passes that look into subgraphs call this per graph).
-    """
-    lifted = 0
-    keep = []
-    taken = {t.name for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in taken:
-            try:
-                value = onnx.numpy_helper.to_array(_constant_tensor(node))
-            except ValueError:
-                keep.append(node)
-                continue
-            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-            lifted += 1
-        else:
-            keep.append(node)
-    if lifted:
-        del graph.node[:]
-        graph.node.extend(keep)
-    return lifted
-
-
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
-    """The value of a Constant node as a TensorProto, whichever attribute holds it."""
-    attr = node.attribute[0] if len(node.attribute) == 1 else None
-    if attr is None:
-        raise ValueError("Constant node without exactly one value attribute")
-    name = attr.name
-    if name == "value":
-        return attr.t
-    if name in ("value_float", "value_int"):
-        v = attr.f if name == "value_float" else attr.i
-        return numpy_helper.from_array(np.array(v, np.float32 if name == "value_float" else np.int64))
-    if name in ("value_floats", "value_ints"):
-        v = list(attr.floats) if name == "value_floats" else list(attr.ints)
-        return numpy_helper.from_array(np.array(v, np.float32 if name == "value_floats" else np.int64))
-    raise ValueError(f"Constant attribute {name} is not a dense tensor")

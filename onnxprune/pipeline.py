@@ -11,8 +11,8 @@ from typing import Any
 
 import onnx
 
-from onnxprune import __version__
 from onnxprune.context import Context
+from onnxprune.cost import summarize
 from onnxprune.errors import (
     DataError,
     InternalError,
@@ -22,9 +22,9 @@ from onnxprune.errors import (
 )
 from onnxprune.model import add_provenance, check_model
 from onnxprune.passes.base import Pass, PassResult
-from onnxprune.registry import parse_pass_spec
+from onnxprune.passes.registry import parse_pass_spec
 from onnxprune.runtime import Device, providers_for
-from onnxprune.summary import summarize
+from onnxprune.version import __version__
 
 
 def run(
@@ -93,15 +93,20 @@ def run(
         report["passes"].append(section)
         current = result.model
     out = current if chain else copy.deepcopy(model)
-    add_provenance(out, {
-        "version": __version__,
-        "passes": [{"name": p.name, "options": p.options()} for p in chain],
-    })
+    add_provenance(
+        out,
+        {
+            "version": __version__,
+            "passes": [{"name": p.name, "options": p.options()} for p in chain],
+        },
+    )
     report["after"] = summarize(out).to_dict()
     return out, report
 
 
-def _apply(p: Pass, work: onnx.ModelProto, ctx: Context, index: int, chain: Sequence[Pass]) -> PassResult:
+def _apply(
+    p: Pass, work: onnx.ModelProto, ctx: Context, index: int, chain: Sequence[Pass]
+) -> PassResult:
     """Run one pass, check what it returns, and name the pass in any failure."""
     before = ", ".join(q.name for q in chain[:index]) or "none"
     try:
@@ -111,7 +116,9 @@ def _apply(p: Pass, work: onnx.ModelProto, ctx: Context, index: int, chain: Sequ
     except InternalError:
         raise
     except Exception as exc:
-        raise InternalError(f"pass {p.name} (after: {before}) crashed: {type(exc).__name__}: {exc}") from exc
+        raise InternalError(
+            f"pass {p.name} (after: {before}) crashed: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(result, PassResult):
         raise PassFailedError(f"pass {p.name} returned {type(result).__name__}, not a PassResult")
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from onnxprune.errors import RecipeError
 from onnxprune.passes.base import Pass
-from onnxprune.registry import get_pass
+from onnxprune.passes.registry import get_pass
 
 RUN_KEYS = {"data", "device", "seed", "output", "report"}
 PATH_KEYS = {"data", "output", "report"}
@@ -56,7 +56,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     entries = doc.pop("pass", [])
     unknown = sorted(set(doc) - RUN_KEYS)
     if unknown:
-        raise RecipeError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(RUN_KEYS)} and [[pass]]")
+        raise RecipeError(
+            f"{path}: unknown key(s) {unknown}; allowed: {sorted(RUN_KEYS)} and [[pass]]"
+        )
     recipe = Recipe()
     for key, value in doc.items():
         recipe.settings[key] = (path.parent / value) if key in PATH_KEYS else value
@@ -66,6 +68,6 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         options = dict(entry)
         name = options.pop("name", None)
         if not isinstance(name, str):
-            raise RecipeError(f"{path}: [[pass]] number {i} has no name = \"...\"")
+            raise RecipeError(f'{path}: [[pass]] number {i} has no name = "..."')
         recipe.passes.append(get_pass(name).from_options(options))
     return recipe

@@ -38,7 +38,9 @@ def human(value: Any, key: str = "") -> str:
     return str(value)
 
 
-def summary_table(before: dict[str, Any], after: dict[str, Any] | None = None, title: str = "") -> Table:
+def summary_table(
+    before: dict[str, Any], after: dict[str, Any] | None = None, title: str = ""
+) -> Table:
     """Before/after table of a model's size and cost (one column when ``after`` is None)."""
     table = Table(title=title or None)
     table.add_column("")

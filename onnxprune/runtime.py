@@ -161,8 +161,11 @@ def _write_light_model(model: onnx.ModelProto, folder: str) -> str:
         for t in graph.initializer:
             # float weights only: integer tensors (axes, shapes) feed shape inference, which
             # reads them from the model itself
-            big = (t.HasField("raw_data") and t.data_type in FLOAT_TYPES
-                   and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS)
+            big = (
+                t.HasField("raw_data")
+                and t.data_type in FLOAT_TYPES
+                and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS
+            )
             if not big:
                 light.graph.initializer.append(t)
                 continue
@@ -172,8 +175,11 @@ def _write_light_model(model: onnx.ModelProto, folder: str) -> str:
             f.write(raw)
             ph = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
             ph.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", "weights.bin"), ("offset", str(offset)),
-                               ("length", str(len(raw)))):
+            for key, value in (
+                ("location", "weights.bin"),
+                ("offset", str(offset)),
+                ("length", str(len(raw))),
+            ):
                 ph.external_data.add(key=key, value=value)
             del raw
     path = os.path.join(folder, "model.onnx")

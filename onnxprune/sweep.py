@@ -19,14 +19,14 @@ from typing import Any
 import onnx
 from rich.table import Table
 
-from onnxprune import __version__
+from onnxprune.cost import summarize
 from onnxprune.errors import ModelSaveError, OnnxPruneError, PassOptionError
 from onnxprune.model import save
 from onnxprune.passes.base import Pass, coerce
 from onnxprune.passes.validate import validate_sections, with_gates
 from onnxprune.pipeline import run
 from onnxprune.runtime import Device
-from onnxprune.summary import summarize
+from onnxprune.version import __version__
 
 MAX_POINTS = 200
 PLOT_INSTALL = 'pip install "onnxprune[plot]"'
@@ -62,7 +62,9 @@ def parse_values(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{text!r}: expected numbers separated by commas, or START:STOP:STEP") from None
+        raise ValueError(
+            f"{text!r}: expected numbers separated by commas, or START:STOP:STEP"
+        ) from None
     if not values:
         raise ValueError("no values")
     if len(values) > MAX_POINTS:
@@ -92,7 +94,8 @@ def apply_value(chain: Sequence[Pass], key: str, value: float) -> list[Pass]:
     if not hits:
         raise PassOptionError(
             f"--sweep-key {key}: no pass in the chain has an option {field!r} "
-            f"(chain: {', '.join(p.name for p in chain) or 'empty'})")
+            f"(chain: {', '.join(p.name for p in chain) or 'empty'})"
+        )
     return out
 
 
@@ -107,7 +110,11 @@ def point_row(value: float, passes: Sequence[Mapping[str, Any]]) -> dict[str, An
     v = validate_sections({"passes": passes})[-1]
     cls = v.get("classification")
     if cls and cls["labels"]:
-        metric, score, reference = "accuracy", cls["pruned"]["accuracy"], cls["original"]["accuracy"]
+        metric, score, reference = (
+            "accuracy",
+            cls["pruned"]["accuracy"],
+            cls["original"]["accuracy"],
+        )
     else:
         cosines = [o["cosine"] for o in v["outputs"] if o["cosine"] is not None]
         metric, score, reference = "cosine", (min(cosines) if cosines else None), 1.0
@@ -172,7 +179,9 @@ def run_sweep(
         report["providers"] = rep["providers"]
         output = None
         if save_to is not None:
-            target = _point_file(Path(save_to), Path(model_path) if model_path else None, key, value)
+            target = _point_file(
+                Path(save_to), Path(model_path) if model_path else None, key, value
+            )
             output = save(new, target, external_data=external_data, protect=model_path)
         entry = {
             "value": value,
@@ -204,8 +213,11 @@ def sweep_table(report: Mapping[str, Any]) -> Table:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            f"{r['value']:g}", f"{r['parameters']:,}", _fmt(r["macs_ratio"], ".3f"),
-            _fmt(r["score"], ".4f"), _fmt(r["latency_ratio"], ".3f"),
+            f"{r['value']:g}",
+            f"{r['parameters']:,}",
+            _fmt(r["macs_ratio"], ".3f"),
+            _fmt(r["score"], ".4f"),
+            _fmt(r["latency_ratio"], ".3f"),
             "pass" if r["gates_passed"] else "[bold red]FAIL[/]",
         )
     return table
@@ -230,13 +242,19 @@ def _gate_lines(ax: Any, ratios: Any, report: Mapping[str, Any], metric: str) ->
     options = validate_sections(report["points"][0])[-1]["options"]
     row = report["points"][0]["row"]
     if metric == "accuracy" and options.get("max_accuracy_drop") is not None:
-        ax.axhline(row["reference"] - options["max_accuracy_drop"], color="tab:blue", ls="--",
-                   lw=1, label="accuracy gate")
+        ax.axhline(
+            row["reference"] - options["max_accuracy_drop"],
+            color="tab:blue",
+            ls="--",
+            lw=1,
+            label="accuracy gate",
+        )
     if metric == "cosine" and options.get("min_cosine") is not None:
         ax.axhline(options["min_cosine"], color="tab:blue", ls="--", lw=1, label="cosine gate")
     if options.get("max_latency_ratio") is not None:
-        ratios.axhline(options["max_latency_ratio"], color="tab:red", ls="-.", lw=1,
-                       label="latency gate")
+        ratios.axhline(
+            options["max_latency_ratio"], color="tab:red", ls="-.", lw=1, label="latency gate"
+        )
 
 
 def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -264,7 +282,9 @@ def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     ax.set_ylabel(metric, color="tab:blue")
     ax.grid(alpha=0.3)
     ratios = ax.twinx()
-    ratios.plot(x, [r["latency_ratio"] for r in rows], "s--", color="tab:red", label="latency ratio")
+    ratios.plot(
+        x, [r["latency_ratio"] for r in rows], "s--", color="tab:red", label="latency ratio"
+    )
     ratios.plot(x, [r["macs_ratio"] for r in rows], "^:", color="tab:green", label="MACs ratio")
     ratios.axhline(1.0, color="gray", lw=0.8)
     ratios.set_ylabel("pruned / original")
@@ -273,8 +293,14 @@ def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.set_ylim(0, 1.02)
     failed = [r for r in rows if not r["gates_passed"]]
     if failed:
-        ax.plot([r["value"] for r in failed], [r["score"] for r in failed], "x", color="black",
-                ms=10, label="gate failed")
+        ax.plot(
+            [r["value"] for r in failed],
+            [r["score"] for r in failed],
+            "x",
+            color="black",
+            ms=10,
+            label="gate failed",
+        )
     handles = ax.get_legend_handles_labels()
     extra = ratios.get_legend_handles_labels()
     ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best", fontsize="small")

@@ -23,13 +23,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 import onnxprune
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.walk import analyse
+from onnxprune.cost import summarize
 from onnxprune.data import synthesize
-from onnxprune.groups import analyse
-from onnxprune.model import lift_constants
-from onnxprune.probe import probe
+from onnxprune.graph import lift_constants
+from onnxprune.pruning.zero import random_classes, zero_classes
 from onnxprune.runtime import session
-from onnxprune.summary import summarize
-from onnxprune.zero import random_classes, zero_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,25 +47,35 @@ def mlp(sizes: list[int], form: str, seed: int = 0) -> onnx.ModelProto:
         if form == "gemm":
             nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [y]))
         else:
-            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-                      helper.make_node("Add", [f"m{i}", f"b{i}"], [y])]
+            nodes += [
+                helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                helper.make_node("Add", [f"m{i}", f"b{i}"], [y]),
+            ]
         if i < len(sizes) - 2:
             a = f"a{i}"
             if form == "gemm":
                 nodes.append(helper.make_node("Relu", [y], [a]))
             else:  # GELU written out: 0.5 * y * (1 + erf(y / sqrt(2)))
-                inits += [numpy_helper.from_array(np.array(v, np.float32), f"c{i}_{k}")
-                          for k, v in (("s", np.sqrt(2)), ("1", 1.0), ("h", 0.5))]
-                nodes += [helper.make_node("Div", [y, f"c{i}_s"], [f"d{i}"]),
-                          helper.make_node("Erf", [f"d{i}"], [f"e{i}"]),
-                          helper.make_node("Add", [f"e{i}", f"c{i}_1"], [f"p{i}"]),
-                          helper.make_node("Mul", [y, f"p{i}"], [f"q{i}"]),
-                          helper.make_node("Mul", [f"q{i}", f"c{i}_h"], [a])]
+                inits += [
+                    numpy_helper.from_array(np.array(v, np.float32), f"c{i}_{k}")
+                    for k, v in (("s", np.sqrt(2)), ("1", 1.0), ("h", 0.5))
+                ]
+                nodes += [
+                    helper.make_node("Div", [y, f"c{i}_s"], [f"d{i}"]),
+                    helper.make_node("Erf", [f"d{i}"], [f"e{i}"]),
+                    helper.make_node("Add", [f"e{i}", f"c{i}_1"], [f"p{i}"]),
+                    helper.make_node("Mul", [y, f"p{i}"], [f"q{i}"]),
+                    helper.make_node("Mul", [f"q{i}", f"c{i}_h"], [a]),
+                ]
             y = a
         x = y
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", sizes[0]])],
-        [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, ["N", sizes[-1]])], inits)
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", sizes[0]])],
+        [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, ["N", sizes[-1]])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -80,7 +90,9 @@ def zero_half(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def latency_ratio(a: onnx.ModelProto, b: onnx.ModelProto, batch: int, runs: int) -> tuple[float, float, float]:
+def latency_ratio(
+    a: onnx.ModelProto, b: onnx.ModelProto, batch: int, runs: int
+) -> tuple[float, float, float]:
     """Median latency (ms) of a and b, interleaved, one thread; and b/a."""
     sa, sb = session(a, threads=1), session(b, threads=1)
     feeds = synthesize(a, batch, 0).inputs
@@ -102,16 +114,27 @@ def bench_latency(runs: int) -> None:
         ("MLP 512-2048-2048-512 Gemm", mlp([512, 2048, 2048, 512], "gemm"), 32),
         ("MLP 512-2048-2048-512 MatMul+GELU", mlp([512, 2048, 2048, 512], "matmul"), 32),
     ]
-    for rel in ("torch/cnn_legacy_bn", "torch/cnn_dynamo", "tf/cnn", "mxnet/cnn", "paddle/cnn",
-                "torch/mlp_legacy", "tf/mlp", "mxnet/mlp", "torch/encoder_legacy"):
+    for rel in (
+        "torch/cnn_legacy_bn",
+        "torch/cnn_dynamo",
+        "tf/cnn",
+        "mxnet/cnn",
+        "paddle/cnn",
+        "torch/mlp_legacy",
+        "tf/mlp",
+        "mxnet/mlp",
+        "torch/encoder_legacy",
+    ):
         path = ROOT / "models" / f"{rel}.onnx"
         if path.exists():
             model, _ = onnxprune.run(onnxprune.load(path), ["cleanup"])
             cases.append((rel, model, 1))
             if "cnn" in rel:  # the same, zeroed by vote: kept counts multiples of the block
                 cases.append((f"{rel} (vote, block counts)", model, -1))
-    print(f"{'model':44} {'params zeroed->folded':>24} {'MAC ratio':>9} {'zeroed ms':>9} "
-          f"{'folded ms':>9} {'lat ratio':>9} {'lat/MAC':>8}")
+    print(
+        f"{'model':44} {'params zeroed->folded':>24} {'MAC ratio':>9} {'zeroed ms':>9} "
+        f"{'folded ms':>9} {'lat ratio':>9} {'lat/MAC':>8}"
+    )
     for name, model, batch in cases:
         if batch < 0:
             zeroed, batch = onnxprune.run(model, ["vote:sparsity=0.5"], device="cpu")[0], 1
@@ -121,8 +144,10 @@ def bench_latency(runs: int) -> None:
         sz, sf = summarize(zeroed), summarize(folded)
         mac_ratio = sf.macs / sz.macs if sz.macs else 1.0
         mz, mf, ratio = latency_ratio(zeroed, folded, batch, runs)
-        print(f"{name:44} {sz.parameters:>11,} -> {sf.parameters:>10,} {mac_ratio:>9.3f} {mz:>9.3f} "
-              f"{mf:>9.3f} {ratio:>9.3f} {ratio / mac_ratio if mac_ratio else 0:>8.2f}")
+        print(
+            f"{name:44} {sz.parameters:>11,} -> {sf.parameters:>10,} {mac_ratio:>9.3f} {mz:>9.3f} "
+            f"{mf:>9.3f} {ratio:>9.3f} {ratio / mac_ratio if mac_ratio else 0:>8.2f}"
+        )
 
 
 def bench_big(folder: Path) -> None:
@@ -140,8 +165,8 @@ def bench_big(folder: Path) -> None:
         "peak = hwm();"
         f"size = {path.stat().st_size};"
         "p = r['passes'][0];"
-        "print(f'model {size/2**20:.0f} MiB, params {p[\"parameters_before\"]:,} -> "
-        "{p[\"parameters_after\"]:,}; fold {dt:.1f} s; peak RSS {peak/2**20:.0f} MiB = "
+        'print(f\'model {size/2**20:.0f} MiB, params {p["parameters_before"]:,} -> '
+        '{p["parameters_after"]:,}; fold {dt:.1f} s; peak RSS {peak/2**20:.0f} MiB = '
         "{peak/size:.2f}x model ({(peak-base)/size:.2f}x above the interpreter with onnxprune imported)')"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

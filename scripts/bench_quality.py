@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 import onnxprune
+from onnxprune.cost import summarize
 from onnxprune.runtime import session
-from onnxprune.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
@@ -80,17 +80,35 @@ def bench_model(name: str, sparsities: list[float], methods: list[str]) -> list[
     macs0 = summarize(base).macs
     with np.load(test) as d:
         feeds = {k: d[k][:32] for k in d.files if k != "labels"}
-    rows = [{"model": name, "method": "original", "variant": "-", "sparsity": 0.0,
-             "accuracy": acc0, "recall": rec0, "mac_ratio": 1.0, "latency_ratio": 1.0}]
+    rows = [
+        {
+            "model": name,
+            "method": "original",
+            "variant": "-",
+            "sparsity": 0.0,
+            "accuracy": acc0,
+            "recall": rec0,
+            "mac_ratio": 1.0,
+            "latency_ratio": 1.0,
+        }
+    ]
     for sparsity in sparsities:
         for method in methods:
             for variant in VARIANTS:
-                pruned, _ = onnxprune.run(base, chain(method, sparsity, variant), data=calib,
-                                          device="cpu")
+                pruned, _ = onnxprune.run(
+                    base, chain(method, sparsity, variant), data=calib, device="cpu"
+                )
                 acc, rec = accuracy(pruned, test)
-                row = {"model": name, "method": method, "variant": variant,
-                       "sparsity": sparsity, "accuracy": acc, "recall": rec,
-                       "mac_ratio": summarize(pruned).macs / macs0, "latency_ratio": None}
+                row = {
+                    "model": name,
+                    "method": method,
+                    "variant": variant,
+                    "sparsity": sparsity,
+                    "accuracy": acc,
+                    "recall": rec,
+                    "mac_ratio": summarize(pruned).macs / macs0,
+                    "latency_ratio": None,
+                }
                 if method == "vote" and variant == "comp+refit":
                     row["latency_ratio"] = latency_ratio(base, pruned, feeds)
                 rows.append(row)
@@ -100,9 +118,11 @@ def bench_model(name: str, sparsities: list[float], methods: list[str]) -> list[
 
 def _line(r: dict) -> str:
     lat = f"{r['latency_ratio']:.2f}" if r["latency_ratio"] is not None else "-"
-    return (f"{r['model']:14} {r['method']:9} {r['variant']:11} {r['sparsity']:4.2f} "
-            f"acc {r['accuracy']:.4f} recall {r['recall']:.4f} MACs {r['mac_ratio']:.3f} "
-            f"latency {lat}")
+    return (
+        f"{r['model']:14} {r['method']:9} {r['variant']:11} {r['sparsity']:4.2f} "
+        f"acc {r['accuracy']:.4f} recall {r['recall']:.4f} MACs {r['mac_ratio']:.3f} "
+        f"latency {lat}"
+    )
 
 
 def mlp_cosine() -> dict[str, float]:
@@ -124,36 +144,55 @@ def mlp_cosine() -> dict[str, float]:
         for label, passes in (
             ("l1, no data", ["vote:criteria=l1,quorum=1,check=off,sparsity=0.5", "fold"]),
             ("vote + compensation", ["vote:sparsity=0.5,compensate=on", "fold"]),
-            ("vote + compensation + refit",
-             ["vote:sparsity=0.5,compensate=on", "refit:max_batches=1000", "fold"]),
+            (
+                "vote + compensation + refit",
+                ["vote:sparsity=0.5,compensate=on", "refit:max_batches=1000", "fold"],
+            ),
         ):
             pruned, _ = onnxprune.run(model, passes, data=data, device="cpu")
             y = session(pruned).run(None, {"x": held})[0]
             cos = (ref * y).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(y, axis=1))
             out[label] = float(cos.mean())
-            print(f"MLP 512-2048-2048-512, half hidden: {label}: cosine {cos.mean():.3f}, "
-                  f"params {summarize(pruned).parameters:,}", flush=True)
+            print(
+                f"MLP 512-2048-2048-512, half hidden: {label}: cosine {cos.mean():.3f}, "
+                f"params {summarize(pruned).parameters:,}",
+                flush=True,
+            )
     return out
 
 
 def write_docs(rows: list[dict], cosines: dict[str, float], command: str) -> None:
     """docs/quality.md (tables) and docs/quality.png (accuracy against MACs)."""
-    lines = ["# Pruning quality without fine-tuning", "",
-             f"Command: `{command}` (2-core CPU, onnxruntime CPU). Each point: the chain, then "
-             "fold; accuracy and macro recall on the held-back digits test split; MAC ratio "
-             "pruned/original; latency ratio (one thread, interleaved medians) for vote rows.", ""]
+    lines = [
+        "# Pruning quality without fine-tuning",
+        "",
+        f"Command: `{command}` (2-core CPU, onnxruntime CPU). Each point: the chain, then "
+        "fold; accuracy and macro recall on the held-back digits test split; MAC ratio "
+        "pruned/original; latency ratio (one thread, interleaved medians) for vote rows.",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"## {model}", "", "| method | variant | sparsity | accuracy | recall | "
-                  "MAC ratio | latency ratio |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {model}",
+            "",
+            "| method | variant | sparsity | accuracy | recall | MAC ratio | latency ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if r["model"] == model:
                 lat = f"{r['latency_ratio']:.2f}" if r["latency_ratio"] is not None else ""
-                lines.append(f"| {r['method']} | {r['variant']} | {r['sparsity']:.1f} | "
-                             f"{r['accuracy']:.4f} | {r['recall']:.4f} | {r['mac_ratio']:.3f} "
-                             f"| {lat} |")
+                lines.append(
+                    f"| {r['method']} | {r['variant']} | {r['sparsity']:.1f} | "
+                    f"{r['accuracy']:.4f} | {r['recall']:.4f} | {r['mac_ratio']:.3f} "
+                    f"| {lat} |"
+                )
         lines.append("")
-    lines += ["## Random MLP 512-2048-2048-512 at half its hidden neurons", "",
-              "| chain | output cosine |", "|---|---|"]
+    lines += [
+        "## Random MLP 512-2048-2048-512 at half its hidden neurons",
+        "",
+        "| chain | output cosine |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} |" for k, v in cosines.items()]
     (ROOT / "docs" / "quality.md").write_text("\n".join(lines) + "\n")
     _plot(rows)
@@ -170,11 +209,19 @@ def _plot(rows: list[dict]) -> None:
     for ax, model in zip(axes[0], models, strict=True):
         for method in ("vote", "average", "flap", "l1", "random"):
             for variant, style in (("zeros", ":"), ("comp+refit", "-")):
-                pts = sorted((r["mac_ratio"], r["accuracy"]) for r in rows if r["model"] == model
-                             and r["method"] == method and r["variant"] == variant)
+                pts = sorted(
+                    (r["mac_ratio"], r["accuracy"])
+                    for r in rows
+                    if r["model"] == model and r["method"] == method and r["variant"] == variant
+                )
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3,
-                            label=f"{method} {variant}")
+                    ax.plot(
+                        *zip(*pts, strict=True),
+                        style,
+                        marker="o",
+                        ms=3,
+                        label=f"{method} {variant}",
+                    )
         ax.set_title(model)
         ax.set_xlabel("MAC ratio (pruned / original)")
         ax.set_ylabel("test accuracy")
@@ -191,12 +238,16 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     sparsities = [0.25, 0.5, 0.7] if args.quick else [round(0.1 * i, 1) for i in range(1, 8)]
-    methods = ["vote", "average", "flap", "random"] if args.quick else ["vote", "average", *CRITERIA]
+    methods = (
+        ["vote", "average", "flap", "random"] if args.quick else ["vote", "average", *CRITERIA]
+    )
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, sparsities, methods)
     cosines = mlp_cosine()
-    write_docs(rows, cosines, "python scripts/bench_quality.py" + (" --quick" if args.quick else ""))
+    write_docs(
+        rows, cosines, "python scripts/bench_quality.py" + (" --quick" if args.quick else "")
+    )
 
 
 if __name__ == "__main__":

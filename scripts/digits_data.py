@@ -25,4 +25,8 @@ def split() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     n_test = int(round(TEST_SHARE * len(labels)))
     test, train = order[:n_test], order[n_test:]
     calib = train[:CALIB_SIZE]
-    return (images[train], labels[train]), (images[calib], labels[calib]), (images[test], labels[test])
+    return (
+        (images[train], labels[train]),
+        (images[calib], labels[calib]),
+        (images[test], labels[test]),
+    )

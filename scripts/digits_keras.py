@@ -89,12 +89,14 @@ def main() -> None:
     proto = export_tf.export_keras(model, (None, 8, 8, 1))
     input_name = proto.graph.input[0].name
     sample = x_test[:SAMPLE]
-    notes = json.dumps({
-        "keras_test_accuracy": round(keras_acc, 4),
-        "test_images": len(y_test),
-        "training": f"Adam({LEARNING_RATE}), {EPOCHS} epochs, batch {BATCH}, seed 0",
-        "input": "NHWC [N, 8, 8, 1] in [0, 1]; dynamic batch; sample = first 4 test images",
-    })
+    notes = json.dumps(
+        {
+            "keras_test_accuracy": round(keras_acc, 4),
+            "test_images": len(y_test),
+            "training": f"Adam({LEARNING_RATE}), {EPOCHS} epochs, batch {BATCH}, seed 0",
+            "input": "NHWC [N, 8, 8, 1] in [0, 1]; dynamic batch; sample = first 4 test images",
+        }
+    )
     path = export_tf.save_and_check(
         FRAMEWORK, NAME, proto, sample, export_tf.keras_outputs(model, sample), notes
     )
@@ -102,8 +104,10 @@ def main() -> None:
     save_split(MODELS / FRAMEWORK / f"{NAME}.test.npz", input_name, x_test, y_test)
 
     onnx_acc = accuracy(ort_logits(path, input_name, x_test), y_test)
-    print(f"{NAME}: test accuracy keras {keras_acc:.4f}, onnxruntime {onnx_acc:.4f} "
-          f"({len(y_test)} images)")
+    print(
+        f"{NAME}: test accuracy keras {keras_acc:.4f}, onnxruntime {onnx_acc:.4f} "
+        f"({len(y_test)} images)"
+    )
     if onnx_acc != keras_acc:
         raise AssertionError(f"onnxruntime accuracy {onnx_acc:.4f} != Keras {keras_acc:.4f}")
 

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxprune import registry
+from onnxprune.passes import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -51,12 +51,14 @@ def discover_fixtures() -> list[FixtureModel]:
             continue
         for name, entry in sorted(entries.items()):
             folder = manifest.parent
-            found.append(FixtureModel(
-                id=f"{folder.name}/{name}",
-                path=folder / entry["file"],
-                sample=folder / entry["sample"],
-                entry=entry,
-            ))
+            found.append(
+                FixtureModel(
+                    id=f"{folder.name}/{name}",
+                    path=folder / entry["file"],
+                    sample=folder / entry["sample"],
+                    entry=entry,
+                )
+            )
     return found
 
 
@@ -76,7 +78,9 @@ def fixture_path(rel: str) -> Path:
     return path
 
 
-def ort_run(model: onnx.ModelProto | Path | str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def ort_run(
+    model: onnx.ModelProto | Path | str, feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Run a model once on the CPU provider (quiet, single thread); outputs by name."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -165,12 +169,17 @@ def tiny_feeds() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)}
 
 
-def build_model(nodes, inputs, outputs, inits: Mapping[str, np.ndarray], opset: int = 17
-                ) -> onnx.ModelProto:
+def build_model(
+    nodes, inputs, outputs, inits: Mapping[str, np.ndarray], opset: int = 17
+) -> onnx.ModelProto:
     """A checked opset-``opset``, IR 8 model from onnx.helper parts; ``inits`` by name."""
     graph = onnx.helper.make_graph(
-        nodes, "test", inputs, outputs,
-        [onnx.numpy_helper.from_array(np.asarray(a), n) for n, a in inits.items()])
+        nodes,
+        "test",
+        inputs,
+        outputs,
+        [onnx.numpy_helper.from_array(np.asarray(a), n) for n, a in inits.items()],
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)

@@ -23,7 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.calibrate import (
+from onnxprune.context import Context
+from onnxprune.data import Dataset, load_npz, synthesize
+from onnxprune.errors import DataError
+from onnxprune.pruning.calibrate import (
     SYNTHETIC_WARNING,
     ChannelStats,
     activation_stats,
@@ -32,9 +35,6 @@ from onnxprune.calibrate import (
     expose,
     fingerprint,
 )
-from onnxprune.context import Context
-from onnxprune.data import Dataset, load_npz, synthesize
-from onnxprune.errors import DataError
 from onnxprune.runtime import session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,6 @@ RNG = np.random.default_rng(0)
 # tiny models
 
 
-
-
 def _f32(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
@@ -57,8 +55,10 @@ def conv_model(batch: int | str = "N") -> onnx.ModelProto:
     w, b = _f32(8, 3, 3, 3), _f32(8)
     w[5], b[5] = 0, 0
     return _model(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"])],
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+        ],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6])],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch, 8, 6, 6])],
         {"w": w, "b": b},
@@ -68,10 +68,12 @@ def conv_model(batch: int | str = "N") -> onnx.ModelProto:
 def nhwc_model() -> onnx.ModelProto:
     """tf2onnx layout: x[N,6,6,3] -> Transpose -> Conv -> Relu -> Transpose -> y[N,6,6,8]."""
     return _model(
-        [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
-         helper.make_node("Conv", ["xt", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1])],
+        [
+            helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["xt", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1]),
+        ],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 6, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 6, 8])],
         {"w": _f32(8, 3, 3, 3), "b": _f32(8)},
@@ -81,8 +83,10 @@ def nhwc_model() -> onnx.ModelProto:
 def dense_model(batch: int | str = "N") -> onnx.ModelProto:
     """x[N,5] -> Gemm(7) -> g -> Relu -> r."""
     return _model(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
-         helper.make_node("Relu", ["g"], ["r"])],
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+            helper.make_node("Relu", ["g"], ["r"]),
+        ],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 5])],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch, 7])],
         {"w": _f32(7, 5), "b": _f32(7)},
@@ -92,9 +96,11 @@ def dense_model(batch: int | str = "N") -> onnx.ModelProto:
 def seq_model() -> onnx.ModelProto:
     """x[N,L,6] -> MatMul(6x9) -> Add -> h -> Relu -> r."""
     return _model(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]),
-         helper.make_node("Add", ["m", "b"], ["h"]),
-         helper.make_node("Relu", ["h"], ["r"])],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Add", ["m", "b"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+        ],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "L", 6])],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", "L", 9])],
         {"w": _f32(6, 9), "b": _f32(9)},
@@ -104,9 +110,11 @@ def seq_model() -> onnx.ModelProto:
 def embedding_model() -> onnx.ModelProto:
     """ids[N,L] int64 -> Gather(table[20,6]) -> e -> MatMul(6x4) -> Relu -> r."""
     return _model(
-        [helper.make_node("Gather", ["table", "ids"], ["e"]),
-         helper.make_node("MatMul", ["e", "w"], ["m"]),
-         helper.make_node("Relu", ["m"], ["r"])],
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"]),
+            helper.make_node("MatMul", ["e", "w"], ["m"]),
+            helper.make_node("Relu", ["m"], ["r"]),
+        ],
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", "L", 4])],
         {"table": _f32(20, 6), "w": _f32(6, 4)},
@@ -116,9 +124,11 @@ def embedding_model() -> onnx.ModelProto:
 def baked_batch_model() -> onnx.ModelProto:
     """Declares a dynamic batch but reshapes to [1, 4]: only runs one sample at a time."""
     return _model(
-        [helper.make_node("Reshape", ["x", "shape"], ["x1"]),
-         helper.make_node("MatMul", ["x1", "w"], ["m"]),
-         helper.make_node("Relu", ["m"], ["r"])],
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["x1"]),
+            helper.make_node("MatMul", ["x1", "w"], ["m"]),
+            helper.make_node("Relu", ["m"], ["r"]),
+        ],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 3])],
         {"shape": np.array([1, 4], np.int64), "w": _f32(4, 3)},
@@ -253,15 +263,16 @@ def test_fixed_batch_drops_ragged_tail_and_needs_one_batch() -> None:
 def test_baked_batch_one_falls_back_to_per_sample(caplog: pytest.LogCaptureFixture) -> None:
     model = baked_batch_model()
     data = dataset(x=_f32(6, 4))
-    with caplog.at_level(logging.WARNING, logger="onnxprune.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="onnxprune.pruning.calibrate"):
         stats = collect(model, {"r": 1}, data, batch_size=3)
     assert "one sample at a time" in caplog.text
     assert_matches_numpy(stats["r"], activations(model, ["r"], data, 1)["r"], 1)
 
 
 def test_max_batches() -> None:
-    stats = collect(conv_model(), {"c": 1}, dataset(x=_f32(50, 3, 6, 6)), batch_size=8,
-                    max_batches=2)
+    stats = collect(
+        conv_model(), {"c": 1}, dataset(x=_f32(50, 3, 6, 6)), batch_size=8, max_batches=2
+    )
     assert stats["c"].count == 16 * 36
 
 
@@ -295,13 +306,25 @@ def test_digits_cnn_real_data_channel_counts() -> None:
     model = onnx.load(path)
     data = load_npz(path.with_name("torch_cnn.calib.npz"), model)
     names = {n.op_type + str(i): n.output[0] for i, n in enumerate(model.graph.node)}
-    tensors = {names["Conv0"]: 1, names["Relu3"]: 1, names["MaxPool4"]: 1, names["Flatten8"]: 1,
-               names["Relu10"]: 1, "output": 1}
+    tensors = {
+        names["Conv0"]: 1,
+        names["Relu3"]: 1,
+        names["MaxPool4"]: 1,
+        names["Flatten8"]: 1,
+        names["Relu10"]: 1,
+        "output": 1,
+    }
     stats = collect(model, tensors, data)
     got = {name: (s.channels, s.count) for name, s in stats.items()}
     n = len(data)
-    assert list(got.values()) == [(16, n * 64), (32, n * 64), (32, n * 16), (32, n), (64, n),
-                                  (10, n)]
+    assert list(got.values()) == [
+        (16, n * 64),
+        (32, n * 64),
+        (32, n * 16),
+        (32, n),
+        (64, n),
+        (10, n),
+    ]
     relu = stats[names["Relu3"]]
     assert relu.min.min() == 0 and 0 < relu.apoz.mean() < 1
     assert_matches_numpy(stats["output"], activations(model, ["output"], data, 64)["output"], 1)
@@ -360,8 +383,10 @@ def test_streamed_updates_and_merges_equal_one_pass(case) -> None:
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 30), min_size=3, max_size=3), st.integers(0, 2**32 - 1))
 def test_merge_is_associative_and_pure(sizes: list[int], seed: int) -> None:
-    a, b, c = (ChannelStats.of(_random_block(k, 4, 2.0, seed + i), 1) if k
-               else ChannelStats.empty(4) for i, k in enumerate(sizes))
+    a, b, c = (
+        ChannelStats.of(_random_block(k, 4, 2.0, seed + i), 1) if k else ChannelStats.empty(4)
+        for i, k in enumerate(sizes)
+    )
     snapshot = [s.copy() for s in (a, b, c)]
     assert_same_stats(a.merge(b).merge(c), a.merge(b.merge(c)))
     for s, before in zip((a, b, c), snapshot, strict=True):
@@ -394,10 +419,12 @@ def test_empty_and_mismatched_stats() -> None:
 
 @pytest.mark.parametrize(
     ("factory", "names", "shape"),
-    [(conv_model, {"c": 1, "r": 1}, (12, 3, 6, 6)),
-     (nhwc_model, {"y": 3}, (12, 6, 6, 3)),
-     (seq_model, {"h": 2}, (12, 5, 6)),
-     (dense_model, {"g": 1}, (12, 5))],
+    [
+        (conv_model, {"c": 1, "r": 1}, (12, 3, 6, 6)),
+        (nhwc_model, {"y": 3}, (12, 6, 6, 3)),
+        (seq_model, {"h": 2}, (12, 5, 6)),
+        (dense_model, {"g": 1}, (12, 5)),
+    ],
 )
 def test_rows_are_the_activation_vectors(factory, names: Mapping[str, int], shape) -> None:
     model = factory()
@@ -445,7 +472,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    from onnxprune.calibrate import collect
+    from onnxprune.pruning.calibrate import collect
     from onnxprune.data import Dataset
 
     rng = np.random.default_rng(0)
@@ -477,7 +504,11 @@ def test_collect_memory_does_not_grow_with_samples() -> None:
     zero-copy views of its own buffers.)"""
     proc = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["count"] == 2000 * 256
@@ -511,7 +542,7 @@ def test_activation_stats_cached_per_model_and_tensors(tmp_path) -> None:
 def test_activation_stats_warns_on_synthetic_data(caplog: pytest.LogCaptureFixture) -> None:
     model = conv_model()
     ctx = Context(original=model, seed=3)
-    with caplog.at_level(logging.WARNING, logger="onnxprune.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="onnxprune.pruning.calibrate"):
         stats = activation_stats(ctx, model, {"c": 1})
     assert SYNTHETIC_WARNING in caplog.text
     assert stats["c"].count == 32 * 36  # Context synthesises 32 samples

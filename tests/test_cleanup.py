@@ -67,7 +67,8 @@ def test_identity_read_by_a_subgraph_is_kept(run_ort, same_outputs):
             helper.make_node("Identity", ["x"], ["i1"]),
             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
         ],
-        [_out("y")], inputs=(X, cond),
+        [_out("y")],
+        inputs=(X, cond),
     )
     new, report = _cleanup(model)
     assert _ops(new) == ["Identity", "If"]
@@ -109,7 +110,8 @@ def test_add_of_two_initializers_folded(run_ort, same_outputs):
     b = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(2, 4), "b")
     model = _model(
         [helper.make_node("Add", ["a", "b"], ["ab"]), helper.make_node("Mul", ["x", "ab"], ["y"])],
-        [_out("y")], [a, b],
+        [_out("y")],
+        [a, b],
     )
     new, report = _cleanup(model)
     assert _ops(new) == ["Mul"]
@@ -136,7 +138,8 @@ def _shape_chain_model() -> onnx.ModelProto:
             helper.make_node("Concat", ["batch1", "minus1"], ["target"], axis=0),
             helper.make_node("Reshape", ["x", "target"], ["y"]),
         ],
-        [_out("y", (2, 4))], [idx, axes, minus1],
+        [_out("y", (2, 4))],
+        [idx, axes, minus1],
     )
 
 
@@ -156,9 +159,13 @@ def test_fold_limit_keeps_large_results_unfolded(run_ort, same_outputs):
     shape = numpy_helper.from_array(np.array([2, (1 << 17) + 1], np.int64), "shape")
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])
     model = _model(
-        [helper.make_node("Expand", ["half", "shape"], ["big"]),
-         helper.make_node("Mul", ["big", "w"], ["y"])],
-        [_out("y", (2, (1 << 17) + 1))], [scalar, shape], (w,),
+        [
+            helper.make_node("Expand", ["half", "shape"], ["big"]),
+            helper.make_node("Mul", ["big", "w"], ["y"]),
+        ],
+        [_out("y", (2, (1 << 17) + 1))],
+        [scalar, shape],
+        (w,),
     )
     feeds = {"w": np.array([3.0], np.float32)}
     limited, report = _cleanup(model, "cleanup:fold_limit_mb=1")

@@ -99,26 +99,59 @@ def test_external_data_flag(model_path, tmp_path):
     assert _files(tmp_path) == ["o.onnx", "o.onnx.data"]
     new = onnxprune.load(tmp_path / "o.onnx")
     assert sorted(t.name for t in new.graph.initializer) == sorted(
-        t.name for t in onnxprune.load(src).graph.initializer)
+        t.name for t in onnxprune.load(src).graph.initializer
+    )
 
 
 def test_report_json_schema(model, tmp_path):
     report = tmp_path / "r.json"
-    result = cli(model, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--report", report, "--device", "cpu")
+    result = cli(
+        model, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--report", report, "--device", "cpu"
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(report.read_text())
-    assert set(data) == {"schema", "onnxprune", "model", "providers", "before", "passes", "after", "output"}
+    assert set(data) == {
+        "schema",
+        "onnxprune",
+        "model",
+        "providers",
+        "before",
+        "passes",
+        "after",
+        "output",
+    }
     assert data["schema"] == 1 and data["onnxprune"] == onnxprune.__version__
     assert data["providers"] == ["CPUExecutionProvider"]
     assert data["model"] == str(model) and data["output"] == str(tmp_path / "o.onnx")
-    summary_keys = {"nodes", "parameters", "macs", "bytes", "opset", "ir_version", "framework",
-                    "op_histogram", "macs_by_op"}
+    summary_keys = {
+        "nodes",
+        "parameters",
+        "macs",
+        "bytes",
+        "opset",
+        "ir_version",
+        "framework",
+        "op_histogram",
+        "macs_by_op",
+    }
     assert set(data["before"]) == set(data["after"]) == summary_keys
     (section,) = data["passes"]
-    assert {"pass", "options", "modified", "seconds", "constants_lifted", "identities_bypassed",
-            "initializer_inputs_removed", "nodes_before", "nodes_after"} <= set(section)
-    assert section["options"] == {"fold_constants": True, "fold_limit_mb": 64.0,
-                                  "keep_initializer_inputs": False}
+    assert {
+        "pass",
+        "options",
+        "modified",
+        "seconds",
+        "constants_lifted",
+        "identities_bypassed",
+        "initializer_inputs_removed",
+        "nodes_before",
+        "nodes_after",
+    } <= set(section)
+    assert section["options"] == {
+        "fold_constants": True,
+        "fold_limit_mb": 64.0,
+        "keep_initializer_inputs": False,
+    }
     assert _files(tmp_path) == ["cnn.onnx", "o.onnx", "r.json"]
 
 
@@ -136,8 +169,9 @@ def test_recipe(model, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     assert (folder / "out" / "small.onnx").is_file()
     passes = json.loads((folder / "small.json").read_text())["passes"]
-    assert [(p["pass"], p["options"]["fold_limit_mb"], p["options"]["fold_constants"])
-            for p in passes] == [("cleanup", 8.0, True), ("cleanup", 64.0, False)]
+    assert [
+        (p["pass"], p["options"]["fold_limit_mb"], p["options"]["fold_constants"]) for p in passes
+    ] == [("cleanup", 8.0, True), ("cleanup", 64.0, False)]
 
     result = cli(model, "--recipe", recipe, "-o", tmp_path / "override.onnx")
     assert result.exit_code == 0, result.stderr
@@ -149,8 +183,11 @@ def test_list_passes_shows_cleanup_and_options():
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert any(ln.startswith("cleanup  ") and "(onnxprune.passes.cleanup)" in ln for ln in lines)
-    for opt in ("fold_constants: bool = True", "fold_limit_mb: float = 64.0",
-                "keep_initializer_inputs: bool = False"):
+    for opt in (
+        "fold_constants: bool = True",
+        "fold_limit_mb: float = 64.0",
+        "keep_initializer_inputs: bool = False",
+    ):
         assert any(ln.strip().startswith(opt) for ln in lines), opt
 
 
@@ -167,8 +204,9 @@ def test_version():
 def _write_model(path: Path, nodes, inputs=("x",)) -> Path:
     vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in inputs]
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    m = helper.make_model(helper.make_graph(nodes, "g", vi, [y]),
-                          opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", vi, [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     m.ir_version = 8
     onnx.save(m, str(path))
     return path
@@ -196,16 +234,19 @@ def _bad_model(kind: str, model: Path, tmp: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("missing", "no such file"),
-    ("folder", "is a folder"),
-    ("text", "not an ONNX model"),
-    ("png", "not an ONNX model"),
-    ("empty", "not an ONNX model"),
-    ("truncated", "truncated.onnx"),
-    ("unknown-op", "onnx.checker rejects the model: No Op registered for NoSuchOp"),
-    ("dangling", "input 'ghost' of node"),
-])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("missing", "no such file"),
+        ("folder", "is a folder"),
+        ("text", "not an ONNX model"),
+        ("png", "not an ONNX model"),
+        ("empty", "not an ONNX model"),
+        ("truncated", "truncated.onnx"),
+        ("unknown-op", "onnx.checker rejects the model: No Op registered for NoSuchOp"),
+        ("dangling", "input 'ghost' of node"),
+    ],
+)
 def test_bad_model_files(kind, expected, model, tmp_path):
     bad = _bad_model(kind, model, tmp_path)
     before = _files(tmp_path)
@@ -213,24 +254,39 @@ def test_bad_model_files(kind, expected, model, tmp_path):
     assert _files(tmp_path) == before
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["-p", "nope"], ["unknown pass 'nope'", "known passes: ", "cleanup"]),
-    (["-p", "cleanup:foo=1"], ["pass cleanup: unknown option 'foo'", "fold_constants",
-                               "fold_limit_mb", "keep_initializer_inputs"]),
-    (["-p", "cleanup:fold_limit_mb=abc"], ["pass cleanup: option fold_limit_mb='abc'",
-                                           "expected a number"]),
-    (["-p", "cleanup:fold_constants=maybe"], ["expected true or false"]),
-    (["-p", "cleanup:oops"], ["expected key=value"]),
-    (["-p", "cleanup", "--data", "missing.npz"], ["missing.npz: no such data file"]),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-p", "nope"], ["unknown pass 'nope'", "known passes: ", "cleanup"]),
+        (
+            ["-p", "cleanup:foo=1"],
+            [
+                "pass cleanup: unknown option 'foo'",
+                "fold_constants",
+                "fold_limit_mb",
+                "keep_initializer_inputs",
+            ],
+        ),
+        (
+            ["-p", "cleanup:fold_limit_mb=abc"],
+            ["pass cleanup: option fold_limit_mb='abc'", "expected a number"],
+        ),
+        (["-p", "cleanup:fold_constants=maybe"], ["expected true or false"]),
+        (["-p", "cleanup:oops"], ["expected key=value"]),
+        (["-p", "cleanup", "--data", "missing.npz"], ["missing.npz: no such data file"]),
+    ],
+)
 def test_bad_passes_and_options(args, expected, model, tmp_path):
     assert_one_line_error(cli(model, *args, "-o", tmp_path / "o.onnx"), *expected)
     assert _files(tmp_path) == ["cnn.onnx"]
 
 
 def test_unwritable_output(model, tmp_path):
-    assert_one_line_error(cli(model, "-p", "cleanup", "-o", tmp_path / "no" / "o.onnx"),
-                          "output folder", "does not exist")
+    assert_one_line_error(
+        cli(model, "-p", "cleanup", "-o", tmp_path / "no" / "o.onnx"),
+        "output folder",
+        "does not exist",
+    )
     (tmp_path / "dir.onnx").mkdir()
     assert_one_line_error(cli(model, "-p", "cleanup", "-o", tmp_path / "dir.onnx"), "is a folder")
     assert _files(tmp_path) == ["cnn.onnx", "dir.onnx"]
@@ -248,20 +304,27 @@ def test_output_equal_to_input_leaves_input_unchanged(model, tmp_path, monkeypat
 def test_device_cuda_without_gpu(model, tmp_path):
     if cuda_works():
         pytest.skip("CUDA works here")
-    assert_one_line_error(cli(model, "-p", "cleanup", "--device", "cuda", "-o", tmp_path / "o.onnx"),
-                          "--device cuda", "cannot use CUDA", "--device auto or cpu")
+    assert_one_line_error(
+        cli(model, "-p", "cleanup", "--device", "cuda", "-o", tmp_path / "o.onnx"),
+        "--device cuda",
+        "cannot use CUDA",
+        "--device auto or cpu",
+    )
     assert _files(tmp_path) == ["cnn.onnx"]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("[[pass]\nname = 'cleanup'\n", "not valid TOML"),
-    ("colour = 'red'\n", "unknown key(s) ['colour']"),
-    ("[[pass]]\nfold_limit_mb = 3\n", "has no name"),
-    ("[[pass]]\nname = 'cleanup'\nfold_limit_mb = 'big'\n", "fold_limit_mb='big'"),
-    ("[[pass]]\nname = 'nope'\n", "unknown pass 'nope'"),
-    ("pass = 3\n", "must be an array of tables"),
-    (b"\x89PNG\r\n\x1a\n\xff\xfe", "cannot read the recipe"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[[pass]\nname = 'cleanup'\n", "not valid TOML"),
+        ("colour = 'red'\n", "unknown key(s) ['colour']"),
+        ("[[pass]]\nfold_limit_mb = 3\n", "has no name"),
+        ("[[pass]]\nname = 'cleanup'\nfold_limit_mb = 'big'\n", "fold_limit_mb='big'"),
+        ("[[pass]]\nname = 'nope'\n", "unknown pass 'nope'"),
+        ("pass = 3\n", "must be an array of tables"),
+        (b"\x89PNG\r\n\x1a\n\xff\xfe", "cannot read the recipe"),
+    ],
+)
 def test_bad_recipes(text, expected, model, tmp_path):
     recipe = tmp_path / "r.toml"
     if isinstance(text, bytes):
@@ -289,8 +352,13 @@ def test_crashing_pass_is_an_internal_error(model, tmp_path, isolated_registry):
         def run(self, model, ctx):
             raise ZeroDivisionError("oops")
 
-    err = assert_one_line_error(cli(model, "-p", "test-crash", "-o", tmp_path / "o.onnx"),
-                                "internal error", "test-crash", "ZeroDivisionError", code=3)
+    err = assert_one_line_error(
+        cli(model, "-p", "test-crash", "-o", tmp_path / "o.onnx"),
+        "internal error",
+        "test-crash",
+        "ZeroDivisionError",
+        code=3,
+    )
     assert "rerun with -v" in err
     assert _files(tmp_path) == ["cnn.onnx"]
 
@@ -308,8 +376,13 @@ def _script() -> Path:
 def test_console_script(model, tmp_path):
     env = dict(os.environ, NO_COLOR="1")
     run = lambda *a: subprocess.run(  # noqa: E731
-        [str(_script()), *map(str, a)], capture_output=True, text=True, env=env, cwd=tmp_path,
-        timeout=120, check=False,
+        [str(_script()), *map(str, a)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
     )
     ok = run("cnn.onnx", "-p", "cleanup")
     assert ok.returncode == 0, ok.stderr

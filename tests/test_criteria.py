@@ -18,10 +18,10 @@ from conftest import build_model as _model
 from onnx import TensorProto, helper
 
 from onnxprune.context import Context
-from onnxprune.criteria import CRITERIA, GroupView, get_criterion, rank_normalise
-from onnxprune.edit import get_init
 from onnxprune.errors import PassOptionError
-from onnxprune.prune import Workspace
+from onnxprune.graph import get_init
+from onnxprune.pruning.criteria import CRITERIA, GroupView, get_criterion, rank_normalise
+from onnxprune.pruning.workspace import Workspace
 
 RNG = np.random.default_rng(1234)
 WEIGHT_CRITERIA = ["l1", "l2", "mean", "std", "bn", "consumer", "random"]
@@ -36,32 +36,45 @@ def _f32(*shape: int, scale: float = 1.0) -> np.ndarray:
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-
-
 def conv_bn_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x[N,2,6,6] -> conv1 (4, 3x3) -> bn -> Relu -> r -> conv2 (3, 1x1) -> y."""
     inits = {
-        "w1": _f32(4, 2, 3, 3), "b1": _f32(4),
-        "gamma": np.array([0.5, -2.0, 1.25, 0.1], np.float32), "beta": _f32(4, scale=0.5),
-        "bn_mean": _f32(4, scale=0.1), "bn_var": np.array([1.0, 0.5, 2.0, 1.5], np.float32),
-        "w2": _f32(3, 4, 1, 1), "b2": _f32(3),
+        "w1": _f32(4, 2, 3, 3),
+        "b1": _f32(4),
+        "gamma": np.array([0.5, -2.0, 1.25, 0.1], np.float32),
+        "beta": _f32(4, scale=0.5),
+        "bn_mean": _f32(4, scale=0.1),
+        "bn_var": np.array([1.0, 0.5, 2.0, 1.5], np.float32),
+        "w2": _f32(3, 4, 1, 1),
+        "b2": _f32(3),
     }
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
-        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "bn_mean", "bn_var"],
-                         ["n1"], name="bn"),
+        helper.make_node(
+            "BatchNormalization", ["c1", "gamma", "beta", "bn_mean", "bn_var"], ["n1"], name="bn"
+        ),
         helper.make_node("Relu", ["n1"], ["r"], name="relu"),
         helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"),
     ]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], inits)
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        inits,
+    )
     return model, inits
 
 
 def mlp_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x[N,5] -> fc1 (6, transB=1) -> Relu -> a1 -> fc2 (4, transB=0) -> Relu -> a2 -> fc3 (3)."""
-    inits = {"w1": _f32(6, 5), "b1": _f32(6), "w2": _f32(6, 4), "b2": _f32(4),
-             "w3": _f32(3, 4), "b3": _f32(3)}
+    inits = {
+        "w1": _f32(6, 5),
+        "b1": _f32(6),
+        "w2": _f32(6, 4),
+        "b2": _f32(4),
+        "w3": _f32(3, 4),
+        "b3": _f32(3),
+    }
     nodes = [
         helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
         helper.make_node("Relu", ["h1"], ["a1"]),
@@ -69,15 +82,24 @@ def mlp_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         helper.make_node("Relu", ["h2"], ["a2"]),
         helper.make_node("Gemm", ["a2", "w3", "b3"], ["y"], name="fc3", transB=1),
     ]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
     return model, inits
 
 
 def residual_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """convA(x) + convB(x) -> Relu -> r -> convC: one class per channel index spans A and B."""
-    inits = {"wa": _f32(4, 2, 1, 1), "ba": _f32(4), "wb": _f32(4, 2, 1, 1, scale=3.0),
-             "bb": _f32(4), "wc": _f32(3, 4, 1, 1)}
+    inits = {
+        "wa": _f32(4, 2, 1, 1),
+        "ba": _f32(4),
+        "wb": _f32(4, 2, 1, 1, scale=3.0),
+        "bb": _f32(4),
+        "wc": _f32(3, 4, 1, 1),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="convA"),
         helper.make_node("Conv", ["x", "wb", "bb"], ["b"], name="convB"),
@@ -85,25 +107,44 @@ def residual_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         helper.make_node("Relu", ["s"], ["r"]),
         helper.make_node("Conv", ["r", "wc"], ["y"], name="convC"),
     ]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5, 5])], inits)
+    model = _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        inits,
+    )
     return model, inits
 
 
 def flatten_models() -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
     """The same conv -> Relu -> r, read by a 1x1 conv, or by Flatten -> Gemm (4 positions/channel)."""
-    inits = {"w1": _f32(4, 2, 3, 3), "b1": _f32(4, scale=0.3), "wg": _f32(3, 16),
-             "wc": _f32(3, 4, 1, 1)}
-    head = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
-            helper.make_node("Relu", ["c"], ["r"])]
+    inits = {
+        "w1": _f32(4, 2, 3, 3),
+        "b1": _f32(4, scale=0.3),
+        "wg": _f32(3, 16),
+        "wc": _f32(3, 4, 1, 1),
+    }
+    head = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
+        helper.make_node("Relu", ["c"], ["r"]),
+    ]
     x = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])]
-    dense = _model(head + [helper.make_node("Flatten", ["r"], ["f"]),
-                           helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)],
-                   x, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                   {k: v for k, v in inits.items() if k != "wc"})
-    conv = _model(head + [helper.make_node("Conv", ["r", "wc"], ["y"], name="conv2")],
-                  x, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 2, 2])],
-                  {k: v for k, v in inits.items() if k != "wg"})
+    dense = _model(
+        head
+        + [
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1),
+        ],
+        x,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        {k: v for k, v in inits.items() if k != "wc"},
+    )
+    conv = _model(
+        head + [helper.make_node("Conv", ["r", "wc"], ["y"], name="conv2")],
+        x,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 2, 2])],
+        {k: v for k, v in inits.items() if k != "wg"},
+    )
     return dense, conv, inits
 
 
@@ -126,8 +167,9 @@ def views(model: onnx.ModelProto, data: Path | None = None, seed: int = 0) -> di
     for g in ws.groups:
         classes = ws.free_classes(g)
         if len(classes):
-            out[g.spaces[0].node] = GroupView(ws.an, classes,
-                                              lambda n, m=ws.model: get_init(m.graph, n), stats, seed)
+            out[g.spaces[0].node] = GroupView(
+                ws.an, classes, lambda n, m=ws.model: get_init(m.graph, n), stats, seed
+            )
     return out
 
 
@@ -151,8 +193,13 @@ def close(got: np.ndarray | None, want: np.ndarray) -> None:
 def per_channel(r: np.ndarray, axis: int = 1) -> dict[str, np.ndarray]:
     """Reference activation statistics: every element except the channel axis."""
     flat = np.moveaxis(r, axis, 0).reshape(r.shape[axis], -1)
-    return {"mean": flat.mean(1), "var": flat.var(1), "std": flat.std(1),
-            "rms": np.sqrt((flat**2).mean(1)), "apoz": (flat == 0).mean(1)}
+    return {
+        "mean": flat.mean(1),
+        "var": flat.var(1),
+        "std": flat.std(1),
+        "rms": np.sqrt((flat**2).mean(1)),
+        "apoz": (flat == 0).mean(1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +309,10 @@ def test_activation_criteria_on_gemm_columns(tmp_path: Path) -> None:
     x = RNG.standard_normal((64, 5)).astype(np.float32)
     v = views(model, _save_data(tmp_path, "mlp", x=x))
     feeds = {"x": x}
-    for producer, tensor, rows in (("fc1", "a1", w["w2"].astype(np.float64)),
-                                   ("fc2", "a2", w["w3"].astype(np.float64).T)):
+    for producer, tensor, rows in (
+        ("fc1", "a1", w["w2"].astype(np.float64)),
+        ("fc2", "a2", w["w3"].astype(np.float64).T),
+    ):
         ref = per_channel(activations(model, tensor, feeds))
         close(crit("act_mean", v[producer]), np.abs(ref["mean"]))
         close(crit("act_std", v[producer]), ref["std"])
@@ -281,9 +330,14 @@ def test_channel_read_through_flatten_is_one_channel(tmp_path: Path, name: str) 
     x = RNG.standard_normal((50, 2, 4, 4)).astype(np.float32)
     data = _save_data(tmp_path, "flat", x=x)
     ref = per_channel(activations(conv, "r", {"x": x}))
-    want = {"apoz": ref["apoz"], "act_mean": np.abs(ref["mean"]), "act_var": ref["var"],
-            "act_std": ref["std"], "act_l2": ref["rms"],
-            "consumer": np.linalg.norm(w["wg"].astype(np.float64).reshape(3, 4, 4), axis=(0, 2))}
+    want = {
+        "apoz": ref["apoz"],
+        "act_mean": np.abs(ref["mean"]),
+        "act_var": ref["var"],
+        "act_std": ref["std"],
+        "act_l2": ref["rms"],
+        "consumer": np.linalg.norm(w["wg"].astype(np.float64).reshape(3, 4, 4), axis=(0, 2)),
+    }
     through_conv = crit(name, views(conv, data)["conv1"])
     if name != "consumer":
         close(through_conv, want[name])  # the reference itself is what the conv sink gives
@@ -295,11 +349,13 @@ def test_channel_read_through_flatten_is_one_channel(tmp_path: Path, name: str) 
 
 
 def test_rank_normalise_ties_share_their_mean_rank() -> None:
-    np.testing.assert_allclose(rank_normalise(np.array([3.0, 1.0, 3.0, 2.0])),
-                               np.array([2.5, 0.0, 2.5, 1.0]) / 3)
+    np.testing.assert_allclose(
+        rank_normalise(np.array([3.0, 1.0, 3.0, 2.0])), np.array([2.5, 0.0, 2.5, 1.0]) / 3
+    )
     np.testing.assert_allclose(rank_normalise(np.array([5.0, 5.0, 5.0])), [0.5, 0.5, 0.5])
-    np.testing.assert_allclose(rank_normalise(np.array([2.0, 2.0, 0.0, 9.0, 0.0])),
-                               np.array([2.5, 2.5, 0.5, 4.0, 0.5]) / 4)
+    np.testing.assert_allclose(
+        rank_normalise(np.array([2.0, 2.0, 0.0, 9.0, 0.0])), np.array([2.5, 2.5, 0.5, 4.0, 0.5]) / 4
+    )
     np.testing.assert_allclose(rank_normalise(np.array([0.3, -1.0, 7.0])), [0.5, 0.0, 1.0])
     assert rank_normalise(np.array([4.0])).tolist() == [0.0]
     assert rank_normalise(np.array([])).shape == (0,)

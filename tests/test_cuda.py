@@ -22,17 +22,18 @@ DATA = DIGITS / "torch_cnn.test.npz"
 needs_cuda = pytest.mark.skipif(not cuda_works(), reason="no GPU that onnxruntime can use here")
 
 
-
-
 # --- everywhere ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("works", "device", "expected"), [
-    (True, "auto", [CUDA, CPU]),
-    (False, "auto", [CPU]),
-    (True, "cuda", [CUDA, CPU]),
-    (True, "cpu", [CPU]),
-])
+@pytest.mark.parametrize(
+    ("works", "device", "expected"),
+    [
+        (True, "auto", [CUDA, CPU]),
+        (False, "auto", [CPU]),
+        (True, "cuda", [CUDA, CPU]),
+        (True, "cpu", [CPU]),
+    ],
+)
 def test_provider_choice(monkeypatch, works, device, expected):
     monkeypatch.setattr(runtime, "cuda_works", lambda: works)
     assert providers_for(device) == expected
@@ -57,9 +58,23 @@ def test_auto_says_which_provider(tmp_path):
 @needs_cuda
 def test_validate_on_cuda_records_the_provider(tmp_path):
     report = tmp_path / "r.json"
-    result = cli(MODEL, "-p", "validate:runs=20,warmup=5", "--data", DATA, "--device", "cuda",
-                 "--min-cosine", 0.9999, "--max-accuracy-drop", 0.0, "-o", tmp_path / "o.onnx",
-                 "--report", report)
+    result = cli(
+        MODEL,
+        "-p",
+        "validate:runs=20,warmup=5",
+        "--data",
+        DATA,
+        "--device",
+        "cuda",
+        "--min-cosine",
+        0.9999,
+        "--max-accuracy-drop",
+        0.0,
+        "-o",
+        tmp_path / "o.onnx",
+        "--report",
+        report,
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(report.read_text())
     section = data["passes"][-1]
@@ -71,9 +86,12 @@ def test_validate_on_cuda_records_the_provider(tmp_path):
 
 @needs_cuda
 def test_fold_then_validate_on_cuda():
-    model = onnxprune.load(Path(__file__).resolve().parents[1] / "models/torch/cnn_masked_legacy.onnx")
-    _, report = onnxprune.run(model, ["cleanup", "fold", "validate:runs=10,min_cosine=0.9999"],
-                              device="cuda")
+    model = onnxprune.load(
+        Path(__file__).resolve().parents[1] / "models/torch/cnn_masked_legacy.onnx"
+    )
+    _, report = onnxprune.run(
+        model, ["cleanup", "fold", "validate:runs=10,min_cosine=0.9999"], device="cuda"
+    )
     section = report["passes"][-1]
     assert section["latency"]["provider"] == CUDA
     assert section["passed"], section["gates"]

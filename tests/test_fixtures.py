@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 import onnxprune
-from onnxprune.model import graph_input_names
+from onnxprune.graph import graph_input_names
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -19,7 +19,10 @@ def test_manifests_parse():
         entries = json.loads(manifest.read_text())  # discovery skips a manifest mid-rewrite
         assert isinstance(entries, dict) and entries, manifest
         for name, entry in entries.items():
-            assert {"file", "sample", "sha256", "opset", "ir_version"} <= set(entry), (manifest, name)
+            assert {"file", "sample", "sha256", "opset", "ir_version"} <= set(entry), (
+                manifest,
+                name,
+            )
 
 
 def test_manifest_matches_file(fixture_model):

@@ -16,11 +16,11 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune
-from onnxprune.groups import analyse
-from onnxprune.model import lift_constants
-from onnxprune.probe import probe
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.walk import analyse
+from onnxprune.graph import lift_constants
+from onnxprune.pruning.zero import random_classes, zero_classes
 from onnxprune.runtime import run_model
-from onnxprune.zero import random_classes, zero_classes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FIXTURES = sorted(p for p in MODELS.glob("*/*.onnx"))
@@ -32,8 +32,13 @@ def _sample(path: Path) -> dict[str, np.ndarray]:
 
 
 def _params(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims, dtype=np.int64) for t in model.graph.initializer
-                   if t.data_type == onnx.TensorProto.FLOAT))
+    return int(
+        sum(
+            np.prod(t.dims, dtype=np.int64)
+            for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT
+        )
+    )
 
 
 def zero_random_channels(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, int, int]:
@@ -44,8 +49,11 @@ def zero_random_channels(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelP
     chosen = random_classes(an, 0.5, seed)
     zero_classes(model, an, chosen)
     roots = an.roots()
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer
-              if t.data_type == onnx.TensorProto.FLOAT}
+    shapes = {
+        t.name: list(t.dims)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+    }
     done = set()
     for m in an.members:  # expected shapes, counted independently of fold
         if (m.init, m.axis) in done or m.init not in shapes:
@@ -116,10 +124,18 @@ def test_fold_leaves_subgraph_and_unknown_ops_whole() -> None:
     w3 = rng.normal(size=(2, 5, 1, 1)).astype(np.float32)
     w1[1] = 0
     w2[2] = 0
-    then = h.make_graph([h.make_node("Identity", ["b"], ["t"])], "then", [],
-                        [h.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
-    other = h.make_graph([h.make_node("Neg", ["b"], ["e"])], "else", [],
-                         [h.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)])
+    then = h.make_graph(
+        [h.make_node("Identity", ["b"], ["t"])],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)],
+    )
+    other = h.make_graph(
+        [h.make_node("Neg", ["b"], ["e"])],
+        "else",
+        [],
+        [h.make_tensor_value_info("e", onnx.TensorProto.FLOAT, None)],
+    )
     nodes = [
         h.make_node("Conv", ["x", "w1"], ["a"]),
         h.make_node("Relu", ["a"], ["a2"]),
@@ -128,9 +144,12 @@ def test_fold_leaves_subgraph_and_unknown_ops_whole() -> None:
         h.make_node("Conv", ["c", "w3"], ["y"]),
     ]
     graph = h.make_graph(
-        nodes, "g",
-        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
-         h.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+        nodes,
+        "g",
+        [
+            h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
+            h.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+        ],
         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
         [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
     )
@@ -144,12 +163,16 @@ def test_fold_leaves_subgraph_and_unknown_ops_whole() -> None:
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     for cond in (True, False):
         feeds = {"x": x, "cond": np.array(cond)}
-        np.testing.assert_allclose(run_model(folded, feeds)["y"], run_model(model, feeds)["y"],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            run_model(folded, feeds)["y"], run_model(model, feeds)["y"], rtol=1e-5, atol=1e-6
+        )
 
 
-def _conv_chain_around(middle: list[onnx.NodeProto], extra_inits: dict[str, np.ndarray],
-                       extra_inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
+def _conv_chain_around(
+    middle: list[onnx.NodeProto],
+    extra_inits: dict[str, np.ndarray],
+    extra_inputs: list[onnx.ValueInfoProto] | None = None,
+) -> onnx.ModelProto:
     """x -> [middle: produces 'a' from 'x'] -> Relu -> Conv w2 (channel 2 zeroed) -> Relu ->
     Conv w3 -> y."""
     h = onnx.helper
@@ -157,17 +180,24 @@ def _conv_chain_around(middle: list[onnx.NodeProto], extra_inits: dict[str, np.n
     w2 = rng.normal(size=(5, 4, 1, 1)).astype(np.float32)
     w2[2] = 0
     w3 = rng.normal(size=(2, 5, 1, 1)).astype(np.float32)
-    nodes = [*middle,
-             h.make_node("Relu", ["a"], ["a2"]),
-             h.make_node("Conv", ["a2", "w2"], ["b"]),
-             h.make_node("Relu", ["b"], ["b2"]),
-             h.make_node("Conv", ["b2", "w3"], ["y"])]
+    nodes = [
+        *middle,
+        h.make_node("Relu", ["a"], ["a2"]),
+        h.make_node("Conv", ["a2", "w2"], ["b"]),
+        h.make_node("Relu", ["b"], ["b2"]),
+        h.make_node("Conv", ["b2", "w3"], ["y"]),
+    ]
     inits = {"w2": w2, "w3": w3, **extra_inits}
     graph = h.make_graph(
-        nodes, "g",
-        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]), *(extra_inputs or [])],
+        nodes,
+        "g",
+        [
+            h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
+            *(extra_inputs or []),
+        ],
         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -186,16 +216,24 @@ def test_fold_leaves_quantized_layer_whole_and_folds_the_rest() -> None:
         h.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w1"], axis=0),
         h.make_node("Conv", ["xd", "w1"], ["a"]),
     ]
-    model = _conv_chain_around(qdq, {
-        "xs": np.array(0.05, np.float32), "xz": np.array(0, np.int8), "wq": wq,
-        "ws": rng.uniform(0.01, 0.02, 4).astype(np.float32), "wz": np.zeros(4, np.int8)})
+    model = _conv_chain_around(
+        qdq,
+        {
+            "xs": np.array(0.05, np.float32),
+            "xz": np.array(0, np.int8),
+            "wq": wq,
+            "ws": rng.uniform(0.01, 0.02, 4).astype(np.float32),
+            "wz": np.zeros(4, np.int8),
+        },
+    )
     folded, report = onnxprune.run(model, ["fold"])
     sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
     assert sizes["wq"] == [4, 3, 1, 1] and sizes["ws"] == [4]
     assert sizes["w2"] == [4, 4, 1, 1] and sizes["w3"] == [2, 4, 1, 1]
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_fold_leaves_channels_read_by_a_loop_whole() -> None:
@@ -205,14 +243,21 @@ def test_fold_leaves_channels_read_by_a_loop_whole() -> None:
     w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
     w1[0] = 0
     body = h.make_graph(
-        [h.make_node("Identity", ["cond_in"], ["cond_out"]),
-         h.make_node("Add", ["carry", "a0"], ["carry_out"])],  # a0: from the outer scope
+        [
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+            h.make_node("Add", ["carry", "a0"], ["carry_out"]),
+        ],  # a0: from the outer scope
         "body",
-        [h.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
-         h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
-         h.make_tensor_value_info("carry", onnx.TensorProto.FLOAT, None)],
-        [h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
-         h.make_tensor_value_info("carry_out", onnx.TensorProto.FLOAT, None)])
+        [
+            h.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+            h.make_tensor_value_info("carry", onnx.TensorProto.FLOAT, None),
+        ],
+        [
+            h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            h.make_tensor_value_info("carry_out", onnx.TensorProto.FLOAT, None),
+        ],
+    )
     middle = [
         h.make_node("Conv", ["x", "w1"], ["a0"]),
         h.make_node("Loop", ["trips", "", "a0"], ["a"], body=body),
@@ -224,8 +269,9 @@ def test_fold_leaves_channels_read_by_a_loop_whole() -> None:
     assert sizes["w2"] == [4, 4, 1, 1], "the conv after the loop still folds"
     assert any("subgraph" in r for r in report["passes"][0]["blocked"])
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("rel", ["torch/encoder_legacy", "torch/encoder_dynamo"])
@@ -260,13 +306,20 @@ def _grouped_model(groups: int, cin_g: int, cout_g: int, seed: int) -> onnx.Mode
         "bg": rng.normal(size=c2).astype(np.float32),
         "w3": rng.normal(size=(2, c2, 1, 1)).astype(np.float32),
     }
-    nodes = [h.make_node("Conv", ["x", "w1", "b1"], ["a"]), h.make_node("Relu", ["a"], ["a2"]),
-             h.make_node("Conv", ["a2", "wg", "bg"], ["g"], group=groups, pads=[1, 1, 1, 1]),
-             h.make_node("Relu", ["g"], ["g2"]), h.make_node("Conv", ["g2", "w3"], ["y"])]
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["a"]),
+        h.make_node("Relu", ["a"], ["a2"]),
+        h.make_node("Conv", ["a2", "wg", "bg"], ["g"], group=groups, pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["g"], ["g2"]),
+        h.make_node("Conv", ["g2", "w3"], ["y"]),
+    ]
     graph = h.make_graph(
-        nodes, "grouped", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        nodes,
+        "grouped",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -288,8 +341,9 @@ def test_grouped_convolution_prunes_whole_groups(groups: int, cin_g: int, cout_g
     assert sizes["w1"][0] == (groups - 1) * cin_g and sizes["wg"][0] == (groups - 1) * cout_g
     assert sizes["w3"][1] == (groups - 1) * cout_g
     x = np.random.default_rng(0).normal(size=(1, 3, 6, 6)).astype(np.float32)
-    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_grouped_convolution_with_random_zeroing_is_exact() -> None:
@@ -298,8 +352,9 @@ def test_grouped_convolution_with_random_zeroing_is_exact() -> None:
         zeroed, expected, _ = zero_random_channels(model, seed)
         folded, _ = onnxprune.run(zeroed, ["fold"])
         x = np.random.default_rng(seed).normal(size=(1, 3, 6, 6)).astype(np.float32)
-        np.testing.assert_allclose(run_model(folded, {"x": x})["y"],
-                                   run_model(zeroed, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            run_model(folded, {"x": x})["y"], run_model(zeroed, {"x": x})["y"], rtol=1e-5, atol=1e-5
+        )
         assert _params(folded) == expected
 
 
@@ -309,24 +364,38 @@ def test_expand_and_tile_follow_the_channels() -> None:
     rng = np.random.default_rng(9)
     w1 = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
     w1[1] = 0
-    inits = {"w1": w1, "w2": rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
-             "shape": np.array([1, 4, 3, 3], np.int64), "reps": np.array([1, 1, 2, 2], np.int64)}
-    nodes = [h.make_node("Conv", ["x", "w1"], ["a"]), h.make_node("Relu", ["a"], ["r"]),
-             h.make_node("GlobalAveragePool", ["r"], ["p"]),
-             h.make_node("Expand", ["p", "shape"], ["e"]),
-             h.make_node("Tile", ["e", "reps"], ["t"]),
-             h.make_node("Conv", ["t", "w2"], ["y"])]
+    inits = {
+        "w1": w1,
+        "w2": rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
+        "shape": np.array([1, 4, 3, 3], np.int64),
+        "reps": np.array([1, 1, 2, 2], np.int64),
+    }
+    nodes = [
+        h.make_node("Conv", ["x", "w1"], ["a"]),
+        h.make_node("Relu", ["a"], ["r"]),
+        h.make_node("GlobalAveragePool", ["r"], ["p"]),
+        h.make_node("Expand", ["p", "shape"], ["e"]),
+        h.make_node("Tile", ["e", "reps"], ["t"]),
+        h.make_node("Conv", ["t", "w2"], ["y"]),
+    ]
     graph = h.make_graph(
-        nodes, "expand", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 3, 3])],
+        nodes,
+        "expand",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 3, 3])],
         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 6, 6])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     folded, report = onnxprune.run(model, ["fold"])
     assert report["passes"][0]["channels_removed"] == 1
-    shape = next(numpy_helper.to_array(t) for t in folded.graph.initializer
-                 if t.name in next(n for n in folded.graph.node if n.op_type == "Expand").input)
+    shape = next(
+        numpy_helper.to_array(t)
+        for t in folded.graph.initializer
+        if t.name in next(n for n in folded.graph.node if n.op_type == "Expand").input
+    )
     assert shape.tolist() == [1, 3, 3, 3]
     x = rng.normal(size=(1, 3, 3, 3)).astype(np.float32)
-    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"], rtol=1e-5, atol=1e-6
+    )

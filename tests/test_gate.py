@@ -16,16 +16,14 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import Pass, PassResult, register_pass
-from onnxprune.latency import LatencyComparison, LatencyStats
 from onnxprune.passes import validate as validate_module
+from onnxprune.validation.latency import LatencyComparison, LatencyStats
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
 MODEL = DIGITS / "torch_cnn.onnx"
 DATA = DIGITS / "torch_cnn.test.npz"
 FAST = "validate:runs=2,warmup=1"
-
-
 
 
 def one_line_error(result, code: int) -> str:
@@ -94,26 +92,63 @@ def _files(folder: Path) -> list[str]:
 
 def test_model_against_itself_passes_every_gate(tmp_path):
     report = tmp_path / "r.json"
-    result = cli(MODEL, "-p", "cleanup", "-p", FAST, "--data", DATA, "--max-accuracy-drop", 0.01,
-                 "--min-cosine", 0.99, "--max-latency-ratio", 100, "-o", tmp_path / "o.onnx",
-                 "--report", report, "--device", "cpu")
+    result = cli(
+        MODEL,
+        "-p",
+        "cleanup",
+        "-p",
+        FAST,
+        "--data",
+        DATA,
+        "--max-accuracy-drop",
+        0.01,
+        "--min-cosine",
+        0.99,
+        "--max-latency-ratio",
+        100,
+        "-o",
+        tmp_path / "o.onnx",
+        "--report",
+        report,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     assert "PASSED" in result.stdout and "validate: gates" in result.stdout
     assert "validate: classification of output against labels" in result.stdout
     section = json.loads(report.read_text())["passes"][-1]
     assert section["pass"] == "validate" and section["passed"]
     assert section["options"]["runs"] == 2  # the flags set limits on the given validate pass
-    assert {g["name"] for g in section["gates"]} == {"finite", "min_cosine", "max_accuracy_drop",
-                                                     "max_latency_ratio"}
+    assert {g["name"] for g in section["gates"]} == {
+        "finite",
+        "min_cosine",
+        "max_accuracy_drop",
+        "max_latency_ratio",
+    }
     assert _files(tmp_path) == ["o.onnx", "r.json"]
 
 
 def test_damaged_model_fails_accuracy_gate_with_exit_1(tmp_path, test_passes):
     report, out = tmp_path / "r.json", tmp_path / "o.onnx"
-    result = cli(MODEL, "-p", "test-zero-last", "-p", FAST, "--data", DATA,
-                 "--max-accuracy-drop", 0.01, "-o", out, "--report", report)
+    result = cli(
+        MODEL,
+        "-p",
+        "test-zero-last",
+        "-p",
+        FAST,
+        "--data",
+        DATA,
+        "--max-accuracy-drop",
+        0.01,
+        "-o",
+        out,
+        "--report",
+        report,
+    )
     err = one_line_error(result, 1)
-    assert re.fullmatch(r"Error: validation failed: max_accuracy_drop 0\.\d+ > 0\.01 \(output 'output'\)", err), err
+    assert re.fullmatch(
+        r"Error: validation failed: max_accuracy_drop 0\.\d+ > 0\.01 \(output 'output'\)", err
+    ), err
     assert "PASSED" not in result.stdout
     assert _files(tmp_path) == ["o.onnx", "r.json"]  # written before failing
     onnxprune.load(out)
@@ -123,8 +158,21 @@ def test_damaged_model_fails_accuracy_gate_with_exit_1(tmp_path, test_passes):
 
 
 def test_every_failed_gate_is_named(tmp_path, test_passes):
-    result = cli(MODEL, "-p", "test-zero-last", "-p", FAST, "--data", DATA, "--min-cosine", 0.99,
-                 "--max-latency-ratio", 1e-9, "-o", tmp_path / "o.onnx")
+    result = cli(
+        MODEL,
+        "-p",
+        "test-zero-last",
+        "-p",
+        FAST,
+        "--data",
+        DATA,
+        "--min-cosine",
+        0.99,
+        "--max-latency-ratio",
+        1e-9,
+        "-o",
+        tmp_path / "o.onnx",
+    )
     err = one_line_error(result, 1)
     assert "min_cosine 0 < 0.99 (output 'output')" in err
     assert re.search(r"max_latency_ratio [\d.e+-]+ > 1e-09", err), err
@@ -134,7 +182,8 @@ def test_gates_from_a_recipe(tmp_path, test_passes):
     recipe = tmp_path / "deploy.toml"
     recipe.write_text(
         f'data = "{DATA}"\nreport = "r.json"\noutput = "o.onnx"\n\n[[pass]]\nname = "test-zero-last"\n\n'
-        '[[pass]]\nname = "validate"\nmax_accuracy_drop = 0.01\nruns = 2\nwarmup = 0\n')
+        '[[pass]]\nname = "validate"\nmax_accuracy_drop = 0.01\nruns = 2\nwarmup = 0\n'
+    )
     err = one_line_error(cli(MODEL, "--recipe", recipe), 1)
     assert "max_accuracy_drop" in err
     assert (tmp_path / "r.json").is_file() and (tmp_path / "o.onnx").is_file()
@@ -143,23 +192,31 @@ def test_gates_from_a_recipe(tmp_path, test_passes):
 
 
 def test_nan_appearing_fails_the_finite_gate(tmp_path, test_passes):
-    err = one_line_error(cli(MODEL, "-p", "test-nan-bias", "-p", FAST, "--data", DATA,
-                             "-o", tmp_path / "o.onnx"), 1)
+    err = one_line_error(
+        cli(MODEL, "-p", "test-nan-bias", "-p", FAST, "--data", DATA, "-o", tmp_path / "o.onnx"), 1
+    )
     assert err == "Error: validation failed: finite: 3590 new NaN/Inf values (output 'output')"
 
 
 def test_an_input_the_pruned_model_cannot_take_is_an_error(tmp_path, test_passes):
-    err = one_line_error(cli(MODEL, "-p", "test-rename-input", "-p", FAST, "--data", DATA,
-                             "-o", tmp_path / "o.onnx"), 1)
+    err = one_line_error(
+        cli(
+            MODEL, "-p", "test-rename-input", "-p", FAST, "--data", DATA, "-o", tmp_path / "o.onnx"
+        ),
+        1,
+    )
     assert "the pruned model has no input 'input' (its inputs: renamed)" in err
     assert _files(tmp_path) == []
 
 
-@pytest.mark.parametrize(("flag", "value", "expected"), [
-    ("--min-cosine", 2, "min_cosine must be between -1 and 1"),
-    ("--max-accuracy-drop", 1.5, "max_accuracy_drop must be between 0 and 1"),
-    ("--max-latency-ratio", 0, "max_latency_ratio must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--min-cosine", 2, "min_cosine must be between -1 and 1"),
+        ("--max-accuracy-drop", 1.5, "max_accuracy_drop must be between 0 and 1"),
+        ("--max-latency-ratio", 0, "max_latency_ratio must be > 0"),
+    ],
+)
 def test_bad_gate_values_exit_2(flag, value, expected, tmp_path):
     err = one_line_error(cli(MODEL, "-p", "cleanup", flag, value, "-o", tmp_path / "o.onnx"), 2)
     assert expected in err
@@ -190,19 +247,58 @@ def test_python_api_reads_the_gates():
 # --- the JSON report's schema is stable -------------------------------------------------------------
 
 TOP = {"schema", "onnxprune", "model", "providers", "before", "passes", "after", "output"}
-VALIDATE = {"pass", "options", "modified", "seconds", "data", "providers", "outputs",
-            "classification", "cost", "latency", "gates", "passed", "warnings"}
+VALIDATE = {
+    "pass",
+    "options",
+    "modified",
+    "seconds",
+    "data",
+    "providers",
+    "outputs",
+    "classification",
+    "cost",
+    "latency",
+    "gates",
+    "passed",
+    "warnings",
+}
 NESTED = {
     "data": {"source", "synthetic", "samples", "labels"},
-    "outputs[]": {"name", "shape", "max_abs", "mean_abs", "max_rel", "mean_rel", "cosine",
-                  "cosine_min", "top1", "nonfinite", "atol", "rtol", "min_cosine", "close", "passed"},
+    "outputs[]": {
+        "name",
+        "shape",
+        "max_abs",
+        "mean_abs",
+        "max_rel",
+        "mean_rel",
+        "cosine",
+        "cosine_min",
+        "top1",
+        "nonfinite",
+        "atol",
+        "rtol",
+        "min_cosine",
+        "close",
+        "passed",
+    },
     "classification": {"output", "labels", "original", "pruned", "difference", "accuracy_drop"},
     "classification.original": {"samples", "accuracy", "precision", "recall", "f1"},
     "cost": {"dims", "original", "pruned", "ratio"},
     "cost.original": {"parameters", "macs", "macs_by_op", "bytes"},
     "cost.ratio": {"parameters", "macs", "bytes"},
-    "latency": {"provider", "threads", "cpu_count", "batch", "runs", "warmup", "original",
-                "pruned", "ratio", "slower", "causes"},
+    "latency": {
+        "provider",
+        "threads",
+        "cpu_count",
+        "batch",
+        "runs",
+        "warmup",
+        "original",
+        "pruned",
+        "ratio",
+        "slower",
+        "causes",
+    },
     "latency.original": {"runs", "median_ms", "p90_ms", "mean_ms", "min_ms", "max_ms"},
     "gates[]": {"name", "output", "value", "limit", "passed"},
 }
@@ -217,8 +313,19 @@ def _at(section: dict, path: str):
 
 def test_report_schema_is_pinned(tmp_path):
     report = tmp_path / "r.json"
-    result = cli(MODEL, "-p", "validate:runs=2,warmup=0,max_accuracy_drop=0.5", "--data", DATA,
-                 "-o", tmp_path / "o.onnx", "--report", report, "--device", "cpu")
+    result = cli(
+        MODEL,
+        "-p",
+        "validate:runs=2,warmup=0,max_accuracy_drop=0.5",
+        "--data",
+        DATA,
+        "-o",
+        tmp_path / "o.onnx",
+        "--report",
+        report,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(report.read_text())
     assert set(data) == TOP and data["schema"] == 1

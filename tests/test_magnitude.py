@@ -24,8 +24,6 @@ from onnxprune.runtime import run_model
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-
-
 def _rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
     # distinct magnitudes, no exact zeros: the expected choice is unique
     w = rng.uniform(0.1, 1.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
@@ -36,24 +34,36 @@ def dense_model() -> onnx.ModelProto:
     """x[N,8] -> gA (transB=1, 12x8) -> Relu -> gB (transB=0, 12x8) -> Relu -> mC (8x4) -> y."""
     rng = np.random.default_rng(0)
     inits = {"wA": _rand(rng, 12, 8), "wB": _rand(rng, 12, 8), "wC": _rand(rng, 8, 4)}
-    nodes = [helper.make_node("Gemm", ["x", "wA"], ["a"], name="gA", transB=1),
-             helper.make_node("Relu", ["a"], ["ra"]),
-             helper.make_node("Gemm", ["ra", "wB"], ["b"], name="gB"),
-             helper.make_node("Relu", ["b"], ["rb"]),
-             helper.make_node("MatMul", ["rb", "wC"], ["y"], name="mC")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    nodes = [
+        helper.make_node("Gemm", ["x", "wA"], ["a"], name="gA", transB=1),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Gemm", ["ra", "wB"], ["b"], name="gB"),
+        helper.make_node("Relu", ["b"], ["rb"]),
+        helper.make_node("MatMul", ["rb", "wC"], ["y"], name="mC"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
 
 
 def conv_model() -> onnx.ModelProto:
     """x[N,8,5,5] -> cD (6x8x3x3) -> Relu -> cE (4x6x1x1: 6 inputs) -> y."""
     rng = np.random.default_rng(1)
     inits = {"wD": _rand(rng, 6, 8, 3, 3), "bD": _rand(rng, 6), "wE": _rand(rng, 4, 6, 1, 1)}
-    nodes = [helper.make_node("Conv", ["x", "wD", "bD"], ["d"], name="cD"),
-             helper.make_node("Relu", ["d"], ["rd"]),
-             helper.make_node("Conv", ["rd", "wE"], ["y"], name="cE")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 5, 5])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])], inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "wD", "bD"], ["d"], name="cD"),
+        helper.make_node("Relu", ["d"], ["rd"]),
+        helper.make_node("Conv", ["rd", "wE"], ["y"], name="cE"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 3, 3])],
+        inits,
+    )
 
 
 # weight -> (output axis, input axis), decided by hand from each node above
@@ -139,19 +149,27 @@ def test_n_m_pattern_along_the_input_axis(pattern: str, n: int, m: int) -> None:
 def test_two_four_on_a_batched_matmul_weight() -> None:
     rng = np.random.default_rng(5)
     w = _rand(rng, 3, 8, 5)  # [batch, K, N]: blocks of 4 along K
-    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="bmm")],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 8])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2, 5])], {"w": w})
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="bmm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2, 5])],
+        {"w": w},
+    )
     new, _ = magnitude(model, "magnitude:pattern=2:4")
     got = _inits(new)["w"]
     assert ((got.reshape(3, 2, 4, 5) == 0).sum(axis=2) == 2).all()
 
 
-@pytest.mark.parametrize(("spec", "text"), [
-    ("magnitude:pattern=4:4", "N:M"), ("magnitude:pattern=2-4", "N:M"),
-    ("magnitude:pattern=0:4", "N:M"), ("magnitude:sparsity=1", "sparsity"),
-    ("magnitude:method=l2", "method"),
-])
+@pytest.mark.parametrize(
+    ("spec", "text"),
+    [
+        ("magnitude:pattern=4:4", "N:M"),
+        ("magnitude:pattern=2-4", "N:M"),
+        ("magnitude:pattern=0:4", "N:M"),
+        ("magnitude:sparsity=1", "sparsity"),
+        ("magnitude:method=l2", "method"),
+    ],
+)
 def test_option_errors(spec: str, text: str) -> None:
     with pytest.raises(PassOptionError) as err:
         onnxprune.run(dense_model(), [spec])
@@ -175,11 +193,16 @@ def test_shared_weight_is_sparsified_once_and_stays_shared() -> None:
     sparsifying it for each reader would zero 75%; once, exactly half, by the first reader."""
     rng = np.random.default_rng(3)
     w = _rand(rng, 8, 8)
-    model = _model([helper.make_node("Gemm", ["x", "W"], ["a"], name="first", transB=1),
-                    helper.make_node("Relu", ["a"], ["r"]),
-                    helper.make_node("Gemm", ["r", "W"], ["y"], name="second")],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], {"W": w})
+    model = _model(
+        [
+            helper.make_node("Gemm", ["x", "W"], ["a"], name="first", transB=1),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Gemm", ["r", "W"], ["y"], name="second"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        {"W": w},
+    )
     new, section = magnitude(model, "magnitude:sparsity=0.5")
     assert [t.name for t in new.graph.initializer] == ["W"]
     assert [n.input[1] for n in new.graph.node if n.op_type == "Gemm"] == ["W", "W"]
@@ -193,9 +216,11 @@ def test_shared_weight_is_sparsified_once_and_stays_shared() -> None:
 
 
 def _structure(model: onnx.ModelProto) -> tuple:
-    return ([(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node],
-            [(t.name, tuple(t.dims), t.data_type) for t in model.graph.initializer],
-            sum(t.ByteSize() for t in model.graph.initializer))
+    return (
+        [(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node],
+        [(t.name, tuple(t.dims), t.data_type) for t in model.graph.initializer],
+        sum(t.ByteSize() for t in model.graph.initializer),
+    )
 
 
 FIXTURES = sorted(glob.glob(str(MODELS / "*" / "*.onnx")))
@@ -235,9 +260,12 @@ def test_wanda_weighs_weights_by_input_norms(tmp_path: Path) -> None:
     """Input 0 is 10x larger than the others, input 3 10x smaller: by |w| alone output 0 loses
     inputs 0 and 1, by |w| x ||x_j|| it loses 1 and 3."""
     w = np.array([[1.0, 4.0], [2.0, 3.0], [3.0, 2.0], [4.0, 1.0]], np.float32)  # [K=4, N=2]
-    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], {"w": w})
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        {"w": w},
+    )
     rng = np.random.default_rng(8)
     x = (rng.normal(size=(256, 4)) * np.array([10.0, 1.0, 1.0, 0.1])).astype(np.float32)
     data = tmp_path / "x.npz"

@@ -14,7 +14,8 @@ from onnx.external_data_helper import uses_external_data
 import onnxprune
 from onnxprune.context import Context
 from onnxprune.errors import DataError, ModelLoadError, ModelSaveError
-from onnxprune.model import graph_input_names, provenance
+from onnxprune.graph import graph_input_names
+from onnxprune.model import provenance
 
 
 def _names(folder):
@@ -32,11 +33,16 @@ def test_external_data_roundtrip(model_path, tmp_path, monkeypatch, run_ort, sam
     assert model.SerializeToString() == before, "save must not change the caller's model"
     assert _names(tmp_path) == ["m.onnx", "m.onnx.data"]
     assert (tmp_path / "m.onnx").stat().st_size < 10_000 < (tmp_path / "m.onnx.data").stat().st_size
-    assert any(uses_external_data(t) for t in onnx.load(str(out), load_external_data=False).graph.initializer)
+    assert any(
+        uses_external_data(t)
+        for t in onnx.load(str(out), load_external_data=False).graph.initializer
+    )
 
     again = onnxprune.load(out)
-    feeds = {n: np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-             for n in graph_input_names(model.graph)}
+    feeds = {
+        n: np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+        for n in graph_input_names(model.graph)
+    }
     same_outputs(run_ort(again, feeds), run_ort(model, feeds))
 
     # Loading from another working directory still finds the data beside the model.
@@ -51,8 +57,9 @@ def test_external_data_with_only_small_tensors(tiny, tmp_path):
 
 
 def test_missing_external_data_is_a_load_error(model_path, tmp_path):
-    out = onnxprune.save(onnxprune.load(model_path("tf/mlp.onnx")), tmp_path / "m.onnx",
-                         external_data=True)
+    out = onnxprune.save(
+        onnxprune.load(model_path("tf/mlp.onnx")), tmp_path / "m.onnx", external_data=True
+    )
     (tmp_path / "m.onnx.data").unlink()
     with pytest.raises(ModelLoadError, match="m.onnx"):
         onnxprune.load(out)
@@ -118,9 +125,16 @@ def test_provenance_records_passes_and_options(tiny, tmp_path):
     new, _ = onnxprune.run(tiny, ["cleanup:fold_limit_mb=8,keep-initializer-inputs=yes"])
     entry = {
         "version": onnxprune.__version__,
-        "passes": [{"name": "cleanup", "options": {
-            "fold_constants": True, "fold_limit_mb": 8.0, "keep_initializer_inputs": True,
-        }}],
+        "passes": [
+            {
+                "name": "cleanup",
+                "options": {
+                    "fold_constants": True,
+                    "fold_limit_mb": 8.0,
+                    "keep_initializer_inputs": True,
+                },
+            }
+        ],
     }
     assert provenance(new) == [entry]
     assert provenance(tiny) == [], "run must not modify its input model"
@@ -142,7 +156,10 @@ def test_cleanup_preserves_opsets_ir_and_io(fixture_model, tmp_path):
 
     assert opsets(again) == opsets(model)
     assert again.ir_version == model.ir_version
-    assert (again.producer_name, again.producer_version) == (model.producer_name, model.producer_version)
+    assert (again.producer_name, again.producer_version) == (
+        model.producer_name,
+        model.producer_version,
+    )
     assert graph_input_names(again.graph) == graph_input_names(model.graph)
     assert [o.name for o in again.graph.output] == [o.name for o in model.graph.output]
     for a, b in zip(again.graph.output, model.graph.output, strict=True):
@@ -174,18 +191,24 @@ FEEDS = {"x": RNG.standard_normal((2, 4)).astype(np.float32)}
 
 def test_constant_node_weights_are_lifted(run_ort, same_outputs):
     model = _model(
-        [_const("W", W), _const("B", B),
-         helper.make_node("Constant", [], ["s"], value_float=2.0),
-         helper.make_node("MatMul", ["x", "W"], ["t"]), helper.make_node("Add", ["t", "B"], ["u"]),
-         helper.make_node("Mul", ["u", "s"], ["y"])],
-        [X], [Y],
+        [
+            _const("W", W),
+            _const("B", B),
+            helper.make_node("Constant", [], ["s"], value_float=2.0),
+            helper.make_node("MatMul", ["x", "W"], ["t"]),
+            helper.make_node("Add", ["t", "B"], ["u"]),
+            helper.make_node("Mul", ["u", "s"], ["y"]),
+        ],
+        [X],
+        [Y],
     )
     new, report = onnxprune.run(model, ["cleanup"])
     assert report["passes"][0]["constants_lifted"] == 3
     assert [n.op_type for n in new.graph.node] == ["MatMul", "Add", "Mul"]
     assert sorted(t.name for t in new.graph.initializer) == ["B", "W", "s"]
-    np.testing.assert_array_equal(numpy_helper.to_array(
-        next(t for t in new.graph.initializer if t.name == "W")), W)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == "W")), W
+    )
     assert report["before"]["parameters"] == report["after"]["parameters"] == 4 * 3 + 3 + 1
     same_outputs(run_ort(new, FEEDS), run_ort(model, FEEDS))
 
@@ -194,15 +217,28 @@ def test_constant_weights_inside_if_branches(run_ort, same_outputs):
     def branch(name, weight):
         out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2, 3])
         return helper.make_graph(
-            [_const(f"{name}_W", weight), helper.make_node("MatMul", ["x", f"{name}_W"], [f"{name}_y"])],
-            name, [], [out],
+            [
+                _const(f"{name}_W", weight),
+                helper.make_node("MatMul", ["x", f"{name}_W"], [f"{name}_y"]),
+            ],
+            name,
+            [],
+            [out],
         )
 
     cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
     model = _model(
-        [helper.make_node("If", ["c"], ["y"], then_branch=branch("then", W),
-                          else_branch=branch("else", -2 * W))],
-        [X, cond], [Y],
+        [
+            helper.make_node(
+                "If",
+                ["c"],
+                ["y"],
+                then_branch=branch("then", W),
+                else_branch=branch("else", -2 * W),
+            )
+        ],
+        [X, cond],
+        [Y],
     )
     new, report = onnxprune.run(model, ["cleanup"])
     assert report["passes"][0]["constants_lifted"] == 2
@@ -219,9 +255,15 @@ def _mxnet_style() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(W, "fc0_weight"), numpy_helper.from_array(B, "fc0_bias")]
     listed = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
     return _model(
-        [helper.make_node("MatMul", ["x", "fc0_weight"], ["t"]),
-         helper.make_node("Add", ["t", "fc0_bias"], ["y"])],
-        [X, *listed], [Y], initializer=inits, opset=13, ir=6,
+        [
+            helper.make_node("MatMul", ["x", "fc0_weight"], ["t"]),
+            helper.make_node("Add", ["t", "fc0_bias"], ["y"]),
+        ],
+        [X, *listed],
+        [Y],
+        initializer=inits,
+        opset=13,
+        ir=6,
     )
 
 

@@ -25,7 +25,7 @@ from onnxprune.errors import (
     PassNotFoundError,
     PassOptionError,
 )
-from onnxprune.registry import available_passes, parse_pass_spec
+from onnxprune.passes.registry import available_passes, parse_pass_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIST = Path(__file__).resolve().parent / "plugin_dist"
@@ -53,34 +53,60 @@ class Opts(Pass):
 # --- typed options ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("key", "raw", "value"), [
-    ("flag", "true", True), ("flag", "Yes", True), ("flag", "1", True), ("flag", "off", False),
-    ("flag", False, False),
-    ("count", "7", 7), ("count", 3, 3), ("count", 4.0, 4), ("count", "-2", -2),
-    ("ratio", "0.25", 0.25), ("ratio", "1e-3", 1e-3), ("ratio", 2, 2.0),
-    ("mode", "exact", "exact"), ("level", "2", 2), ("level", 3, 3),
-    ("names", "a+b", ("a", "b")), ("names", "a,b,c", ("a", "b", "c")), ("names", "", ()),
-    ("names", ["x", "y"], ("x", "y")), ("sizes", "1+2+ 3", (1, 2, 3)), ("sizes", [4, 5], (4, 5)),
-    ("sizes", 7, (7,)),
-    ("limit", "none", None), ("limit", "", None), ("limit", None, None), ("limit", "9", 9),
-    ("label", "a,b", "a,b"), ("label", 5, "5"),
-])
+@pytest.mark.parametrize(
+    ("key", "raw", "value"),
+    [
+        ("flag", "true", True),
+        ("flag", "Yes", True),
+        ("flag", "1", True),
+        ("flag", "off", False),
+        ("flag", False, False),
+        ("count", "7", 7),
+        ("count", 3, 3),
+        ("count", 4.0, 4),
+        ("count", "-2", -2),
+        ("ratio", "0.25", 0.25),
+        ("ratio", "1e-3", 1e-3),
+        ("ratio", 2, 2.0),
+        ("mode", "exact", "exact"),
+        ("level", "2", 2),
+        ("level", 3, 3),
+        ("names", "a+b", ("a", "b")),
+        ("names", "a,b,c", ("a", "b", "c")),
+        ("names", "", ()),
+        ("names", ["x", "y"], ("x", "y")),
+        ("sizes", "1+2+ 3", (1, 2, 3)),
+        ("sizes", [4, 5], (4, 5)),
+        ("sizes", 7, (7,)),
+        ("limit", "none", None),
+        ("limit", "", None),
+        ("limit", None, None),
+        ("limit", "9", 9),
+        ("label", "a,b", "a,b"),
+        ("label", 5, "5"),
+    ],
+)
 def test_from_options_coerces(key, raw, value):
     p = Opts.from_options({key: raw})
     assert getattr(p, key) == value
     assert type(getattr(p, key)) is type(value)
 
 
-@pytest.mark.parametrize(("key", "raw", "expected"), [
-    ("flag", "maybe", "expected true or false"),
-    ("count", "2.5", "expected an integer"), ("count", 2.5, "expected an integer"),
-    ("count", True, "expected an integer"),
-    ("ratio", "abc", "expected a number"), ("ratio", True, "expected a number"),
-    ("mode", "slow", "expected one of fast, exact"),
-    ("level", "4", "expected one of 1, 2, 3"),
-    ("sizes", "1+x", "expected an integer"),
-    ("limit", "many", "expected an integer"),
-])
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        ("flag", "maybe", "expected true or false"),
+        ("count", "2.5", "expected an integer"),
+        ("count", 2.5, "expected an integer"),
+        ("count", True, "expected an integer"),
+        ("ratio", "abc", "expected a number"),
+        ("ratio", True, "expected a number"),
+        ("mode", "slow", "expected one of fast, exact"),
+        ("level", "4", "expected one of 1, 2, 3"),
+        ("sizes", "1+x", "expected an integer"),
+        ("limit", "many", "expected an integer"),
+    ],
+)
 def test_from_options_rejects_bad_values(key, raw, expected):
     with pytest.raises(PassOptionError) as err:
         Opts.from_options({key: raw})
@@ -115,7 +141,9 @@ def test_option_specs_and_summary():
     assert Opts.summary() == "A pass with one option of every supported type (never registered)."
     cleanup = available_passes()["cleanup"]
     assert [s[0] for s in cleanup.option_specs()] == [
-        "fold_constants", "fold_limit_mb", "keep_initializer_inputs",
+        "fold_constants",
+        "fold_limit_mb",
+        "keep_initializer_inputs",
     ]
 
 
@@ -210,7 +238,9 @@ def test_custom_pass_in_a_chain(isolated_registry, tiny, tiny_feeds, run_ort, sa
     assert [n.name for n in new.graph.node] == ["b_a_matmul", "b_a_add"]
     assert [n.name for n in tiny.graph.node] == ["matmul", "add"], "input model unchanged"
     assert [s["pass"] for s in report["passes"]] == ["test-rename", "test-rename", "cleanup"]
-    assert report["passes"][0]["renamed"] == 2 and report["passes"][0]["options"] == {"prefix": "a_"}
+    assert report["passes"][0]["renamed"] == 2 and report["passes"][0]["options"] == {
+        "prefix": "a_"
+    }
     assert set(report) >= {"onnxprune", "model", "providers", "before", "passes", "after"}
     same_outputs(run_ort(new, tiny_feeds), run_ort(tiny, tiny_feeds))
 
@@ -233,7 +263,9 @@ def test_failing_passes_are_named(isolated_registry, tiny):
 
     with pytest.raises(InternalError, match="pass test-broken .*RuntimeError: boom"):
         onnxprune.run(tiny, [Broken()])
-    with pytest.raises(PassFailedError, match="output of pass test-broken.*passes before it: cleanup"):
+    with pytest.raises(
+        PassFailedError, match="output of pass test-broken.*passes before it: cleanup"
+    ):
         onnxprune.run(tiny, ["cleanup", Broken(how="dangling")])
     with pytest.raises(PassFailedError, match="cannot work on this model"):
         onnxprune.run(tiny, [Broken(how="refuse")])
@@ -255,14 +287,24 @@ def test_run_without_passes_adds_provenance_only(tiny):
 
 def _python(*args: str, env_path: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(env_path), NO_COLOR="1", COLUMNS="200")
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
 
 
 def _can_build_wheels() -> bool:
     """setuptools >= 70.1 builds wheels itself; older ones need the `wheel` package."""
     probe = "import setuptools\ntry:\n import setuptools.command.bdist_wheel\nexcept ImportError:\n import wheel"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode
+        == 0
+    )
 
 
 def _install_by_hand(src: Path, target: Path) -> None:
@@ -274,11 +316,14 @@ def _install_by_hand(src: Path, target: Path) -> None:
     info = target / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n")
-    (info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in points.items())
-        for group, points in meta["entry-points"].items()
-    ))
+        f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "".join(
+            f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in points.items())
+            for group, points in meta["entry-points"].items()
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -286,14 +331,31 @@ def plugin_site(tmp_path_factory) -> Path:
     """tests/plugin_dist installed into a private folder (put it on PYTHONPATH to use it)."""
     work = tmp_path_factory.mktemp("plugin")
     src = work / "src"
-    shutil.copytree(PLUGIN_DIST, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(
+        PLUGIN_DIST, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     target = work / "site"
     target.mkdir()
     if _can_build_wheels():
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-             "--no-index", "--disable-pip-version-check", "--quiet", "--target", str(target), str(src)],
-            capture_output=True, text=True, timeout=300, check=False,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "--disable-pip-version-check",
+                "--quiet",
+                "--target",
+                str(target),
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
     else:
@@ -319,8 +381,19 @@ def test_plugin_is_listed(plugin_site, tmp_path):
 def test_plugin_runs_from_the_cli(plugin_site, tmp_path, model_path):
     src = model_path("tf/cnn.onnx")
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    proc = _python("-m", "onnxprune", str(src), "-p", "count-ops:top=2", "-o", str(out),
-                   "--report", str(report), env_path=plugin_site, cwd=tmp_path)
+    proc = _python(
+        "-m",
+        "onnxprune",
+        str(src),
+        "-p",
+        "count-ops:top=2",
+        "-o",
+        str(out),
+        "--report",
+        str(report),
+        env_path=plugin_site,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     section = json.loads(report.read_text())["passes"][0]
     assert section["pass"] == "count-ops" and section["modified"] is False
@@ -346,15 +419,36 @@ def test_broken_plugin_is_listed_unavailable(tmp_path, model_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     out = proc.stdout
-    assert re.search(r"^broken-import  UNAVAILABLE from broken-plugin .*ImportError: needs libfoo 9", out, re.M)
-    assert re.search(r"^not-a-pass  UNAVAILABLE from broken-plugin .*not a onnxprune.Pass subclass", out, re.M)
+    assert re.search(
+        r"^broken-import  UNAVAILABLE from broken-plugin .*ImportError: needs libfoo 9", out, re.M
+    )
+    assert re.search(
+        r"^not-a-pass  UNAVAILABLE from broken-plugin .*not a onnxprune.Pass subclass", out, re.M
+    )
     assert re.search(r"^cleanup ", out, re.M)
 
-    proc = _python("-m", "onnxprune", str(model_path("tf/cnn.onnx")), "-p", "broken-import",
-                   env_path=site, cwd=tmp_path)
+    proc = _python(
+        "-m",
+        "onnxprune",
+        str(model_path("tf/cnn.onnx")),
+        "-p",
+        "broken-import",
+        env_path=site,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert "broken-import" in proc.stderr and "failed to load" in proc.stderr
-    proc = _python("-m", "onnxprune", str(model_path("tf/cnn.onnx")), "-p", "cleanup",
-                   "-o", str(tmp_path / "ok.onnx"), "-q", env_path=site, cwd=tmp_path)
+    proc = _python(
+        "-m",
+        "onnxprune",
+        str(model_path("tf/cnn.onnx")),
+        "-p",
+        "cleanup",
+        "-o",
+        str(tmp_path / "ok.onnx"),
+        "-q",
+        env_path=site,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr  # a broken plugin does not break other passes

@@ -22,51 +22,76 @@ VOTE = "vote:criteria=l1,sparsity=0.5,round_to=1"
 
 
 def _model(nodes, inputs, outputs, inits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "refit", inputs, outputs,
-                              [numpy_helper.from_array(np.asarray(a, np.float32), n)
-                               for n, a in inits.items()])
+    graph = helper.make_graph(
+        nodes,
+        "refit",
+        inputs,
+        outputs,
+        [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in inits.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def mlp(act: str = "Relu", consumer: str = "gemm", alpha: float = 1.0, beta: float = 1.0
-        ) -> onnx.ModelProto:
+def mlp(
+    act: str = "Relu", consumer: str = "gemm", alpha: float = 1.0, beta: float = 1.0
+) -> onnx.ModelProto:
     """x[N,8] -> fc1 (16) -> act -> fc2 (4) -> y; fc2 is a Gemm or MatMul + Add."""
     r = np.random.default_rng(1)
     w1, b1 = r.normal(size=(16, 8)), r.normal(size=16) * 0.5
     w2, b2 = r.normal(size=(4, 16)), r.normal(size=4)
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
-             helper.make_node(act, ["h"], ["a"], name="act")]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node(act, ["h"], ["a"], name="act"),
+    ]
     if consumer == "gemm":
-        nodes.append(helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1,
-                                      alpha=alpha, beta=beta))
+        nodes.append(
+            helper.make_node(
+                "Gemm", ["a", "w2", "b2"], ["y"], name="fc2", transB=1, alpha=alpha, beta=beta
+            )
+        )
     else:
         w2 = w2.T.copy()
-        nodes += [helper.make_node("MatMul", ["a", "w2"], ["m"], name="fc2"),
-                  helper.make_node("Add", ["m", "b2"], ["y"], name="fc2_bias")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-                  {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+        nodes += [
+            helper.make_node("MatMul", ["a", "w2"], ["m"], name="fc2"),
+            helper.make_node("Add", ["m", "b2"], ["y"], name="fc2_bias"),
+        ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {"w1": w1, "b1": b1, "w2": w2, "b2": b2},
+    )
 
 
-def cnn(kernel: int = 1, pads: int = 0, stride: int = 1, dilation: int = 1,
-        auto_pad: str = "") -> onnx.ModelProto:
+def cnn(
+    kernel: int = 1, pads: int = 0, stride: int = 1, dilation: int = 1, auto_pad: str = ""
+) -> onnx.ModelProto:
     """x[N,3,6,6] -> conv1 (8, 3x3, pad 1) -> Relu -> conv2 (4, kernel, pads, stride) -> y."""
     span = dilation * (kernel - 1) + 1
     side = -(-6 // stride) if auto_pad else (6 + 2 * pads - span) // stride + 1
     r = np.random.default_rng(2)
-    inits = {"w1": r.normal(size=(8, 3, 3, 3)), "b1": r.normal(size=8) * 0.3,
-             "w2": r.normal(size=(4, 8, kernel, kernel)), "b2": r.normal(size=4)}
+    inits = {
+        "w1": r.normal(size=(8, 3, 3, 3)),
+        "b1": r.normal(size=8) * 0.3,
+        "w2": r.normal(size=(4, 8, kernel, kernel)),
+        "b2": r.normal(size=4),
+    }
     attrs: dict = {"strides": [stride] * 2, "dilations": [dilation] * 2}
     attrs |= {"auto_pad": auto_pad} if auto_pad else {"pads": [pads] * 4}
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1] * 4),
-             helper.make_node("Relu", ["c"], ["a"]),
-             helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2", **attrs)]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, side, side])],
-                  inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["c"], ["a"]),
+        helper.make_node("Conv", ["a", "w2", "b2"], ["y"], name="conv2", **attrs),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, side, side])],
+        inits,
+    )
 
 
 def _low_rank(rng: np.random.Generator, n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -106,8 +131,11 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [{}, {"act": "Sigmoid"}, {"consumer": "matmul"}],
-                         ids=["relu-gemm", "sigmoid-gemm", "relu-matmul"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"act": "Sigmoid"}, {"consumer": "matmul"}],
+    ids=["relu-gemm", "sigmoid-gemm", "relu-matmul"],
+)
 def test_refit_reduces_the_error_on_held_out_data(dense_data, kw) -> None:
     path, _, test = dense_data
     model = mlp(**kw)
@@ -128,13 +156,17 @@ def test_refit_reduces_the_error_on_held_out_data(dense_data, kw) -> None:
     assert not rows[zero].any() and rows[~zero].all()
 
 
-@pytest.mark.parametrize("kw", [
-    {"spec": VOTE},
-    {"spec": VOTE + ",compensate=off"},
-    {"spec": VOTE, "consumer": "matmul"},
-    {"spec": VOTE + ",compensate=off", "consumer": "matmul"},
-    {"spec": VOTE, "alpha": 0.5, "beta": 2.0},
-], ids=["compensated", "uncompensated", "matmul", "matmul-uncompensated", "gemm-alpha"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"spec": VOTE},
+        {"spec": VOTE + ",compensate=off"},
+        {"spec": VOTE, "consumer": "matmul"},
+        {"spec": VOTE + ",compensate=off", "consumer": "matmul"},
+        {"spec": VOTE, "alpha": 0.5, "beta": 2.0},
+    ],
+    ids=["compensated", "uncompensated", "matmul", "matmul-uncompensated", "gemm-alpha"],
+)
 def test_reported_errors_are_the_real_ones(dense_data, kw) -> None:
     """mse_before / mse_after are what the pruned / refitted model really do on the
     calibration data (all of it is streamed: 16 batches of 64)."""
@@ -164,11 +196,15 @@ def test_reported_errors_are_the_real_ones_for_conv(image_data, kernel, pads, st
     assert layer["mse_after"] == pytest.approx(_error(refitted, model, calib), rel=1e-3)
 
 
-@pytest.mark.parametrize("kw", [
-    {"spec": VOTE},
-    {"spec": VOTE + ",compensate=off"},
-    {"spec": VOTE, "alpha": 0.5, "beta": 2.0},
-], ids=["compensated", "uncompensated", "gemm-alpha"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"spec": VOTE},
+        {"spec": VOTE + ",compensate=off"},
+        {"spec": VOTE, "alpha": 0.5, "beta": 2.0},
+    ],
+    ids=["compensated", "uncompensated", "gemm-alpha"],
+)
 def test_refit_leaves_no_mean_offset_on_the_calibration_data(dense_data, kw) -> None:
     """A least-squares fit with a free bias has residuals of mean zero on the data it was fitted
     on, whatever offset the pruned model had before."""
@@ -194,10 +230,17 @@ def test_refit_of_an_unpruned_model_is_a_no_op(dense_data) -> None:
     assert len(new.graph.node) == len(model.graph.node)
 
 
-@pytest.mark.parametrize(("kw", "reason"), [
-    ({"kernel": 3, "pads": 1, "dilation": 2}, "grouped or dilated convolutions are not refitted"),
-    ({"kernel": 3, "auto_pad": "SAME_UPPER"}, "auto_pad convolutions are not refitted"),
-], ids=["dilated", "auto_pad"])
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        (
+            {"kernel": 3, "pads": 1, "dilation": 2},
+            "grouped or dilated convolutions are not refitted",
+        ),
+        ({"kernel": 3, "auto_pad": "SAME_UPPER"}, "auto_pad convolutions are not refitted"),
+    ],
+    ids=["dilated", "auto_pad"],
+)
 def test_unsupported_conv_consumer_is_skipped_with_a_reason(image_data, kw, reason) -> None:
     path, _, _ = image_data
     model = cnn(**kw)
@@ -210,8 +253,9 @@ def test_unsupported_conv_consumer_is_skipped_with_a_reason(image_data, kw, reas
         np.testing.assert_array_equal(_inits(new)[name], w)
 
 
-@pytest.mark.parametrize(("kernel", "pads", "stride"), [(1, 0, 1), (1, 0, 2), (3, 1, 1), (3, 0, 1),
-                                                        (3, 1, 2), (1, 1, 1)])
+@pytest.mark.parametrize(
+    ("kernel", "pads", "stride"), [(1, 0, 1), (1, 0, 2), (3, 1, 1), (3, 0, 1), (3, 1, 2), (1, 1, 1)]
+)
 def test_conv_consumer_is_refitted(image_data, kernel: int, pads: int, stride: int) -> None:
     """Pointwise or k x k, padded or not, strided or not: the conv's input is taken as patches;
     fold afterwards is exact."""
@@ -226,8 +270,12 @@ def test_conv_consumer_is_refitted(image_data, kernel: int, pads: int, stride: i
     assert _error(refitted, model, test) < _error(pruned, model, test)
     folded, report = onnxprune.run(refitted, ["fold"])
     assert report["passes"][0]["channels_removed"] == 4
-    np.testing.assert_allclose(run_model(folded, {"x": test})["y"],
-                               run_model(refitted, {"x": test})["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run_model(folded, {"x": test})["y"],
+        run_model(refitted, {"x": test})["y"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("case", ["relu-gemm", "sigmoid-gemm", "relu-matmul", "conv-stride2"])
@@ -238,8 +286,10 @@ def test_refit_then_fold_is_exact(dense_data, image_data, case: str) -> None:
         (path, _, test), model = image_data, cnn(kernel=1, stride=2)
     else:
         act, consumer = case.split("-")
-        (path, _, test), model = dense_data, mlp({"relu": "Relu", "sigmoid": "Sigmoid"}[act],
-                                                 consumer)
+        (path, _, test), model = (
+            dense_data,
+            mlp({"relu": "Relu", "sigmoid": "Sigmoid"}[act], consumer),
+        )
     kept = 4 if case == "conv-stride2" else 8
     refitted, _ = onnxprune.run(model, [VOTE, "refit"], data=path)
     folded, report = onnxprune.run(refitted, ["fold"])

@@ -25,8 +25,6 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"
 
 
-
-
 def constant_channel_model(act: str, consumer: str, kind: str, seed: int = 0) -> onnx.ModelProto:
     """x[N,2,5,5] -> conv1 (4, 3x3, no padding) -> act -> consumer -> y.
 
@@ -44,15 +42,19 @@ def constant_channel_model(act: str, consumer: str, kind: str, seed: int = 0) ->
         w1[2, 1] = np.abs(w1[2, 1])  # positive: the constant survives a Relu
         b1[2] = 0.25
     inits = {"w1": w1, "b1": b1}
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
-             helper.make_node(act, ["c"], ["r"], name="act")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
+        helper.make_node(act, ["c"], ["r"], name="act"),
+    ]
     if consumer == "conv":
         inits |= {"w2": rng.normal(size=(3, 4, 1, 1)), "b2": rng.normal(size=3)}
         nodes.append(helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2"))
         y = ["N", 3, 3, 3]
     else:
-        nodes += [helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-                  helper.make_node("Flatten", ["p"], ["f"])]
+        nodes += [
+            helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+        ]
         if consumer == "gemm":
             inits |= {"w2": rng.normal(size=(3, 4)), "b2": rng.normal(size=3)}
             nodes.append(helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1))
@@ -61,8 +63,12 @@ def constant_channel_model(act: str, consumer: str, kind: str, seed: int = 0) ->
             nodes.append(helper.make_node("MatMul", ["f", "w2"], ["y"], name="mm"))
         y = ["N", 3]
     inits = {k: np.asarray(v, np.float32) for k, v in inits.items()}
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)], inits)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+        inits,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +141,9 @@ def _accuracy(model: onnx.ModelProto, test: Path) -> tuple[float, np.ndarray]:
 @pytest.mark.parametrize("name", ["torch_cnn", "keras_cnn"])
 def test_apoz_removes_dead_neurons_without_accuracy_change(name: str) -> None:
     model = onnxprune.load(DIGITS / f"{name}.onnx")
-    new, report = onnxprune.run(model, ["stats:metric=apoz,above=0.999", "fold"],
-                                data=DIGITS / f"{name}.calib.npz")
+    new, report = onnxprune.run(
+        model, ["stats:metric=apoz,above=0.999", "fold"], data=DIGITS / f"{name}.calib.npz"
+    )
     stats, fold = report["passes"]
     assert stats["channels_pruned"] >= 10, "the digits models have dead neurons"
     assert stats["metric"] == "apoz"
@@ -154,21 +161,29 @@ def test_apoz_threshold_on_a_flattened_channel(tmp_path: Path) -> None:
     """conv -> Relu -> Flatten (4 features per channel) -> Gemm: a channel whose activation is
     zero about half the time must not cross ``apoz > 0.9``."""
     rng = np.random.default_rng(2)
-    inits = {"w1": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
-             "b1": np.zeros(4, np.float32), "wg": rng.normal(size=(3, 16)).astype(np.float32)}
+    inits = {
+        "w1": rng.normal(size=(4, 2, 3, 3)).astype(np.float32),
+        "b1": np.zeros(4, np.float32),
+        "wg": rng.normal(size=(3, 16)).astype(np.float32),
+    }
     model = _model(
-        [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
-         helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("Flatten", ["r"], ["f"]),
-         helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)],
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1"),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1),
+        ],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
     x = rng.normal(size=(64, 2, 4, 4)).astype(np.float32)
     np.savez(tmp_path / "x.npz", x=x)
     exposed = copy.deepcopy(model)
     exposed.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
-    r = ort.InferenceSession(exposed.SerializeToString(),
-                             providers=["CPUExecutionProvider"]).run(["r"], {"x": x})[0]
+    r = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["r"], {"x": x}
+    )[0]
     share = (r == 0).mean(axis=(0, 2, 3))
     assert share.max() < 0.9
     _, report = onnxprune.run(model, ["stats:metric=apoz,above=0.9"], data=tmp_path / "x.npz")
@@ -181,14 +196,17 @@ def test_apoz_threshold_on_a_flattened_channel(tmp_path: Path) -> None:
 # options, limits, reports
 
 
-@pytest.mark.parametrize(("spec", "text"), [
-    ("stats", "give below=... or above=..."),
-    ("stats:metric=act_std", "give below=... or above=..."),
-    ("stats:metric=nope,below=1", "unknown criterion 'nope'"),
-    ("stats:below=abc", "below='abc'"),
-    ("stats:above=1,wrong=2", "unknown option 'wrong'"),
-    ("stats:below=1,compensate=maybe", "compensate"),
-])
+@pytest.mark.parametrize(
+    ("spec", "text"),
+    [
+        ("stats", "give below=... or above=..."),
+        ("stats:metric=act_std", "give below=... or above=..."),
+        ("stats:metric=nope,below=1", "unknown criterion 'nope'"),
+        ("stats:below=abc", "below='abc'"),
+        ("stats:above=1,wrong=2", "unknown option 'wrong'"),
+        ("stats:below=1,compensate=maybe", "compensate"),
+    ],
+)
 def test_option_errors(spec: str, text: str) -> None:
     with pytest.raises(PassOptionError) as err:
         onnxprune.run(constant_channel_model("Relu", "conv", "bias"), [spec])
@@ -250,12 +268,19 @@ def test_protect_keeps_the_group(calib) -> None:
 
 def _two_layer_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     rng = np.random.default_rng(4)
-    inits = {"w1": rng.normal(size=(10, 5)).astype(np.float32),
-             "b1": rng.normal(size=10).astype(np.float32),
-             "w2": rng.normal(size=(3, 10)).astype(np.float32)}
-    model = _model([helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
-                    helper.make_node("Relu", ["h"], ["a"]),
-                    helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2", transB=1)],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    inits = {
+        "w1": rng.normal(size=(10, 5)).astype(np.float32),
+        "b1": rng.normal(size=10).astype(np.float32),
+        "w2": rng.normal(size=(3, 10)).astype(np.float32),
+    }
+    model = _model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2", transB=1),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
     return model, inits

@@ -17,12 +17,12 @@ from conftest import invoke as cli
 
 import onnxprune
 from onnxprune import Pass, PassResult, option, register_pass
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.walk import analyse
 from onnxprune.errors import PassOptionError
-from onnxprune.groups import analyse
-from onnxprune.model import lift_constants
-from onnxprune.probe import probe
+from onnxprune.graph import lift_constants
+from onnxprune.pruning.zero import random_classes, zero_classes
 from onnxprune.sweep import apply_value, parse_values, run_sweep, write_plot
-from onnxprune.zero import random_classes, zero_classes
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 MODEL = DIGITS / "torch_cnn.onnx"
@@ -62,8 +62,6 @@ def random_prune(isolated_registry):
     register_pass(Rounds)
 
 
-
-
 def one_line_error(result, code: int = 2) -> str:
     assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
     err = result.stderr.strip()
@@ -82,15 +80,18 @@ def test_parse_values():
     assert parse_values("0.1, 0.5,0.9") == [0.1, 0.5, 0.9]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("1:0:0.1", "STOP is below START"),
-    ("0:1:0", "STEP must be > 0"),
-    ("0:1", "expected START:STOP:STEP"),
-    ("a:b:c", "must be numbers"),
-    ("0.1,x", "expected numbers"),
-    ("", "no values"),
-    ("0:1:0.001", "at most 200"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1:0:0.1", "STOP is below START"),
+        ("0:1:0", "STEP must be > 0"),
+        ("0:1", "expected START:STOP:STEP"),
+        ("a:b:c", "must be numbers"),
+        ("0.1,x", "expected numbers"),
+        ("", "no values"),
+        ("0:1:0.001", "at most 200"),
+    ],
+)
 def test_bad_values(text, message):
     with pytest.raises(ValueError, match=message):
         parse_values(text)
@@ -104,7 +105,9 @@ def test_apply_value(random_prune):
     assert apply_value(chain, "rounds", 3.0)[2].rounds == 3
     with pytest.raises(PassOptionError, match=r"pass test-rounds: rounds=2.5: expected an integer"):
         apply_value(chain, "rounds", 2.5)
-    with pytest.raises(PassOptionError, match="--sweep-key ratio: no pass in the chain has an option 'ratio'"):
+    with pytest.raises(
+        PassOptionError, match="--sweep-key ratio: no pass in the chain has an option 'ratio'"
+    ):
         apply_value(chain, "ratio", 0.5)
 
 
@@ -113,9 +116,29 @@ def test_apply_value(random_prune):
 
 def test_sweep_writes_table_report_plot_and_models(tmp_path, random_prune):
     plot, report, folder = tmp_path / "sweep.png", tmp_path / "sweep.json", tmp_path / "points"
-    result = cli(MODEL, "-p", "test-random-prune", "-p", "fold", "-p", "validate:runs=2,warmup=0",
-                 "--sweep", "0.25,0.5", "--data", DATA, "--plot", plot, "--report", report,
-                 "-o", folder, "--max-accuracy-drop", 0.01, "--device", "cpu")
+    result = cli(
+        MODEL,
+        "-p",
+        "test-random-prune",
+        "-p",
+        "fold",
+        "-p",
+        "validate:runs=2,warmup=0",
+        "--sweep",
+        "0.25,0.5",
+        "--data",
+        DATA,
+        "--plot",
+        plot,
+        "--report",
+        report,
+        "-o",
+        folder,
+        "--max-accuracy-drop",
+        0.01,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.stderr  # a sweep explores: failed gates do not fail it
     out = result.stdout
     assert "sweep of sparsity (original accuracy 0.9889)" in out
@@ -123,31 +146,58 @@ def test_sweep_writes_table_report_plot_and_models(tmp_path, random_prune):
         assert col in out
     assert plot.read_bytes().startswith(PNG) and plot.stat().st_size > 10_000
     data = json.loads(report.read_text())
-    assert set(data) == {"schema", "onnxprune", "model", "providers", "before", "sweep", "points", "plot"}
-    assert data["sweep"] == {"key": "sparsity", "values": [0.25, 0.5],
-                             "passes": ["test-random-prune", "fold", "validate"]}
+    assert set(data) == {
+        "schema",
+        "onnxprune",
+        "model",
+        "providers",
+        "before",
+        "sweep",
+        "points",
+        "plot",
+    }
+    assert data["sweep"] == {
+        "key": "sparsity",
+        "values": [0.25, 0.5],
+        "passes": ["test-random-prune", "fold", "validate"],
+    }
     assert data["plot"] == str(plot)
     assert [p["value"] for p in data["points"]] == [0.25, 0.5]
     for point in data["points"]:
         assert set(point) == {"value", "output", "after", "passes", "row"}
         assert point["passes"][0]["options"]["sparsity"] == point["value"]
         assert point["passes"][-1]["pass"] == "validate"
-        assert set(point["row"]) == {"value", "parameters", "macs_ratio", "metric", "score",
-                                     "reference", "latency_ratio", "gates_passed"}
+        assert set(point["row"]) == {
+            "value",
+            "parameters",
+            "macs_ratio",
+            "metric",
+            "score",
+            "reference",
+            "latency_ratio",
+            "gates_passed",
+        }
         assert point["row"]["metric"] == "accuracy"
         assert Path(point["output"]).is_file()
     rows = [p["row"] for p in data["points"]]
     assert rows[0]["parameters"] > rows[1]["parameters"]  # more sparsity, fewer parameters
     assert rows[0]["macs_ratio"] > rows[1]["macs_ratio"]
-    assert sorted(p.name for p in folder.iterdir()) == ["torch_cnn.sparsity-0.25.onnx",
-                                                       "torch_cnn.sparsity-0.5.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "torch_cnn.sparsity-0.25.onnx",
+        "torch_cnn.sparsity-0.5.onnx",
+    ]
 
 
 def test_sweep_appends_validate_and_uses_cosine_without_labels(random_prune, tmp_path):
     model = onnxprune.load(MODEL)
     seen = []
-    report = run_sweep(model, [RandomPrune(), onnxprune.get_pass("fold")()], [0.0, 0.5],
-                       device="cpu", on_point=lambda v, _: seen.append(v))
+    report = run_sweep(
+        model,
+        [RandomPrune(), onnxprune.get_pass("fold")()],
+        [0.0, 0.5],
+        device="cpu",
+        on_point=lambda v, _: seen.append(v),
+    )
     assert seen == [0.0, 0.5]
     assert report["sweep"]["passes"] == ["test-random-prune", "fold", "validate"]
     rows = [p["row"] for p in report["points"]]
@@ -160,8 +210,9 @@ def test_sweep_appends_validate_and_uses_cosine_without_labels(random_prune, tmp
 
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, random_prune):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    err = one_line_error(cli(MODEL, "-p", "test-random-prune", "--sweep", "0.5",
-                             "--plot", tmp_path / "p.png"))
+    err = one_line_error(
+        cli(MODEL, "-p", "test-random-prune", "--sweep", "0.5", "--plot", tmp_path / "p.png")
+    )
     assert err == 'Error: --plot needs matplotlib: pip install "onnxprune[plot]"'
     assert list(tmp_path.iterdir()) == []
 

@@ -14,18 +14,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
 from onnxprune.errors import PassOptionError, UnsupportedModelError
-from onnxprune.groups import analyse
-from onnxprune.latency import (
-    LatencyComparison,
-    LatencyStats,
-    compare_latency,
-    interleaved,
-    percentile,
-    round_order,
+from onnxprune.graph import lift_constants
+from onnxprune.passes.validate import (
+    Validate,
+    is_slower,
+    slow_causes,
+    slow_message,
+    unaligned_convs,
 )
-from onnxprune.metrics import (
+from onnxprune.pruning.zero import random_classes, zero_classes
+from onnxprune.runtime import CPU, channel_multiple
+from onnxprune.validation.compare import (
     InputMismatch,
     OutputMismatch,
     classification_scores,
@@ -34,17 +37,14 @@ from onnxprune.metrics import (
     cosine_similarity,
     labels_to_classes,
 )
-from onnxprune.model import lift_constants
-from onnxprune.passes.validate import (
-    Validate,
-    is_slower,
-    slow_causes,
-    slow_message,
-    unaligned_convs,
+from onnxprune.validation.latency import (
+    LatencyComparison,
+    LatencyStats,
+    compare_latency,
+    interleaved,
+    percentile,
+    round_order,
 )
-from onnxprune.probe import probe
-from onnxprune.runtime import CPU, channel_multiple
-from onnxprune.zero import random_classes, zero_classes
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"
@@ -101,7 +101,9 @@ def test_cosine_edge_cases():
     assert cosine_similarity(zero, one)[0] == 0.0
     assert cosine_similarity(one, 2 * one)[0] == pytest.approx(1.0)
     # a rank-1 output is one vector: [1, 0] vs [0, 1] is orthogonal
-    assert compare_output("v", np.array([1.0, 0.0]), np.array([0.0, 1.0])).cosine == pytest.approx(0.0)
+    assert compare_output("v", np.array([1.0, 0.0]), np.array([0.0, 1.0])).cosine == pytest.approx(
+        0.0
+    )
 
 
 def test_new_nan_and_inf_are_counted_and_excluded():
@@ -120,7 +122,9 @@ def test_new_nan_and_inf_are_counted_and_excluded():
 
 
 def test_shape_change_is_an_error_naming_the_output():
-    with pytest.raises(OutputMismatch, match=r"output 'fc2' changed shape: original \[4, 10\], pruned \[4, 9\]") as exc:
+    with pytest.raises(
+        OutputMismatch, match=r"output 'fc2' changed shape: original \[4, 10\], pruned \[4, 9\]"
+    ) as exc:
         compare_output("fc2", np.zeros((4, 10)), np.zeros((4, 9)))
     assert exc.value.exit_code == 1
 
@@ -153,7 +157,14 @@ def test_compare_classification_with_and_without_labels():
     assert unlabelled.original.accuracy == 1.0 and unlabelled.pruned.accuracy == 0.75
     assert unlabelled.drop == 0.25 and not unlabelled
     assert "against the original's predictions" in str(unlabelled) and "FAILED" in str(unlabelled)
-    assert set(c.to_dict()) == {"output", "labels", "original", "pruned", "difference", "accuracy_drop"}
+    assert set(c.to_dict()) == {
+        "output",
+        "labels",
+        "original",
+        "pruned",
+        "difference",
+        "accuracy_drop",
+    }
 
 
 def test_labels_forms():
@@ -170,8 +181,20 @@ def test_labels_forms():
 def test_interleaved_order_rotates_each_round():
     calls: list[str] = []
     times = interleaved([lambda: calls.append("a"), lambda: calls.append("b")], runs=4, warmup=2)
-    assert calls == ["a", "b", "a", "b",  # warm-up
-                     "a", "b", "b", "a", "a", "b", "b", "a"]  # timed, alternating who goes first
+    assert calls == [
+        "a",
+        "b",
+        "a",
+        "b",  # warm-up
+        "a",
+        "b",
+        "b",
+        "a",
+        "a",
+        "b",
+        "b",
+        "a",
+    ]  # timed, alternating who goes first
     assert [len(t) for t in times] == [4, 4]
     assert round_order(3, 1) == [1, 2, 0] and round_order(3, 3) == [0, 1, 2]
 
@@ -184,6 +207,7 @@ def test_interleaved_times_with_a_fake_clock():
     def step(name: str):
         def fn():
             now[0] += next(durations[name])
+
         return fn
 
     t_a, t_b = interleaved([step("a"), step("b")], runs=3, warmup=0, clock=clock)
@@ -196,7 +220,11 @@ def test_latency_stats_median_and_p90():
     assert s.median_ms == pytest.approx(5.5)
     assert s.p90_ms == pytest.approx(9.1)  # rank 8.1 between 9 and 10
     assert s.p90_ms == pytest.approx(float(np.percentile(np.arange(1, 11), 90)))
-    assert (s.min_ms, s.max_ms, s.mean_ms) == (pytest.approx(1), pytest.approx(10), pytest.approx(5.5))
+    assert (s.min_ms, s.max_ms, s.mean_ms) == (
+        pytest.approx(1),
+        pytest.approx(10),
+        pytest.approx(5.5),
+    )
     odd = LatencyStats.from_seconds([0.003, 0.001, 0.002])
     assert odd.median_ms == pytest.approx(2.0) and odd.p90_ms == pytest.approx(2.8)
     assert percentile([7.0], 90) == 7.0
@@ -214,7 +242,9 @@ def test_compare_latency_ratio_and_gate():
         return lambda: now.__setitem__(0, now[0] + steps[name])
 
     cmp = compare_latency(fn("a"), fn("b"), runs=5, warmup=1, max_ratio=0.6, clock=lambda: now[0])
-    assert cmp.original.median_ms == pytest.approx(2.0) and cmp.pruned.median_ms == pytest.approx(1.0)
+    assert cmp.original.median_ms == pytest.approx(2.0) and cmp.pruned.median_ms == pytest.approx(
+        1.0
+    )
     assert cmp.ratio == pytest.approx(0.5) and cmp and not cmp.slower
     assert not LatencyComparison(cmp.original, cmp.pruned, max_ratio=0.4)
     assert "ratio 0.500" in str(cmp)
@@ -223,7 +253,9 @@ def test_compare_latency_ratio_and_gate():
 
 
 def _stats(median: float, p90: float) -> LatencyStats:
-    return LatencyStats(runs=10, median_ms=median, p90_ms=p90, mean_ms=median, min_ms=median, max_ms=p90)
+    return LatencyStats(
+        runs=10, median_ms=median, p90_ms=p90, mean_ms=median, min_ms=median, max_ms=p90
+    )
 
 
 def test_slower_needs_margin_and_beyond_noise():
@@ -249,11 +281,17 @@ def _manifest_accuracy(name: str) -> float:
 @pytest.mark.parametrize("name", ["torch_cnn", "keras_cnn", "torch_encoder"])
 def test_digits_against_itself(name):
     model, ctx = _ctx(f"digits/{name}.onnx")
-    v = Validate(max_accuracy_drop=0.0, min_cosine=0.9999, max_latency_ratio=100.0, runs=3, warmup=1)
+    v = Validate(
+        max_accuracy_drop=0.0, min_cosine=0.9999, max_latency_ratio=100.0, runs=3, warmup=1
+    )
     section = v.run(copy.deepcopy(model), ctx).report
     cls = section["classification"]
-    assert section["data"] == {"source": str(DIGITS / f"{name}.test.npz"), "synthetic": False,
-                               "samples": 359, "labels": True}
+    assert section["data"] == {
+        "source": str(DIGITS / f"{name}.test.npz"),
+        "synthetic": False,
+        "samples": 359,
+        "labels": True,
+    }
     assert cls["labels"] is True and cls["pruned"] == cls["original"]
     assert cls["original"]["accuracy"] == pytest.approx(_manifest_accuracy(name), abs=2e-3)
     assert cls["accuracy_drop"] == 0.0
@@ -261,8 +299,12 @@ def test_digits_against_itself(name):
     assert out["shape"] == [359, 10] and out["max_abs"] == 0.0 and out["top1"] == 1.0
     assert section["cost"]["ratio"] == {"parameters": 1.0, "macs": 1.0, "bytes": 1.0}
     assert section["latency"]["runs"] == 3 and section["latency"]["provider"] == CPU
-    assert [g["name"] for g in section["gates"]] == ["finite", "min_cosine", "max_accuracy_drop",
-                                                     "max_latency_ratio"]
+    assert [g["name"] for g in section["gates"]] == [
+        "finite",
+        "min_cosine",
+        "max_accuracy_drop",
+        "max_latency_ratio",
+    ]
     assert section["passed"] and all(g["passed"] for g in section["gates"])
 
 
@@ -298,23 +340,39 @@ def test_damaged_model_fails_gates_without_raising():
     assert section["classification"]["accuracy_drop"] > 0.5
 
 
-def _linear(outputs: int = 3, batch: int = 2, bias: float = 0.0, inp: str = "x", width: int = 4) -> onnx.ModelProto:
+def _linear(
+    outputs: int = 3, batch: int = 2, bias: float = 0.0, inp: str = "x", width: int = 4
+) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.ones((width, outputs), np.float32), "W")
     b = numpy_helper.from_array(np.full(outputs, bias, np.float32), "B")
     graph = helper.make_graph(
         [helper.make_node("MatMul", [inp, "W"], ["t"]), helper.make_node("Add", ["t", "B"], ["y"])],
-        "lin", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [batch, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, outputs])], [w, b])
+        "lin",
+        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [batch, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, outputs])],
+        [w, b],
+    )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
 
 
-@pytest.mark.parametrize(("pruned", "error", "expected"), [
-    (_linear(inp="z"), InputMismatch, "the pruned model has no input 'x' (its inputs: z)"),
-    (_linear(width=5), InputMismatch, "cannot take input 'x': it declares [2, 5], the original [2, 4]"),
-    (_linear(outputs=2), OutputMismatch, "output 'y' changed shape: original [32, 3], pruned [32, 2]"),
-])
+@pytest.mark.parametrize(
+    ("pruned", "error", "expected"),
+    [
+        (_linear(inp="z"), InputMismatch, "the pruned model has no input 'x' (its inputs: z)"),
+        (
+            _linear(width=5),
+            InputMismatch,
+            "cannot take input 'x': it declares [2, 5], the original [2, 4]",
+        ),
+        (
+            _linear(outputs=2),
+            OutputMismatch,
+            "output 'y' changed shape: original [32, 3], pruned [32, 2]",
+        ),
+    ],
+)
 def test_structural_errors_name_what_changed(pruned, error, expected):
     ctx = Context(original=_linear(), providers=[CPU])
     with pytest.raises(error) as exc:
@@ -327,15 +385,26 @@ def test_missing_output_is_an_error():
     pruned = _linear()
     pruned.graph.node[1].output[0] = "z"
     pruned.graph.output[0].name = "z"
-    with pytest.raises(OutputMismatch, match="the pruned model has no output 'y' \\(its outputs: z\\)"):
+    with pytest.raises(
+        OutputMismatch, match="the pruned model has no output 'y' \\(its outputs: z\\)"
+    ):
         Validate(runs=0).run(pruned, Context(original=_linear(), providers=[CPU]))
 
 
 def test_nan_appearing_is_a_failed_gate_not_an_error():
-    section = Validate(runs=0, min_cosine=0.9).run(
-        _linear(bias=float("nan")), Context(original=_linear(), providers=[CPU])).report
+    section = (
+        Validate(runs=0, min_cosine=0.9)
+        .run(_linear(bias=float("nan")), Context(original=_linear(), providers=[CPU]))
+        .report
+    )
     gates = {g["name"]: g for g in section["gates"]}
-    assert gates["finite"] == {"name": "finite", "output": "y", "value": 96, "limit": 0, "passed": False}
+    assert gates["finite"] == {
+        "name": "finite",
+        "output": "y",
+        "value": 96,
+        "limit": 0,
+        "passed": False,
+    }
     assert gates["min_cosine"]["passed"] is False and gates["min_cosine"]["value"] is None
     assert not section["passed"]
     json.dumps(section, allow_nan=False)
@@ -344,18 +413,30 @@ def test_nan_appearing_is_a_failed_gate_not_an_error():
 def test_accuracy_gate_needs_a_classifier_output():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])
-    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "r", [x], [y]),
-                          opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "r", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     m.ir_version = 8
-    with pytest.raises(UnsupportedModelError, match="max_accuracy_drop needs a classifier-like output"):
+    with pytest.raises(
+        UnsupportedModelError, match="max_accuracy_drop needs a classifier-like output"
+    ):
         Validate(runs=0, max_accuracy_drop=0.1).run(copy.deepcopy(m), Context(original=m))
     with pytest.raises(PassOptionError, match="label_output='nope' is not an output"):
         Validate(runs=0, label_output="nope").run(copy.deepcopy(m), Context(original=m))
 
 
-@pytest.mark.parametrize("spec", ["validate:min_cosine=2", "validate:max_accuracy_drop=-0.1",
-                                  "validate:max_latency_ratio=0", "validate:runs=0,max_latency_ratio=1",
-                                  "validate:latency_batch=0", "validate:warmup=-1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "validate:min_cosine=2",
+        "validate:max_accuracy_drop=-0.1",
+        "validate:max_latency_ratio=0",
+        "validate:runs=0,max_latency_ratio=1",
+        "validate:latency_batch=0",
+        "validate:warmup=-1",
+    ],
+)
 def test_bad_options(spec):
     with pytest.raises(PassOptionError, match="pass validate"):
         onnxprune.run(_linear(), [spec])
@@ -379,22 +460,46 @@ def test_slow_cause_names_unaligned_convs():
     causes = slow_causes(model, folded, CPU, cmp)
     assert f"not multiples of {channel_multiple()}" in causes[0] and "NCHWc" in causes[0]
     assert "very short" in causes[1]
-    assert slow_causes(model, folded, "CUDAExecutionProvider", LatencyComparison(_stats(1, 1), _stats(2, 2))) == []
+    assert (
+        slow_causes(
+            model, folded, "CUDAExecutionProvider", LatencyComparison(_stats(1, 1), _stats(2, 2))
+        )
+        == []
+    )
     assert unaligned_convs(model, model) == []
-    msg = slow_message({"original": cmp.original.to_dict(), "pruned": cmp.pruned.to_dict(),
-                        "ratio": cmp.ratio, "provider": CPU, "causes": causes})
+    msg = slow_message(
+        {
+            "original": cmp.original.to_dict(),
+            "pruned": cmp.pruned.to_dict(),
+            "ratio": cmp.ratio,
+            "provider": CPU,
+            "causes": causes,
+        }
+    )
     assert msg.startswith("the pruned model is SLOWER than the original") and "ratio 1.50" in msg
 
 
 def test_validate_is_listed():
     assert "validate" in onnxprune.available_passes()
     opts = {name for name, *_ in onnxprune.get_pass("validate").option_specs()}
-    assert {"max_accuracy_drop", "min_cosine", "max_latency_ratio", "runs", "warmup", "threads"} <= opts
+    assert {
+        "max_accuracy_drop",
+        "min_cosine",
+        "max_latency_ratio",
+        "runs",
+        "warmup",
+        "threads",
+    } <= opts
 
 
 def test_inplace_pipeline_keeps_the_original_for_validate():
     model = onnxprune.load(DIGITS / "torch_cnn.onnx")
-    _, report = onnxprune.run(copy.deepcopy(model), ["validate:runs=0"], data=DIGITS / "torch_cnn.test.npz",
-                              device="cpu", inplace=True)
+    _, report = onnxprune.run(
+        copy.deepcopy(model),
+        ["validate:runs=0"],
+        data=DIGITS / "torch_cnn.test.npz",
+        device="cpu",
+        inplace=True,
+    )
     assert Validate.needs_original
     assert report["passes"][-1]["classification"]["accuracy_drop"] == 0.0

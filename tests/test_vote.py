@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.walk import analyse
 from onnxprune.cli import main
-from onnxprune.criteria import CRITERIA, Criterion
 from onnxprune.errors import OnnxPruneError, PassOptionError
-from onnxprune.groups import analyse
-from onnxprune.probe import probe
-from onnxprune.prune import allowed_count, round_count
+from onnxprune.pruning.criteria import CRITERIA, Criterion
+from onnxprune.pruning.workspace import allowed_count, round_count
 from onnxprune.runtime import run_model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -37,41 +37,57 @@ DIGITS = MODELS / "digits"
 # round_count / allowed_count
 
 
-@pytest.mark.parametrize(("total", "free", "sparsity", "round_to", "expected"), [
-    (16, 16, 0.5, 8, 8),    # keep 8
-    (16, 16, 0.3, 8, 0),    # keep 11.2 -> 16: nothing goes
-    (16, 16, 0.6, 8, 8),    # keep 6.4 -> 8
-    (10, 10, 0.5, 8, 2),    # keep 5 -> 8 (a multiple of 8, below the total)
-    (4, 4, 0.5, 8, 0),      # total < round_to: keeping 8 is impossible, so nothing goes
-    (7, 7, 0.9, 8, 0),
-    (5, 5, 0.9, 1, 4),      # never all channels
-    (3, 3, 0.99, 1, 2),
-    (2, 2, 0.5, 1, 1),
-    (1, 1, 0.9, 1, 0),
-    (20, 20, 0.9, 8, 12),   # keep 2 -> never below round_to: 8
-    (32, 5, 0.5, 8, 0),     # 5 free: 27..31 kept are no multiples of 8
-    (32, 10, 0.5, 8, 8),    # capped by the free classes, then rounded: keep 24
-    (64, 64, 0.3, 3, 19),   # keep 44.8 -> 45
-    (10, 10, 0.7, 1, 7),    # 10 * 0.3 is 3.0000000000000004 in floats: still keep 3
-    (16, 0, 0.5, 1, 0),
-    (16, 16, 0.0, 1, 0),
-    (16, 16, 0.5, 0, 8),    # round_to 0 counts as 1
-])
+@pytest.mark.parametrize(
+    ("total", "free", "sparsity", "round_to", "expected"),
+    [
+        (16, 16, 0.5, 8, 8),  # keep 8
+        (16, 16, 0.3, 8, 0),  # keep 11.2 -> 16: nothing goes
+        (16, 16, 0.6, 8, 8),  # keep 6.4 -> 8
+        (10, 10, 0.5, 8, 2),  # keep 5 -> 8 (a multiple of 8, below the total)
+        (4, 4, 0.5, 8, 0),  # total < round_to: keeping 8 is impossible, so nothing goes
+        (7, 7, 0.9, 8, 0),
+        (5, 5, 0.9, 1, 4),  # never all channels
+        (3, 3, 0.99, 1, 2),
+        (2, 2, 0.5, 1, 1),
+        (1, 1, 0.9, 1, 0),
+        (20, 20, 0.9, 8, 12),  # keep 2 -> never below round_to: 8
+        (32, 5, 0.5, 8, 0),  # 5 free: 27..31 kept are no multiples of 8
+        (32, 10, 0.5, 8, 8),  # capped by the free classes, then rounded: keep 24
+        (64, 64, 0.3, 3, 19),  # keep 44.8 -> 45
+        (10, 10, 0.7, 1, 7),  # 10 * 0.3 is 3.0000000000000004 in floats: still keep 3
+        (16, 0, 0.5, 1, 0),
+        (16, 16, 0.0, 1, 0),
+        (16, 16, 0.5, 0, 8),  # round_to 0 counts as 1
+    ],
+)
 def test_round_count_hand_cases(total, free, sparsity, round_to, expected) -> None:
     assert round_count(total, free, sparsity, round_to) == expected
 
 
-@pytest.mark.parametrize(("total", "k", "round_to", "expected"), [
-    (10, 5, 8, 2), (16, 7, 8, 0), (16, 9, 8, 8), (16, 16, 8, 16), (7, 3, 1, 3), (5, 0, 2, 0),
-    (12, 5, 4, 4), (12, 3, 4, 0),
-])
+@pytest.mark.parametrize(
+    ("total", "k", "round_to", "expected"),
+    [
+        (10, 5, 8, 2),
+        (16, 7, 8, 0),
+        (16, 9, 8, 8),
+        (16, 16, 8, 16),
+        (7, 3, 1, 3),
+        (5, 0, 2, 0),
+        (12, 5, 4, 4),
+        (12, 3, 4, 0),
+    ],
+)
 def test_allowed_count_hand_cases(total, k, round_to, expected) -> None:
     assert allowed_count(total, k, round_to) == expected
 
 
 @settings(max_examples=300, deadline=None)
-@given(total=st.integers(1, 200), data=st.data(),
-       sparsity=st.floats(0.0, 0.999, allow_nan=False), round_to=st.integers(1, 16))
+@given(
+    total=st.integers(1, 200),
+    data=st.data(),
+    sparsity=st.floats(0.0, 0.999, allow_nan=False),
+    round_to=st.integers(1, 16),
+)
 def test_round_count_properties(total: int, data, sparsity: float, round_to: int) -> None:
     free = data.draw(st.integers(0, total))
     k = round_count(total, free, sparsity, round_to)
@@ -82,9 +98,14 @@ def test_round_count_properties(total: int, data, sparsity: float, round_to: int
         assert total - k >= round_to
     # the largest such count within the target (kept >= ceil(total * (1 - sparsity)))
     target_kept = max(math.ceil(total * (1 - sparsity) - 1e-9), 1)
-    best = max((c for c in range(0, min(free, total - 1) + 1)
-                if c == 0 or ((total - c) % round_to == 0 and total - c >= max(target_kept, round_to))),
-               default=0)
+    best = max(
+        (
+            c
+            for c in range(0, min(free, total - 1) + 1)
+            if c == 0 or ((total - c) % round_to == 0 and total - c >= max(target_kept, round_to))
+        ),
+        default=0,
+    )
     assert k == best
 
 
@@ -92,22 +113,31 @@ def test_round_count_properties(total: int, data, sparsity: float, round_to: int
 # voting rules with hand-made criteria
 
 
-
-
 def mlp() -> onnx.ModelProto:
     """x[N,6] -> fc1 (8) -> Relu -> fc2 (8) -> Relu -> fc3 (3): two free groups of 8."""
     rng = np.random.default_rng(3)
-    inits = {"w1": rng.normal(size=(8, 6)), "b1": rng.normal(size=8) + 2,
-             "w2": rng.normal(size=(8, 8)), "b2": rng.normal(size=8) + 2,
-             "w3": rng.normal(size=(3, 8)), "b3": rng.normal(size=3)}
+    inits = {
+        "w1": rng.normal(size=(8, 6)),
+        "b1": rng.normal(size=8) + 2,
+        "w2": rng.normal(size=(8, 8)),
+        "b2": rng.normal(size=8) + 2,
+        "w3": rng.normal(size=(3, 8)),
+        "b3": rng.normal(size=3),
+    }
     inits = {k: v.astype(np.float32) for k, v in inits.items()}
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
-             helper.make_node("Relu", ["h1"], ["a1"]),
-             helper.make_node("Gemm", ["a1", "w2", "b2"], ["h2"], name="fc2", transB=1),
-             helper.make_node("Relu", ["h2"], ["a2"]),
-             helper.make_node("Gemm", ["a2", "w3", "b3"], ["y"], name="fc3", transB=1)]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "w2", "b2"], ["h2"], name="fc2", transB=1),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("Gemm", ["a2", "w3", "b3"], ["y"], name="fc3", transB=1),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
 
 
 # ranks (higher = keep) of fc1's 8 channels under three criteria that disagree:
@@ -124,13 +154,16 @@ SCORES = {
 @pytest.fixture
 def hand_criteria(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[int, np.ndarray]]:
     """Criteria ``_t_*`` scoring groups by their first class id (abstaining elsewhere)."""
-    table: dict[str, dict[int, np.ndarray]] = {n: {0: np.array(s, float)} for n, s in SCORES.items()}
+    table: dict[str, dict[int, np.ndarray]] = {
+        n: {0: np.array(s, float)} for n, s in SCORES.items()
+    }
     table["_t_g"] = {}
 
     def make(name: str):
         def fn(view):
             s = table[name].get(int(view.classes[0]))
             return None if s is None else np.asarray(s, float)[: len(view.classes)]
+
         return fn
 
     for name in table:
@@ -149,14 +182,17 @@ def vote(model: onnx.ModelProto, spec: str, **kw):
     return new, report["passes"][0]
 
 
-@pytest.mark.parametrize(("options", "expected"), [
-    ("quorum=2,fill=false", {0, 1, 2}),        # only 3 channels have 2 votes: fewer than 4
-    ("quorum=3,fill=false", {0}),
-    ("quorum=1,fill=false", {0, 1, 2, 4}),     # most votes first, then the lowest mean rank
-    ("quorum=2,fill=true", {0, 1, 2, 4}),      # topped up with ch4 (1 vote, best mean rank)
-    ("quorum=3,fill=true", {0, 1, 2, 4}),
-    ("mode=average", {0, 2, 4, 5}),            # lowest rank sums; ch1 (2 votes) loses to ch5
-])
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("quorum=2,fill=false", {0, 1, 2}),  # only 3 channels have 2 votes: fewer than 4
+        ("quorum=3,fill=false", {0}),
+        ("quorum=1,fill=false", {0, 1, 2, 4}),  # most votes first, then the lowest mean rank
+        ("quorum=2,fill=true", {0, 1, 2, 4}),  # topped up with ch4 (1 vote, best mean rank)
+        ("quorum=3,fill=true", {0, 1, 2, 4}),
+        ("mode=average", {0, 2, 4, 5}),  # lowest rank sums; ch1 (2 votes) loses to ch5
+    ],
+)
 def test_quorum_fill_and_average(hand_criteria, options: str, expected: set[int]) -> None:
     model = mlp()
     spec = f"vote:criteria=_t_a+_t_b+_t_c,sparsity=0.5,round_to=1,{options}"
@@ -173,14 +209,16 @@ def test_quorum_fill_and_average(hand_criteria, options: str, expected: set[int]
     folded, report = onnxprune.run(new, ["fold"])
     assert report["passes"][0]["channels_removed"] == len(expected)
     x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
-    np.testing.assert_allclose(run_model(folded, {"x": x})["y"], run_model(new, {"x": x})["y"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run_model(folded, {"x": x})["y"], run_model(new, {"x": x})["y"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_round_to_limits_the_quorum_choice(hand_criteria) -> None:
     """fill=false and round_to=2: 3 channels reach the quorum, 2 of them may go."""
-    _, section = vote(mlp(), "vote:criteria=_t_a+_t_b+_t_c,sparsity=0.5,round_to=2,"
-                             "quorum=2,fill=false")
+    _, section = vote(
+        mlp(), "vote:criteria=_t_a+_t_b+_t_c,sparsity=0.5,round_to=2,quorum=2,fill=false"
+    )
     assert section["channels_pruned"] == 2
 
 
@@ -254,14 +292,24 @@ def test_unknown_criterion_is_a_one_line_option_error(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    result = _runner().invoke(main, [str(path), "-p", "vote:criteria=l1+nope", "-o",
-                                     str(tmp_path / "out.onnx")])
+    result = _runner().invoke(
+        main, [str(path), "-p", "vote:criteria=l1+nope", "-o", str(tmp_path / "out.onnx")]
+    )
     _one_line_error(result, "pass vote", "unknown criterion 'nope'")
     assert not (tmp_path / "out.onnx").exists()
 
 
-@pytest.mark.parametrize("spec", ["vote:sparsity=1.0", "vote:quorum=0", "vote:round_to=-1",
-                                  "vote:mode=median", "vote:scope=world", "vote:criteria=+"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "vote:sparsity=1.0",
+        "vote:quorum=0",
+        "vote:round_to=-1",
+        "vote:mode=median",
+        "vote:scope=world",
+        "vote:criteria=+",
+    ],
+)
 def test_bad_options_name_the_pass(spec: str) -> None:
     with pytest.raises(PassOptionError, match=r"^pass vote: "):
         onnxprune.run(mlp(), [spec])
@@ -300,9 +348,11 @@ def test_ensemble_member_votes_with_its_own_weights(tmp_path: Path) -> None:
     other = _perturbed(model, 5)
     member = tmp_path / "member.onnx"
     onnx.save(other, member)
-    new, section = vote(model, f"vote:criteria=l1,sparsity=0.5,round_to=1,quorum=2,fill=false,"
-                               f"ensemble={member}")
+    new, section = vote(
+        model, f"vote:criteria=l1,sparsity=0.5,round_to=1,quorum=2,fill=false,ensemble={member}"
+    )
     mine, theirs, after = _producer_rows(model), _producer_rows(other), _producer_rows(new)
+
     def low(r: np.ndarray, k: int) -> set[int]:
         return set(np.argsort(np.abs(r).mean(1), kind="stable")[:k].tolist())
 
@@ -325,8 +375,11 @@ def test_ensemble_with_data_criteria(tmp_path: Path) -> None:
     model = onnxprune.load(DIGITS / "torch_cnn.onnx")
     member = tmp_path / "member.onnx"
     onnx.save(_perturbed(model, 9), member)
-    _, section = vote(model, f"vote:sparsity=0.5,round_to=8,ensemble={member}",
-                      data=DIGITS / "torch_cnn.calib.npz")
+    _, section = vote(
+        model,
+        f"vote:sparsity=0.5,round_to=8,ensemble={member}",
+        data=DIGITS / "torch_cnn.calib.npz",
+    )
     names = set().union(*(g.get("voter_errors", {}) for g in section["groups"]))
     assert names == {"l1", "flap", "wanda", f"l1@{member}", f"flap@{member}", f"wanda@{member}"}
     assert section["channels_pruned"] == 8 + 16 + 16 + 32
@@ -339,7 +392,10 @@ def test_mismatched_ensemble_member_is_a_clean_error(tmp_path: Path) -> None:
     w = next(t for t in other.graph.initializer if t.name == "head.0.weight")
     w.CopyFrom(numpy_helper.from_array(np.zeros((48, 32), np.float32), "head.0.weight"))
     bad = tmp_path / "bad.onnx"
-    onnx.save(other, bad, )
+    onnx.save(
+        other,
+        bad,
+    )
     with pytest.raises(OnnxPruneError) as err:
         onnxprune.run(model, [f"vote:ensemble={bad}"])
     msg = str(err.value)
@@ -349,8 +405,9 @@ def test_mismatched_ensemble_member_is_a_clean_error(tmp_path: Path) -> None:
         onnxprune.run(model, [f"vote:ensemble={DIGITS / 'keras_cnn.onnx'}"])
     with pytest.raises(OnnxPruneError):  # no such file
         onnxprune.run(model, [f"vote:ensemble={tmp_path / 'missing.onnx'}"])
-    result = _runner().invoke(main, [str(model_path), "-p", f"vote:ensemble={bad}", "-o",
-                                     str(tmp_path / "out.onnx")])
+    result = _runner().invoke(
+        main, [str(model_path), "-p", f"vote:ensemble={bad}", "-o", str(tmp_path / "out.onnx")]
+    )
     _one_line_error(result, "ensemble member")
 
 
@@ -390,8 +447,15 @@ def _zeroed_classes_params(model: onnx.ModelProto) -> tuple[int, dict[str, int]]
     return len(gone), {n: int(np.prod(s)) for n, s in shapes.items()}
 
 
-VOTE_FIXTURES = ["digits/torch_cnn", "digits/keras_cnn", "digits/torch_encoder",
-                 "torch/cnn_legacy_bn", "tf/cnn", "mxnet/cnn", "paddle/cnn"]
+VOTE_FIXTURES = [
+    "digits/torch_cnn",
+    "digits/keras_cnn",
+    "digits/torch_encoder",
+    "torch/cnn_legacy_bn",
+    "tf/cnn",
+    "mxnet/cnn",
+    "paddle/cnn",
+]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -399,8 +463,9 @@ VOTE_FIXTURES = ["digits/torch_cnn", "digits/keras_cnn", "digits/torch_encoder",
 def test_vote_then_fold_is_exact(rel: str) -> None:
     model = onnxprune.run(onnxprune.load(MODELS / f"{rel}.onnx"), ["cleanup"])[0]
     calib = MODELS / f"{rel}.calib.npz"
-    voted, report = onnxprune.run(model, ["vote:sparsity=0.5"],
-                                  data=calib if calib.exists() else None)
+    voted, report = onnxprune.run(
+        model, ["vote:sparsity=0.5"], data=calib if calib.exists() else None
+    )
     pruned = report["passes"][0]["channels_pruned"]
     assert pruned > 0
     count, sizes = _zeroed_classes_params(voted)
@@ -408,14 +473,24 @@ def test_vote_then_fold_is_exact(rel: str) -> None:
     folded, report = onnxprune.run(voted, ["fold"])
     section = report["passes"][0]
     assert section["channels_removed"] == pruned
-    after = {t.name: int(np.prod(t.dims)) for t in folded.graph.initializer
-             if t.data_type == TensorProto.FLOAT}
-    assert {n: after[n] for n in sizes if n in after} == {n: s for n, s in sizes.items() if n in after}
+    after = {
+        t.name: int(np.prod(t.dims))
+        for t in folded.graph.initializer
+        if t.data_type == TensorProto.FLOAT
+    }
+    assert {n: after[n] for n in sizes if n in after} == {
+        n: s for n, s in sizes.items() if n in after
+    }
     assert sum(after.values()) == section["parameters_after"]
     assert section["parameters_before"] - section["parameters_after"] == (
-        sum(int(np.prod(t.dims)) for t in voted.graph.initializer
-            if t.data_type == TensorProto.FLOAT) - sum(sizes.values())
-        - sum(v for n, v in after.items() if n not in sizes))
+        sum(
+            int(np.prod(t.dims))
+            for t in voted.graph.initializer
+            if t.data_type == TensorProto.FLOAT
+        )
+        - sum(sizes.values())
+        - sum(v for n, v in after.items() if n not in sizes)
+    )
     feeds = _sample(rel)
     want, got = run_model(voted, feeds), run_model(folded, feeds)
     for name, w in want.items():
@@ -426,8 +501,11 @@ def test_vote_then_fold_is_exact(rel: str) -> None:
 def test_vote_error_never_exceeds_its_best_voter(name: str) -> None:
     model = onnxprune.run(onnxprune.load(DIGITS / f"{name}.onnx"), ["cleanup"])[0]
     checked = 0
-    for spec in ["vote:sparsity=0.5", "vote:sparsity=0.3,criteria=l1+l2+consumer+act_l2,quorum=3",
-                 "vote:sparsity=0.6,mode=average,criteria=random+l1+apoz+wanda"]:
+    for spec in [
+        "vote:sparsity=0.5",
+        "vote:sparsity=0.3,criteria=l1+l2+consumer+act_l2,quorum=3",
+        "vote:sparsity=0.6,mode=average,criteria=random+l1+apoz+wanda",
+    ]:
         _, report = onnxprune.run(model, [spec], data=DIGITS / f"{name}.calib.npz")
         for g in report["passes"][0]["groups"]:
             if "voter_errors" in g:
@@ -438,11 +516,16 @@ def test_vote_error_never_exceeds_its_best_voter(name: str) -> None:
 
 def test_round_to_is_respected_after_fold() -> None:
     model = onnxprune.load(DIGITS / "torch_cnn.onnx")
-    _, report = onnxprune.run(model, ["vote:sparsity=0.3,round_to=3", "fold"],
-                              data=DIGITS / "torch_cnn.calib.npz")
+    _, report = onnxprune.run(
+        model, ["vote:sparsity=0.3,round_to=3", "fold"], data=DIGITS / "torch_cnn.calib.npz"
+    )
     groups = [g for g in report["passes"][1]["groups"] if g["prunable"]]
     assert [(g["channels"], g["channels_after"]) for g in groups] == [
-        (16, 12), (32, 24), (32, 24), (64, 45)]
+        (16, 12),
+        (32, 24),
+        (32, 24),
+        (64, 45),
+    ]
     assert report["passes"][0]["channels_pruned"] == 4 + 8 + 8 + 19
 
 
@@ -461,9 +544,13 @@ def test_random_criterion_draws_independently_per_group() -> None:
     16 indices in both (odds 1 in C(32, 16) ~ 6e8 if independent) is one draw, not two."""
     model = onnxprune.load(DIGITS / "torch_cnn.onnx")
     for seed in (0, 3):
-        rows = _producer_rows(onnxprune.run(model, ["vote:criteria=random,round_to=1"], seed=seed)[0])
-        a, b = (set(np.flatnonzero(~rows[n].any(axis=1)).tolist())
-                for n in ("onnx::Conv_39", "features.7.weight"))
+        rows = _producer_rows(
+            onnxprune.run(model, ["vote:criteria=random,round_to=1"], seed=seed)[0]
+        )
+        a, b = (
+            set(np.flatnonzero(~rows[n].any(axis=1)).tolist())
+            for n in ("onnx::Conv_39", "features.7.weight")
+        )
         assert len(a) == len(b) == 16
         assert a != b, f"seed {seed}: both groups pruned {sorted(a)}"
 
@@ -479,6 +566,7 @@ def test_select_keeps_the_choice_that_moves_the_outputs_least() -> None:
     best = scores[section["selected"]]
     for other in scores.values():
         assert (best["accuracy"], -best["error"]) >= (other["accuracy"], -other["error"])
-    _, local = onnxprune.run(model, ["vote:sparsity=0.5,select=local"],
-                             data=DIGITS / "keras_cnn.calib.npz")
+    _, local = onnxprune.run(
+        model, ["vote:sparsity=0.5,select=local"], data=DIGITS / "keras_cnn.calib.npz"
+    )
     assert "selected" not in local["passes"][0]

@@ -77,8 +77,10 @@ class Pass:
         hints = typing.get_type_hints(cls)
         specs = []
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             )
             specs.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
         return specs
@@ -97,7 +99,9 @@ class Pass:
             norm = key.replace("-", "_")
             if norm not in fields:
                 allowed = ", ".join(sorted(fields)) or "none"
-                raise PassOptionError(f"pass {cls.name}: unknown option {key!r} (options: {allowed})")
+                raise PassOptionError(
+                    f"pass {cls.name}: unknown option {key!r} (options: {allowed})"
+                )
             try:
                 kwargs[norm] = coerce(raw, hints[norm])
             except ValueError as exc:

@@ -10,9 +10,9 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from onnxprune.model import iter_graphs, lift_constants, unlist_initializer_inputs
+from onnxprune.graph import iter_graphs, lift_constants, unlist_initializer_inputs
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.registry import register_pass
+from onnxprune.passes.registry import register_pass
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -54,7 +54,9 @@ class Cleanup(Pass):
             for _ in range(_MAX_FOLD_ROUNDS):
                 count = _count_nodes(graph)
                 graph.fold_constants(
-                    fold_shapes=True, recurse_subgraphs=True, error_ok=True,
+                    fold_shapes=True,
+                    recurse_subgraphs=True,
+                    error_ok=True,
                     size_threshold=int(self.fold_limit_mb * _MB),
                 )
                 graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True)
@@ -96,8 +98,11 @@ def _restore_initializer_inputs(out: onnx.GraphProto, original: onnx.GraphProto)
     """Put back the initializer inputs graphsurgeon drops on import, in their original order."""
     inits = {t.name for t in out.initializer}
     real = {i.name: i for i in out.input}
-    kept = [real.pop(i.name) if i.name in real else i for i in original.input
-            if i.name in real or i.name in inits]
+    kept = [
+        real.pop(i.name) if i.name in real else i
+        for i in original.input
+        if i.name in real or i.name in inits
+    ]
     del out.input[:]
     out.input.extend(kept + list(real.values()))
 

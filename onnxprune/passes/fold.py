@@ -10,15 +10,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.edit import add_output_bias, get_init, set_attr, set_init, unique_name
+from onnxprune.analysis.labels import VAR, ZERO, Member, Sink
+from onnxprune.analysis.probe import Probe, probe, shrink_shapes
+from onnxprune.analysis.state import Analysis
+from onnxprune.analysis.walk import analyse
+from onnxprune.cost import count_parameters
 from onnxprune.errors import InternalError
-from onnxprune.groups import VAR, ZERO, Analysis, Member, Sink, analyse
-from onnxprune.model import prepare_for_pruning
+from onnxprune.graph import (
+    add_output_bias,
+    get_init,
+    prepare_for_pruning,
+    set_attr,
+    set_init,
+    unique_name,
+)
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.probe import Probe, probe, shrink_shapes
-from onnxprune.registry import register_pass
+from onnxprune.passes.registry import register_pass
 from onnxprune.runtime import run_model
-from onnxprune.summary import count_parameters
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -120,7 +128,9 @@ class Fold(Pass):
         roots = an.roots()
         plan = Plan(roots)
         pinned = an.pinned_roots()
-        candidates: set[int] = {int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]}
+        candidates: set[int] = {
+            int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]
+        }
         bad: dict[int, str] = {}
         constant: set[int] = set()
         for k, sink in enumerate(an.sinks):
@@ -139,8 +149,16 @@ class Fold(Pass):
         _keep_last_channels(an, plan)
         return plan
 
-    def _judge_sink(self, k: int, sink: Sink, roots: np.ndarray, pr: Probe, plan: Plan,
-                    bad: dict[int, str], constant: set[int]) -> None:
+    def _judge_sink(
+        self,
+        k: int,
+        sink: Sink,
+        roots: np.ndarray,
+        pr: Probe,
+        plan: Plan,
+        bad: dict[int, str],
+        constant: set[int],
+    ) -> None:
         lab = sink.labels
         value = pr.values.get(sink.tensor)
         flat = None
@@ -172,8 +190,10 @@ class Fold(Pass):
                     bad[r] = "constant non-zero channel (constants=false)"
                     continue
                 if sink.padded:
-                    bad[r] = (f"constant channel feeds {sink.node.op_type} "
-                              f"{sink.node.name or sink.node.output[0]}, which zero-pads its input")
+                    bad[r] = (
+                        f"constant channel feeds {sink.node.op_type} "
+                        f"{sink.node.name or sink.node.output[0]}, which zero-pads its input"
+                    )
                     continue
             plan.values[(k, j)] = v
 
@@ -195,12 +215,16 @@ def verify_same(before: Probe, after: onnx.ModelProto) -> str:
     for name in names:
         r, g = before.values[name], got[name]
         if r.shape != g.shape:
-            raise InternalError(f"fold changed the shape of output {name!r}: {r.shape} -> {g.shape}")
+            raise InternalError(
+                f"fold changed the shape of output {name!r}: {r.shape} -> {g.shape}"
+            )
         if np.issubdtype(r.dtype, np.floating):
             scale = float(np.abs(r).max()) if r.size else 0.0
             err = float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0
             if err > 1e-4 * (1.0 + scale):
-                raise InternalError(f"fold changed output {name!r} by {err:.3g} (scale {scale:.3g})")
+                raise InternalError(
+                    f"fold changed output {name!r} by {err:.3g} (scale {scale:.3g})"
+                )
             worst = max(worst, err / (1.0 + scale))
         elif not np.array_equal(r, g):
             raise InternalError(f"fold changed output {name!r}")
@@ -279,8 +303,9 @@ def _fold_biases(graph: onnx.GraphProto, an: Analysis, plan: Plan) -> None:
         _add_to_bias(graph, an, sink, np.asarray(delta), w.dtype)
 
 
-def _add_to_bias(graph: onnx.GraphProto, an: Analysis, sink: Sink, delta: np.ndarray,
-                 dtype: np.dtype) -> None:
+def _add_to_bias(
+    graph: onnx.GraphProto, an: Analysis, sink: Sink, delta: np.ndarray, dtype: np.dtype
+) -> None:
     """Add ``delta`` to the sink's output bias and keep that bias a member of its outputs."""
     node = sink.node
     if node.op_type == "Conv":
@@ -356,12 +381,14 @@ def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
         classes = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
         removed = len(classes & plan.removed)
         blocked = Counter(plan.blocked[r] for r in classes if r in plan.blocked)
-        groups.append({
-            **g.to_dict(),
-            "channels_after": g.channels - removed,
-            "removed": removed,
-            "blocked": dict(blocked),
-        })
+        groups.append(
+            {
+                **g.to_dict(),
+                "channels_after": g.channels - removed,
+                "removed": removed,
+                "blocked": dict(blocked),
+            }
+        )
     return {"groups": groups, "removed": len(plan.removed)}
 
 
@@ -371,4 +398,3 @@ def _merge_blocked(rounds: list[dict[str, Any]]) -> dict[str, int]:
     for g in last:
         total.update(g["blocked"])
     return dict(total)
-

@@ -11,16 +11,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.calibrate import activation_stats
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.registry import register_pass
+from onnxprune.passes.registry import register_pass
+from onnxprune.pruning.calibrate import activation_stats
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
 
 log = logging.getLogger(__name__)
-NO_SPEEDUP = ("unstructured and N:M zeros keep every weight: onnxruntime's dense kernels run "
-              "no faster and the file is no smaller; use vote + fold for speed")
+NO_SPEEDUP = (
+    "unstructured and N:M zeros keep every weight: onnxruntime's dense kernels run "
+    "no faster and the file is no smaller; use vote + fold for speed"
+)
 
 
 @dataclass
@@ -104,9 +106,13 @@ class Magnitude(Pass):
             total += w.size
             per_layer.append({"weight": ly.init, "sparsity": round(z / w.size, 4)})
         log.warning(NO_SPEEDUP)
-        report: dict[str, Any] = {"weights": len(per_layer), "skipped": skipped,
-                                  "sparsity": round(zeros / total, 4) if total else 0.0,
-                                  "layers": per_layer, "note": NO_SPEEDUP}
+        report: dict[str, Any] = {
+            "weights": len(per_layer),
+            "skipped": skipped,
+            "sparsity": round(zeros / total, 4) if total else 0.0,
+            "layers": per_layer,
+            "note": NO_SPEEDUP,
+        }
         return PassResult(model, bool(per_layer), report)
 
     def _mask(self, score: np.ndarray) -> np.ndarray:
@@ -145,8 +151,12 @@ def _layers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], skip: st
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w = inits.get(node.input[1])
-        if w is None or len(w.dims) < 2 or w.data_type not in (
-                onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        if (
+            w is None
+            or len(w.dims) < 2
+            or w.data_type
+            not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        ):
             continue
         if pattern and (pattern.search(node.name) or pattern.search(w.name)):
             continue

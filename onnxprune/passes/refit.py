@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxprune.calibrate import expose
+from onnxprune.analysis.labels import VAR, Sink
 from onnxprune.data import feeds_for
-from onnxprune.edit import add_output_bias, bias_add_after, get_init, set_init
-from onnxprune.groups import VAR, Sink
+from onnxprune.graph import add_output_bias, bias_add_after, get_init, set_init
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.prune import Workspace
-from onnxprune.registry import register_pass
+from onnxprune.passes.registry import register_pass
+from onnxprune.pruning.calibrate import expose
+from onnxprune.pruning.workspace import Workspace
 from onnxprune.runtime import session
 
 if TYPE_CHECKING:
@@ -88,13 +88,15 @@ class Refit(Pass):
             return PassResult(model, False, {"refitted": 0, "skipped": skipped})
         # in graph order, each layer fitted on the inputs the layers refitted before it give
         report_units = []
-        original = session(expose(ws.ctx.original, sorted({u.output for u in units})),
-                           ws.ctx.providers)
+        original = session(
+            expose(ws.ctx.original, sorted({u.output for u in units})), ws.ctx.providers
+        )
         for unit in units:
             self._stream(ws, [unit], original)
             report_units.append(self._solve(ws.model.graph, unit))
-        return PassResult(ws.model, True, {"refitted": len(units), "skipped": skipped,
-                                           "layers": report_units})
+        return PassResult(
+            ws.model, True, {"refitted": len(units), "skipped": skipped, "layers": report_units}
+        )
 
     def _units(self, ws: Workspace) -> tuple[list[_Unit], dict[str, str]]:
         units, skipped = [], {}
@@ -177,15 +179,21 @@ class Refit(Pass):
             stored = _conv_weight(w_new, weight.shape).astype(weight.dtype)
         else:
             moved = np.moveaxis(weight, u.sink.weight_axis, 0)
-            stored = np.moveaxis((w_new / u.scale).reshape(moved.shape).astype(weight.dtype),
-                                 0, u.sink.weight_axis)
+            stored = np.moveaxis(
+                (w_new / u.scale).reshape(moved.shape).astype(weight.dtype), 0, u.sink.weight_axis
+            )
         set_init(graph, u.sink.weight, np.ascontiguousarray(stored))
         # Gemm adds alpha * delta to its output; the solve is in output units
         add_output_bias(graph, node, (bias_new / u.scale).astype(weight.dtype))
         taps = u.conv["taps"] if u.conv else 1
-        return {"node": node.name or node.output[0], "inputs_kept": int(len(keep)) // taps,
-                "inputs": int(len(u.w)) // taps, "rows": u.n, "mse_before": before,
-                "mse_after": after}
+        return {
+            "node": node.name or node.output[0],
+            "inputs_kept": int(len(keep)) // taps,
+            "inputs": int(len(u.w)) // taps,
+            "rows": u.n,
+            "mse_before": before,
+            "mse_after": after,
+        }
 
 
 def _mse(u: _Unit, w: np.ndarray, b: np.ndarray) -> float:
@@ -196,7 +204,9 @@ def _mse(u: _Unit, w: np.ndarray, b: np.ndarray) -> float:
     quad = float(np.einsum("ij,ik,kj->", w, cov_x, w))
     cross = float(np.einsum("ij,ij->", w, xr))
     rr = u.srr / u.n
-    return rr + quad - 2 * cross + 2 * float(b @ (mean_x @ w)) - 2 * float(b @ mean_r) + float(b @ b)
+    return (
+        rr + quad - 2 * cross + 2 * float(b @ (mean_x @ w)) - 2 * float(b @ mean_r) + float(b @ b)
+    )
 
 
 def _rows(x: np.ndarray, axis: int) -> np.ndarray:

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
-from onnxprune.criteria import GroupView, get_criterion
-from onnxprune.edit import get_init
+from onnxprune.graph import get_init
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.prune import Workspace, zero_and_compensate
-from onnxprune.registry import register_pass
-from onnxprune.zero import keep_one_per_tensor
+from onnxprune.passes.registry import register_pass
+from onnxprune.pruning.criteria import GroupView, get_criterion
+from onnxprune.pruning.workspace import Workspace, zero_and_compensate
+from onnxprune.pruning.zero import keep_one_per_tensor
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -41,7 +41,8 @@ class Stats(Pass):
     below: float | None = option(None, "prune channels whose value is below this")
     above: float | None = option(None, "prune channels whose value is above this")
     compensate: Literal["auto", "on", "off"] = option(
-        "auto", "move pruned channels' mean into the next bias (auto: when --data is given)")
+        "auto", "move pruned channels' mean into the next bias (auto: when --data is given)"
+    )
     protect: str = option("", "regex of node/initializer names whose groups stay whole")
 
     def __post_init__(self) -> None:
@@ -73,12 +74,24 @@ class Stats(Pass):
                 hit |= values > self.above
             picked = set(classes[hit].tolist())
             chosen |= picked
-            sections.append({"group": g.index, "channels": g.channels, "_picked": picked,
-                             "min": float(values.min()), "max": float(values.max())})
+            sections.append(
+                {
+                    "group": g.index,
+                    "channels": g.channels,
+                    "_picked": picked,
+                    "min": float(values.min()),
+                    "max": float(values.max()),
+                }
+            )
         chosen = keep_one_per_tensor(ws.an, chosen)
         for section in sections:  # counted after the last-channel guard
             section["pruned"] = len(section.pop("_picked") & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
-        report = {"metric": self.metric, "channels_pruned": len(chosen), "groups": sections,
-                  "compensated": compensate, **applied}
+        report = {
+            "metric": self.metric,
+            "channels_pruned": len(chosen),
+            "groups": sections,
+            "compensated": compensate,
+            **applied,
+        }
         return PassResult(ws.model, bool(chosen), report)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxprune.cost import summarize
 from onnxprune.data import Dataset, feeds_for, fixed_batch, input_specs
 from onnxprune.errors import (
     DataError,
@@ -20,8 +21,10 @@ from onnxprune.errors import (
     PassOptionError,
     UnsupportedModelError,
 )
-from onnxprune.latency import LatencyComparison, compare_latency
-from onnxprune.metrics import (
+from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.registry import register_pass
+from onnxprune.runtime import CPU, channel_multiple, session
+from onnxprune.validation.compare import (
     ClassificationComparison,
     InputMismatch,
     OutputComparison,
@@ -30,10 +33,7 @@ from onnxprune.metrics import (
     compare_output,
     is_classifier_like,
 )
-from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.registry import register_pass
-from onnxprune.runtime import CPU, channel_multiple, session
-from onnxprune.summary import summarize
+from onnxprune.validation.latency import LatencyComparison, compare_latency
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -70,13 +70,17 @@ class Validate(Pass):
     needs_original: ClassVar[bool] = True
     max_accuracy_drop: float | None = option(None, "gate: largest allowed accuracy drop (0-1)")
     min_cosine: float | None = option(None, "gate: smallest allowed mean cosine of each output")
-    max_latency_ratio: float | None = option(None, "gate: largest allowed pruned/original median latency")
+    max_latency_ratio: float | None = option(
+        None, "gate: largest allowed pruned/original median latency"
+    )
     runs: int = option(30, "timed runs per model (0: no latency)")
     warmup: int = option(5, "untimed runs per model before timing")
     threads: int = option(0, "onnxruntime intra-op threads (0: onnxruntime's default)")
     latency_batch: int = option(1, "samples per timed run (a fixed-batch model uses its own)")
     samples: int = option(0, "compare on at most this many samples (0: all)")
-    label_output: str | None = option(None, "output scored against the labels [default: first classifier-like]")
+    label_output: str | None = option(
+        None, "output scored against the labels [default: first classifier-like]"
+    )
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
@@ -104,7 +108,9 @@ class Validate(Pass):
         ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=False)
         new_sess = _pruned_session(model, ctx.providers, self.threads)
         ref, new, count = run_pair(ref_sess, new_sess, original, data)
-        outputs = [compare_output(n, ref[n], new[n], min_cosine=self.min_cosine) for n in ref]  # rule 2
+        outputs = [
+            compare_output(n, ref[n], new[n], min_cosine=self.min_cosine) for n in ref
+        ]  # rule 2
         labels = data.labels[:count] if data.labels is not None else None
         classification = self._classify(ref, new, labels)  # rule 3
         feed = latency_feed(original, data, self.latency_batch)
@@ -119,8 +125,12 @@ class Validate(Pass):
                 warnings.append(slow_message(latency))
         gates = self._gates(outputs, classification, latency)  # rule 6
         report = {
-            "data": {"source": data.source, "synthetic": data.synthetic, "samples": count,
-                     "labels": labels is not None},
+            "data": {
+                "source": data.source,
+                "synthetic": data.synthetic,
+                "samples": count,
+                "labels": labels is not None,
+            },
             "providers": new_sess.get_providers(),
             "outputs": [o.to_dict() for o in outputs],
             "classification": classification.to_dict() if classification is not None else None,
@@ -133,16 +143,23 @@ class Validate(Pass):
         return PassResult(model, modified=False, report=report)
 
     def _classify(
-        self, ref: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray], labels: np.ndarray | None
+        self,
+        ref: Mapping[str, np.ndarray],
+        new: Mapping[str, np.ndarray],
+        labels: np.ndarray | None,
     ) -> ClassificationComparison | None:
         name = self.label_output
         if name is not None:
             if name not in ref:
-                raise PassOptionError(f"pass validate: label_output={name!r} is not an output "
-                                      f"(outputs: {', '.join(ref)})")
+                raise PassOptionError(
+                    f"pass validate: label_output={name!r} is not an output "
+                    f"(outputs: {', '.join(ref)})"
+                )
             if not is_classifier_like(ref[name]):
-                raise UnsupportedModelError(f"validate: output {name!r} {list(ref[name].shape)} "
-                                            "is not classifier-like ([N, C] scores)")
+                raise UnsupportedModelError(
+                    f"validate: output {name!r} {list(ref[name].shape)} "
+                    "is not classifier-like ([N, C] scores)"
+                )
         else:
             name = next((n for n, a in ref.items() if is_classifier_like(a)), None)
         if name is None:
@@ -150,7 +167,8 @@ class Validate(Pass):
                 shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in ref.items())
                 raise UnsupportedModelError(
                     f"validate: max_accuracy_drop needs a classifier-like output ([N, C] "
-                    f"scores); the outputs are {shapes}; use min_cosine instead")
+                    f"scores); the outputs are {shapes}; use min_cosine instead"
+                )
             return None
         return compare_classification(name, ref[name], new[name], labels, self.max_accuracy_drop)
 
@@ -163,8 +181,13 @@ class Validate(Pass):
         model: onnx.ModelProto,
     ) -> dict[str, Any]:
         feed = dict(feed)
-        cmp = compare_latency(lambda: ref_sess.run(None, feed), lambda: new_sess.run(None, feed),
-                              self.runs, self.warmup, max_ratio=self.max_latency_ratio)
+        cmp = compare_latency(
+            lambda: ref_sess.run(None, feed),
+            lambda: new_sess.run(None, feed),
+            self.runs,
+            self.warmup,
+            max_ratio=self.max_latency_ratio,
+        )
         provider = new_sess.get_providers()[0]
         return {
             "provider": provider,
@@ -190,13 +213,29 @@ class Validate(Pass):
         if self.min_cosine is not None:
             for o in outputs:
                 ok = o.cosine == o.cosine and o.cosine >= self.min_cosine  # NaN fails
-                gates.append(_gate("min_cosine", o.name, o.to_dict()["cosine"], self.min_cosine, ok))
+                gates.append(
+                    _gate("min_cosine", o.name, o.to_dict()["cosine"], self.min_cosine, ok)
+                )
         if self.max_accuracy_drop is not None and classification is not None:
-            gates.append(_gate("max_accuracy_drop", classification.output, classification.drop,
-                               self.max_accuracy_drop, bool(classification)))
+            gates.append(
+                _gate(
+                    "max_accuracy_drop",
+                    classification.output,
+                    classification.drop,
+                    self.max_accuracy_drop,
+                    bool(classification),
+                )
+            )
         if self.max_latency_ratio is not None and latency is not None:
-            gates.append(_gate("max_latency_ratio", None, latency["ratio"], self.max_latency_ratio,
-                               latency["ratio"] <= self.max_latency_ratio))
+            gates.append(
+                _gate(
+                    "max_latency_ratio",
+                    None,
+                    latency["ratio"],
+                    self.max_latency_ratio,
+                    latency["ratio"] <= self.max_latency_ratio,
+                )
+            )
         return gates
 
 
@@ -215,7 +254,9 @@ def _first_line(exc: BaseException) -> str:
     return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
 
 
-def _pruned_session(model: onnx.ModelProto, providers: Sequence[str], threads: int) -> ort.InferenceSession:
+def _pruned_session(
+    model: onnx.ModelProto, providers: Sequence[str], threads: int
+) -> ort.InferenceSession:
     try:
         return session(model, providers, threads=threads, share_weights=False)
     except PassFailedError as exc:
@@ -231,21 +272,30 @@ def check_inputs(original: onnx.ModelProto, model: onnx.ModelProto) -> None:
     ref, new = input_specs(original), input_specs(model)
     for name, (dims, dtype) in ref.items():
         if name not in new:
-            raise InputMismatch(f"validate: the pruned model has no input {name!r} "
-                                f"(its inputs: {', '.join(new) or 'none'})")
+            raise InputMismatch(
+                f"validate: the pruned model has no input {name!r} "
+                f"(its inputs: {', '.join(new) or 'none'})"
+            )
         new_dims, new_dtype = new[name]
         if new_dtype != dtype:
-            raise InputMismatch(f"validate: the pruned model cannot take input {name!r}: it "
-                                f"expects {new_dtype}, the original {dtype}")
-        fixed_differs = any(isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b
-                            for a, b in zip(dims, new_dims, strict=False))
+            raise InputMismatch(
+                f"validate: the pruned model cannot take input {name!r}: it "
+                f"expects {new_dtype}, the original {dtype}"
+            )
+        fixed_differs = any(
+            isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b
+            for a, b in zip(dims, new_dims, strict=False)
+        )
         if len(dims) != len(new_dims) or fixed_differs:
-            raise InputMismatch(f"validate: the pruned model cannot take input {name!r}: it "
-                                f"declares {new_dims}, the original {dims}")
+            raise InputMismatch(
+                f"validate: the pruned model cannot take input {name!r}: it "
+                f"declares {new_dims}, the original {dims}"
+            )
     extra = [n for n in new if n not in ref]
     if extra:
-        raise InputMismatch(f"validate: the pruned model needs input {extra[0]!r}, which the "
-                            "original does not have")
+        raise InputMismatch(
+            f"validate: the pruned model needs input {extra[0]!r}, which the original does not have"
+        )
 
 
 def run_pair(
@@ -266,8 +316,10 @@ def run_pair(
     have = [o.name for o in new_sess.get_outputs()]
     missing = [n for n in names if n not in have]
     if missing:
-        raise OutputMismatch(f"validate: the pruned model has no output {missing[0]!r} "
-                             f"(its outputs: {', '.join(have)})")
+        raise OutputMismatch(
+            f"validate: the pruned model has no output {missing[0]!r} "
+            f"(its outputs: {', '.join(have)})"
+        )
     ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     new_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     count = 0
@@ -276,20 +328,25 @@ def run_pair(
         try:
             ref_out = ref_sess.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-            raise DataError(f"validate: the original model cannot run on {data.source}: "
-                            f"{_first_line(exc)}") from exc
+            raise DataError(
+                f"validate: the original model cannot run on {data.source}: {_first_line(exc)}"
+            ) from exc
         try:
             new_out = new_sess.run(names, feed)
         except Exception as exc:  # noqa: BLE001
-            raise InputMismatch(f"validate: the pruned model cannot take input(s) "
-                                f"{', '.join(map(repr, feed))}: {_first_line(exc)}") from exc
+            raise InputMismatch(
+                f"validate: the pruned model cannot take input(s) "
+                f"{', '.join(map(repr, feed))}: {_first_line(exc)}"
+            ) from exc
         for n, r, p in zip(names, ref_out, new_out, strict=True):
             ref_parts[n].append(np.asarray(r))
             new_parts[n].append(np.asarray(p))
         count += len(next(iter(feed.values()))) if feed else 1
     if not count:
-        raise DataError(f"validate: {data.source} has no complete batch of "
-                        f"{fixed_batch(model)} samples for the model")
+        raise DataError(
+            f"validate: {data.source} has no complete batch of "
+            f"{fixed_batch(model)} samples for the model"
+        )
     return _join(ref_parts), _join(new_parts), count
 
 
@@ -309,7 +366,9 @@ def latency_feed(model: onnx.ModelProto, data: Dataset, batch: int) -> dict[str,
     return {k: v[:size] for k, v in data.inputs.items()}
 
 
-def symbolic_dims(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray]) -> dict[str, int]:
+def symbolic_dims(
+    models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarray]
+) -> dict[str, int]:
     """Value of each symbolic input dimension of ``models``, read from ``feed``'s shapes."""
     dims: dict[str, int] = {}
     for m in models:
@@ -321,15 +380,24 @@ def symbolic_dims(models: Sequence[onnx.ModelProto], feed: Mapping[str, np.ndarr
     return dims
 
 
-def cost_section(original: onnx.ModelProto, model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, Any]:
+def cost_section(
+    original: onnx.ModelProto, model: onnx.ModelProto, dims: Mapping[str, int]
+) -> dict[str, Any]:
     """Parameters, MACs (total and per op type), bytes of both models, and pruned/original."""
     a, b = summarize(original, dims), summarize(model, dims)
 
     def pick(s: Any) -> dict[str, Any]:
-        return {"parameters": s.parameters, "macs": s.macs, "macs_by_op": s.macs_by_op, "bytes": s.bytes}
+        return {
+            "parameters": s.parameters,
+            "macs": s.macs,
+            "macs_by_op": s.macs_by_op,
+            "bytes": s.bytes,
+        }
 
-    ratio = {k: (getattr(b, k) / getattr(a, k) if getattr(a, k) else None)
-             for k in ("parameters", "macs", "bytes")}
+    ratio = {
+        k: (getattr(b, k) / getattr(a, k) if getattr(a, k) else None)
+        for k in ("parameters", "macs", "bytes")
+    }
     return {"dims": dict(dims), "original": pick(a), "pruned": pick(b), "ratio": ratio}
 
 
@@ -357,8 +425,11 @@ def unaligned_convs(original: onnx.ModelProto, model: onnx.ModelProto) -> list[s
         if name not in before:
             continue
         o0, i0 = before[name]
-        lost = [f"{what} {a}->{b}" for what, a, b in (("out", o0, o), ("in", i0, i))
-                if a % block == 0 and b % block]
+        lost = [
+            f"{what} {a}->{b}"
+            for what, a, b in (("out", o0, o), ("in", i0, i))
+            if a % block == 0 and b % block
+        ]
         if lost:
             out.append(f"{name} ({', '.join(lost)})")
     return out
@@ -381,18 +452,23 @@ def slow_causes(
             causes.append(
                 f"channel counts that are not multiples of {channel_multiple()} defeat "
                 f"onnxruntime's blocked (NCHWc) convolution layout on this CPU: Conv {shown}; "
-                f"prune to multiples of {channel_multiple()} (vote's round_to)")
+                f"prune to multiples of {channel_multiple()} (vote's round_to)"
+            )
     if cmp.original.median_ms < SHORT_RUN_MS:
-        causes.append(f"runs are very short ({cmp.original.median_ms:.3f} ms): onnxruntime's fixed "
-                      "per-node overhead dominates")
+        causes.append(
+            f"runs are very short ({cmp.original.median_ms:.3f} ms): onnxruntime's fixed "
+            "per-node overhead dominates"
+        )
     return causes
 
 
 def slow_message(latency: Mapping[str, Any]) -> str:
     """One line: how much slower the pruned model runs, and why when known."""
     o, p = latency["original"], latency["pruned"]
-    msg = (f"the pruned model is SLOWER than the original: median {p['median_ms']:.3f} ms vs "
-           f"{o['median_ms']:.3f} ms (ratio {latency['ratio']:.2f}) on {latency['provider']}")
+    msg = (
+        f"the pruned model is SLOWER than the original: median {p['median_ms']:.3f} ms vs "
+        f"{o['median_ms']:.3f} ms (ratio {latency['ratio']:.2f}) on {latency['provider']}"
+    )
     if latency["causes"]:
         msg += "; likely cause: " + "; ".join(latency["causes"])
     return msg
@@ -415,8 +491,11 @@ def describe_gate(gate: Mapping[str, Any]) -> str:
     if gate["name"] == "finite":
         return f"finite: {value} new NaN/Inf values{where}"
     shown = "n/a" if value is None else f"{value:.4g}"
-    sign = ("<=" if gate["passed"] else ">") if gate["name"].startswith("max_") else (
-        ">=" if gate["passed"] else "<")
+    sign = (
+        ("<=" if gate["passed"] else ">")
+        if gate["name"].startswith("max_")
+        else (">=" if gate["passed"] else "<")
+    )
     return f"{gate['name']} {shown} {sign} {limit:g}{where}"
 
 
@@ -425,7 +504,9 @@ def gate_message(failed: Sequence[Mapping[str, Any]]) -> str:
     return "validation failed: " + "; ".join(describe_gate(g) for g in failed)
 
 
-def with_gates(chain: Sequence[Pass], *, always: bool = False, **limits: float | None) -> list[Pass]:
+def with_gates(
+    chain: Sequence[Pass], *, always: bool = False, **limits: float | None
+) -> list[Pass]:
     """``chain`` with gate ``limits`` set on its last validate pass (appended when missing).
 
     A validate pass is appended when limits are given, or when ``always`` is true.
@@ -444,4 +525,3 @@ def with_gates(chain: Sequence[Pass], *, always: bool = False, **limits: float |
     except ValueError as exc:
         raise PassOptionError(f"pass validate: {exc}") from exc
     return out
-

@@ -9,22 +9,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
-from onnxprune.criteria import Criterion, GroupView, get_criterion, rank_normalise
 from onnxprune.data import feeds_for
-from onnxprune.edit import get_init
 from onnxprune.errors import PassOptionError
-from onnxprune.model import load, model_nbytes, prepare_for_pruning
+from onnxprune.graph import get_init, prepare_for_pruning
+from onnxprune.model import load, model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
-from onnxprune.prune import (
+from onnxprune.passes.registry import register_pass
+from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
+from onnxprune.pruning.workspace import (
     Workspace,
     allowed_count,
     reconstruction_error,
     round_count,
     zero_and_compensate,
 )
-from onnxprune.registry import register_pass
+from onnxprune.pruning.zero import keep_one_per_tensor
 from onnxprune.runtime import channel_multiple, session
-from onnxprune.zero import keep_one_per_tensor
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -42,11 +42,19 @@ def _outputs(model: onnx.ModelProto, feeds: list, providers: list[str]) -> list[
     return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
-def _score(reference: list[np.ndarray], got: list[np.ndarray],
-           labels: np.ndarray | None) -> tuple[float, float]:
+def _score(
+    reference: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray | None
+) -> tuple[float, float]:
     """(minus accuracy against the labels, or 0; relative squared output error): lower wins."""
-    err = float(np.mean([np.mean((g.astype(np.float64) - r) ** 2) / (np.mean(
-        r.astype(np.float64) ** 2) + 1e-12) for r, g in zip(reference, got, strict=True)]))
+    err = float(
+        np.mean(
+            [
+                np.mean((g.astype(np.float64) - r) ** 2)
+                / (np.mean(r.astype(np.float64) ** 2) + 1e-12)
+                for r, g in zip(reference, got, strict=True)
+            ]
+        )
+    )
     first = got[0]
     if labels is not None and first.ndim == 2 and len(first) == len(labels):
         return -float((first.argmax(1) == labels).mean()), err
@@ -93,20 +101,27 @@ class Vote(Pass):
     scope: Literal["local", "global"] = option("local", "prune per group, or rank across groups")
     floor: float = option(0.1, "scope=global: keep at least this share of every group")
     round_to: int = option(
-        0, "keep channel counts a multiple of this; 0: what suits the runtime here (16 on "
-        "AVX-512 CPUs, else 8)")
+        0,
+        "keep channel counts a multiple of this; 0: what suits the runtime here (16 on "
+        "AVX-512 CPUs, else 8)",
+    )
     protect: str = option("", "regex of node/initializer names whose groups stay whole")
     ensemble: tuple[str, ...] = option((), "other models of the same architecture that vote too")
     compensate: Literal["auto", "on", "off"] = option(
-        "auto", "move pruned channels' mean into the next bias (auto: when --data is given)")
+        "auto", "move pruned channels' mean into the next bias (auto: when --data is given)"
+    )
     check: Literal["lsq", "mean", "off"] = option(
-        "lsq", "weigh voters by the loss left after a least-squares refit (lsq) or after bias "
-        "compensation (mean); needs data")
+        "lsq",
+        "weigh voters by the loss left after a least-squares refit (lsq) or after bias "
+        "compensation (mean); needs data",
+    )
     fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
     select: Literal["auto", "output", "local"] = option(
-        "auto", "with data, keep the vote or a single voter's choice, whichever changes the "
+        "auto",
+        "with data, keep the vote or a single voter's choice, whichever changes the "
         "model's outputs least on the calibration data (output); local: the vote as it is; "
-        "auto: output for models under 512 MiB")
+        "auto: output for models under 512 MiB",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -139,9 +154,15 @@ class Vote(Pass):
             classes = ws.free_classes(g)
             if not len(classes):
                 continue
-            voters = [Voter(c.name + (f"@{tag}" if tag else ""), c,
-                            GroupView(ws.an, classes, getter, st, ctx.seed))
-                      for tag, getter, st in arrays for c in criteria]
+            voters = [
+                Voter(
+                    c.name + (f"@{tag}" if tag else ""),
+                    c,
+                    GroupView(ws.an, classes, getter, st, ctx.seed),
+                )
+                for tag, getter, st in arrays
+                for c in criteria
+            ]
             plans.append((g, classes, voters))
         if self.scope == "global":
             chosen, sections = self._global(ws, plans)
@@ -184,23 +205,31 @@ class Vote(Pass):
             theirs = {t.name: list(t.dims) for t in other.graph.initializer if t.name in shapes}
             if theirs != shapes:
                 missing = sorted(set(shapes) - set(theirs)) or sorted(
-                    n for n in shapes if theirs.get(n) != shapes[n])
+                    n for n in shapes if theirs.get(n) != shapes[n]
+                )
                 raise PassOptionError(
                     f"pass vote: ensemble member {path} differs from the model in "
-                    f"initializer(s) {missing[:3]}: members must share one architecture")
+                    f"initializer(s) {missing[:3]}: members must share one architecture"
+                )
             stats: dict = {}
             if any(get_criterion(c).needs_data for c in self.criteria):
-                from onnxprune.calibrate import activation_stats
+                from onnxprune.pruning.calibrate import activation_stats
 
                 stats = activation_stats(ws.ctx, other, ws.sink_tensors())
-            out.append((str(path), (lambda g: (lambda name: get_init(g, name)))(other.graph), stats))
+            out.append((str(path), (lambda g: lambda name: get_init(g, name))(other.graph), stats))
         return out
 
-    def _local(self, ws: Workspace, g: Any, classes: np.ndarray, voters: list[Voter],
-               check: str) -> tuple[set[int], dict[str, Any]]:
+    def _local(
+        self, ws: Workspace, g: Any, classes: np.ndarray, voters: list[Voter], check: str
+    ) -> tuple[set[int], dict[str, Any]]:
         k = round_count(g.channels, len(classes), self.sparsity, self._round)
-        section: dict[str, Any] = {"group": g.index, "channels": g.channels, "free": len(classes),
-                                   "target": k, "producers": [s.node for s in g.spaces]}
+        section: dict[str, Any] = {
+            "group": g.index,
+            "channels": g.channels,
+            "free": len(classes),
+            "target": k,
+            "producers": [s.node for s in g.spaces],
+        }
         if k == 0:
             section["pruned"] = 0
             return set(), section
@@ -210,7 +239,9 @@ class Vote(Pass):
         if not active:
             section["pruned"] = 0
             return set(), section
-        choices = {n: set(classes[np.argsort(s, kind="stable")[:k]].tolist()) for n, s in active.items()}
+        choices = {
+            n: set(classes[np.argsort(s, kind="stable")[:k]].tolist()) for n, s in active.items()
+        }
         if check != "off" and len(active) > 1:
             errors = {n: reconstruction_error(ws, c, check) for n, c in choices.items()}
             best = min(errors.values())
@@ -238,32 +269,46 @@ class Vote(Pass):
             return False
         return any(len(s.get("_choices", {})) > 1 for s in sections)
 
-    def _select(self, ws: Workspace, vote: set[int], sections: list[dict[str, Any]],
-                compensate: bool) -> tuple[set[int], dict[str, Any]]:
+    def _select(
+        self, ws: Workspace, vote: set[int], sections: list[dict[str, Any]], compensate: bool
+    ) -> tuple[set[int], dict[str, Any]]:
         """Rule 3, end to end: the vote's choice against each voter's own choice (in every
         group), scored by how far the pruned model's outputs move on the calibration data."""
         names = sorted({n for s in sections for n in s.get("_choices", {})})
         candidates = {"vote": vote}
         for name in names:
-            candidates[name] = set().union(*(
-                s["_choices"].get(name, s["_picked"]) for s in sections if "_picked" in s))
+            candidates[name] = set().union(
+                *(s["_choices"].get(name, s["_picked"]) for s in sections if "_picked" in s)
+            )
         data = ws.ctx.data(ws.model)
         feeds = list(feeds_for(ws.model, data, limit=SELECT_SAMPLES))
         reference = _outputs(ws.model, feeds, ws.ctx.providers)
-        labels = data.labels[: sum(len(next(iter(f.values()))) for f in feeds)] \
-            if data.labels is not None else None
+        labels = (
+            data.labels[: sum(len(next(iter(f.values()))) for f in feeds)]
+            if data.labels is not None
+            else None
+        )
         scores = {}
         for name, classes in candidates.items():
             trial = copy.deepcopy(ws.model)
             zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
             scores[name] = _score(reference, _outputs(trial, feeds, ws.ctx.providers), labels)
         best = min(scores, key=lambda n: (scores[n][0], scores[n][1], n != "vote"))
-        report = {"selected": best, "selection": {n: {"error": round(e, 6), **(
-            {"accuracy": round(-a, 4)} if a <= 0 and labels is not None else {})}
-            for n, (a, e) in scores.items()}}
+        report = {
+            "selected": best,
+            "selection": {
+                n: {
+                    "error": round(e, 6),
+                    **({"accuracy": round(-a, 4)} if a <= 0 and labels is not None else {}),
+                }
+                for n, (a, e) in scores.items()
+            },
+        }
         return candidates[best], report
 
-    def _combine(self, classes: np.ndarray, active: dict[str, np.ndarray], k: int, total: int) -> set[int]:
+    def _combine(
+        self, classes: np.ndarray, active: dict[str, np.ndarray], k: int, total: int
+    ) -> set[int]:
         mean_rank = np.mean([rank_normalise(s) for s in active.values()], axis=0)
         if self.mode == "average":
             return set(classes[np.argsort(mean_rank, kind="stable")[:k]].tolist())
@@ -303,6 +348,12 @@ class Vote(Pass):
             mine = taken.get(g.index, [])
             count = allowed_count(g.channels, len(mine), self._round)
             chosen |= set(mine[:count])
-            sections.append({"group": g.index, "channels": g.channels, "pruned": count,
-                             "producers": [s.node for s in g.spaces]})
+            sections.append(
+                {
+                    "group": g.index,
+                    "channels": g.channels,
+                    "pruned": count,
+                    "producers": [s.node for s in g.spaces],
+                }
+            )
         return chosen, sections

@@ -31,8 +31,12 @@ class CountOps(Pass):
                         graphs.extend([attr.g] if attr.HasField("g") else [])
                         graphs.extend(attr.graphs)
         common = counts.most_common(self.top or None)
-        return PassResult(model, modified=False, report={
-            "nodes": sum(counts.values()),
-            "op_types": len(counts),
-            "op_histogram": dict(common),
-        })
+        return PassResult(
+            model,
+            modified=False,
+            report={
+                "nodes": sum(counts.values()),
+                "op_types": len(counts),
+                "op_histogram": dict(common),
+            },
+        )

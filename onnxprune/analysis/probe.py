@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxprune.cost import infer_shapes
 from onnxprune.data import fixed_batch, synthesize
 from onnxprune.errors import PassFailedError
 from onnxprune.runtime import CPU, run_model, session
-from onnxprune.summary import infer_shapes
 
 
 @dataclass
@@ -61,7 +61,9 @@ def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = N
     return Probe(shapes, {}, error)
 
 
-def shrink_shapes(shapes: dict[str, tuple[int, ...]], changes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, ...]]:
+def shrink_shapes(
+    shapes: dict[str, tuple[int, ...]], changes: dict[str, tuple[int, int]]
+) -> dict[str, tuple[int, ...]]:
     """``shapes`` with ``changes[name] = (axis, new size)`` applied: shapes after a fold round."""
     out = dict(shapes)
     for name, (axis, size) in changes.items():

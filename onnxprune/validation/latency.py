@@ -121,7 +121,9 @@ class LatencyComparison:
     @property
     def ratio(self) -> float:
         """Pruned median over original median."""
-        return self.pruned.median_ms / self.original.median_ms if self.original.median_ms else math.inf
+        return (
+            self.pruned.median_ms / self.original.median_ms if self.original.median_ms else math.inf
+        )
 
     @property
     def slower(self) -> bool:
@@ -131,8 +133,10 @@ class LatencyComparison:
     @property
     def within_noise(self) -> bool:
         """Whether the medians differ by less than either model's median-to-p90 spread."""
-        spread = max(self.original.p90_ms - self.original.median_ms,
-                     self.pruned.p90_ms - self.pruned.median_ms)
+        spread = max(
+            self.original.p90_ms - self.original.median_ms,
+            self.pruned.p90_ms - self.pruned.median_ms,
+        )
         return abs(self.pruned.median_ms - self.original.median_ms) <= spread
 
     def __bool__(self) -> bool:

@@ -202,7 +202,9 @@ def labels_to_classes(labels: np.ndarray) -> np.ndarray:
         return np.argmax(labels, axis=1)
     labels = labels.reshape(len(labels), -1)[:, 0] if labels.ndim == 2 else labels
     if labels.ndim != 1:
-        raise DataError(f"labels must be class indices [N] or one-hot [N, C], not {list(labels.shape)}")
+        raise DataError(
+            f"labels must be class indices [N] or one-hot [N, C], not {list(labels.shape)}"
+        )
     if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
         raise DataError(f"labels must be numeric class indices, not {labels.dtype}")
     if np.issubdtype(labels.dtype, np.floating) and not np.all(np.mod(labels, 1) == 0):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.groups import CONST, VAR, ZERO, Analysis, Labels, Rewrite, Sink, _attr, _name
-from onnxprune.handlers.common import _zero_pads
+from onnxprune.analysis.handlers.common import _zero_pads
+from onnxprune.analysis.labels import CONST, VAR, ZERO, Labels, Rewrite, Sink
+from onnxprune.analysis.state import Analysis
+from onnxprune.graph import attr as _attr
+from onnxprune.graph import node_name as _name
 
 
 def _conv(an: Analysis, node: onnx.NodeProto) -> None:
@@ -50,15 +53,25 @@ def _conv(an: Analysis, node: onnx.NodeProto) -> None:
             an.member(node, 2, 0, lab.ids)
         an.rewrites.append(Rewrite("group", node, [lab.ids]))
         in_state = lab.state
-        through = np.where(in_state == ZERO, ZERO, np.where((in_state == CONST) & (not padded), CONST, VAR))
+        through = np.where(
+            in_state == ZERO, ZERO, np.where((in_state == CONST) & (not padded), CONST, VAR)
+        )
         from_input = np.where(through == ZERO, np.where(bias_zero, ZERO, CONST), through)
         state = np.where(zero_rows, np.where(bias_zero, ZERO, CONST), from_input)
         an.set_out(node.output[0], Labels(1, lab.ids, state))
         return
     _grouped_conv(an, node, lab, group, zero_rows, bias_zero, has_bias)
 
-def _grouped_conv(an: Analysis, node: onnx.NodeProto, lab: Labels | None, group: int,
-                  zero_rows: np.ndarray, bias_zero: np.ndarray, has_bias: bool) -> None:
+
+def _grouped_conv(
+    an: Analysis,
+    node: onnx.NodeProto,
+    lab: Labels | None,
+    group: int,
+    zero_rows: np.ndarray,
+    bias_zero: np.ndarray,
+    has_bias: bool,
+) -> None:
     """A grouped convolution prunes whole groups: group g's input block and output block are
     one channel class, and the ``group`` attribute counts the groups that remain."""
     if lab is None:
@@ -84,11 +97,15 @@ def _grouped_conv(an: Analysis, node: onnx.NodeProto, lab: Labels | None, group:
     state = np.where(quiet, np.where(bias_zero, ZERO, CONST), VAR)
     an.set_out(node.output[0], Labels(1, ids, state))
 
+
 def _conv_transpose(an: Analysis, node: onnx.NodeProto) -> None:
     w = an.array(node.input[1])
     lab = an.labels.get(node.input[0])
-    if w is None or _attr(node, "group", 1) != 1 or (len(node.input) > 2 and node.input[2]
-                                                       and an.array(node.input[2]) is None):
+    if (
+        w is None
+        or _attr(node, "group", 1) != 1
+        or (len(node.input) > 2 and node.input[2] and an.array(node.input[2]) is None)
+    ):
         an.pin_inputs(node, "weight not constant, or grouped")
         return
     if lab is not None:
@@ -106,7 +123,10 @@ def _conv_transpose(an: Analysis, node: onnx.NodeProto) -> None:
         an.member(node, 2, 0, ids, "bias")
     zero = ~np.moveaxis(w, 1, 0).reshape(cout, -1).any(axis=1)
     bias = an.array(node.input[2]) if has_bias else np.zeros(cout)
-    an.set_out(node.output[0], Labels(1, ids, np.where(zero, np.where(bias == 0, ZERO, CONST), VAR)))
+    an.set_out(
+        node.output[0], Labels(1, ids, np.where(zero, np.where(bias == 0, ZERO, CONST), VAR))
+    )
+
 
 def _gemm(an: Analysis, node: onnx.NodeProto) -> None:
     b = an.array(node.input[1])
@@ -139,6 +159,7 @@ def _gemm(an: Analysis, node: onnx.NodeProto) -> None:
     zero = ~np.moveaxis(b, n_axis_b, 0).reshape(n, -1).any(axis=1)
     an.set_out(node.output[0], Labels(1, ids, np.where(zero, np.where(c_zero, ZERO, CONST), VAR)))
 
+
 def _matmul(an: Analysis, node: onnx.NodeProto) -> None:
     a_lab = an.labels.get(node.input[0])
     b = an.array(node.input[1])
@@ -159,6 +180,7 @@ def _matmul(an: Analysis, node: onnx.NodeProto) -> None:
     zero = ~np.moveaxis(b, -1, 0).reshape(n, -1).any(axis=1)
     an.set_out(node.output[0], Labels(out_rank - 1, ids, np.where(zero, ZERO, VAR)))
 
+
 def _matmul_axis(an: Analysis, tensor: str, axis: int, is_a: bool, out_rank: int) -> int | None:
     """Output axis of an operand's labelled ``axis`` in a MatMul, or None if it is contracted."""
     rank = len(an.shape(tensor) or ())
@@ -171,6 +193,7 @@ def _matmul_axis(an: Analysis, tensor: str, axis: int, is_a: bool, out_rank: int
     if not is_a and axis == rank - 1:
         return out_rank - 1  # columns of B
     return None
+
 
 def _matmul_activations(an: Analysis, node: onnx.NodeProto) -> None:
     """MatMul of two activations (attention scores, attention x values): channels on batch
@@ -190,8 +213,11 @@ def _matmul_activations(an: Analysis, node: onnx.NodeProto) -> None:
     (out_axis,) = set(axes.values())
     first = an.labels[labelled[0][1]]
     if len(labelled) == 2:
-        an.union(first.ids, an.labels[labelled[1][1]].ids,
-                 f"MatMul {_name(node)}: joins channels with fixed ones")
+        an.union(
+            first.ids,
+            an.labels[labelled[1][1]].ids,
+            f"MatMul {_name(node)}: joins channels with fixed ones",
+        )
     else:  # the other operand must broadcast along that axis, or its positions are fixed
         other = node.input[1 - labelled[0][0]]
         shape = an.shape(other)
@@ -203,5 +229,6 @@ def _matmul_activations(an: Analysis, node: onnx.NodeProto) -> None:
     states = np.stack([an.labels[t].state for _, t in labelled])
     zero = (states == ZERO).any(0)
     var = (states == VAR).any(0) | (len(labelled) < 2)
-    an.set_out(node.output[0], Labels(out_axis, first.ids,
-                                      np.where(zero, ZERO, np.where(var, VAR, CONST))))
+    an.set_out(
+        node.output[0], Labels(out_axis, first.ids, np.where(zero, ZERO, np.where(var, VAR, CONST)))
+    )

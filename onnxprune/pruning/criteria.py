@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxprune.calibrate import ChannelStats
+from onnxprune.analysis.labels import Member
+from onnxprune.analysis.state import Analysis
 from onnxprune.errors import PassOptionError
-from onnxprune.groups import Analysis, Member
+from onnxprune.pruning.calibrate import ChannelStats
 
 ArrayGetter = Callable[[str], np.ndarray]
 
@@ -99,15 +100,18 @@ class Criterion:
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, *, sign: float = 1.0, needs_data: bool = False
-                       ) -> Callable[[Callable[[GroupView], np.ndarray | None]], Callable]:
+def register_criterion(
+    name: str, *, sign: float = 1.0, needs_data: bool = False
+) -> Callable[[Callable[[GroupView], np.ndarray | None]], Callable]:
     """Decorator: register ``fn(view) -> per-class values`` as criterion ``name``."""
+
     def wrap(fn: Callable[[GroupView], np.ndarray | None]) -> Callable:
         if name in CRITERIA:
             raise ValueError(f"criterion {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         CRITERIA[name] = Criterion(name, fn, sign, needs_data, doc[0] if doc else "")
         return fn
+
     return wrap
 
 
@@ -119,7 +123,9 @@ def get_criterion(name: str, where: str = "") -> Criterion:
     """
     if name not in CRITERIA:
         prefix = f"{where}: " if where else ""
-        raise PassOptionError(f"{prefix}unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
+        raise PassOptionError(
+            f"{prefix}unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}"
+        )
     return CRITERIA[name]
 
 
@@ -185,8 +191,9 @@ def consumer(view: GroupView) -> np.ndarray | None:
     members = view.members("consumer")
     if not members:
         return None
-    per_member = [np.sqrt(_per_class(view, m.ids, (view.rows(m) ** 2).sum(axis=1)))
-                  for m in members]
+    per_member = [
+        np.sqrt(_per_class(view, m.ids, (view.rows(m) ** 2).sum(axis=1))) for m in members
+    ]
     return np.mean(per_member, axis=0)
 
 
@@ -228,8 +235,9 @@ def _class_stats(view: GroupView, ids: np.ndarray, stats: ChannelStats) -> tuple
     return present, merged
 
 
-def _activation(view: GroupView, per_tensor: Callable[[str, dict], np.ndarray | None]
-                ) -> np.ndarray | None:
+def _activation(
+    view: GroupView, per_tensor: Callable[[str, dict], np.ndarray | None]
+) -> np.ndarray | None:
     """Mean over the tensors reading each class of ``per_tensor(tensor, merged class stats)``."""
     total = np.zeros(len(view.classes))
     count = np.zeros(len(view.classes))

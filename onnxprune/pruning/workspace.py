@@ -3,7 +3,7 @@
 A pruning pass decides *which* channel classes go; this module does the rest the same way for
 all of them: it prepares the model (Constant weights lifted, initializers unlisted as inputs),
 runs the channel analysis, gathers activation statistics at the weighted consumers, zeroes the
-chosen classes (:mod:`onnxprune.zero`) and, with calibration data, compensates each consumer's
+chosen classes (:mod:`onnxprune.pruning.zero`) and, with calibration data, compensates each consumer's
 bias for the mean contribution the pruned channels had.
 """
 
@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.calibrate import ChannelStats, activation_stats, collect_rows
+from onnxprune.analysis.labels import ChannelGroup, Sink
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.state import Analysis
+from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
-from onnxprune.edit import add_output_bias, get_init
-from onnxprune.groups import Analysis, ChannelGroup, Sink, analyse
-from onnxprune.model import prepare_for_pruning
-from onnxprune.probe import probe
-from onnxprune.zero import zero_classes
+from onnxprune.graph import add_output_bias, get_init, prepare_for_pruning
+from onnxprune.pruning.calibrate import ChannelStats, activation_stats, collect_rows
+from onnxprune.pruning.zero import zero_classes
 
 
 @dataclass
@@ -74,8 +75,9 @@ class Workspace:
         """Sampled activation vectors [rows, C] at every consumer input."""
         if self._rows is None:
             data = self.ctx.data(self.model)
-            self._rows = collect_rows(self.model, self.sink_tensors(), data, max_rows,
-                                      self.ctx.seed, self.ctx.providers)
+            self._rows = collect_rows(
+                self.model, self.sink_tensors(), data, max_rows, self.ctx.seed, self.ctx.providers
+            )
         return self._rows
 
 
@@ -130,8 +132,9 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
         if not gone.any() or sink.tensor not in rows:
             continue
         x = rows[sink.tensor]
-        w = np.moveaxis(np.asarray(get_init(ws.model.graph, sink.weight), np.float64),
-                        sink.weight_axis, 0)
+        w = np.moveaxis(
+            np.asarray(get_init(ws.model.graph, sink.weight), np.float64), sink.weight_axis, 0
+        )
         ws_rows = w.reshape(w.shape[0], -1)[gone]
         xc = x - x.mean(axis=0)
         cov = xc.T @ xc / max(len(x) - 1, 1)
@@ -146,8 +149,9 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
     return total
 
 
-def zero_and_compensate(ws: Workspace, classes: set[int], compensate: bool,
-                        model: onnx.ModelProto | None = None) -> dict[str, int]:
+def zero_and_compensate(
+    ws: Workspace, classes: set[int], compensate: bool, model: onnx.ModelProto | None = None
+) -> dict[str, int]:
     """Zero ``classes`` in ``model`` (default: the workspace's own, or a copy of it); with
     ``compensate``, move their mean contribution into the biases.
 
@@ -173,11 +177,21 @@ def zero_and_compensate(ws: Workspace, classes: set[int], compensate: bool,
     return {"zeroed_entries": zeroed, "compensated_consumers": done}
 
 
-def _compensate_sink(graph: onnx.GraphProto, sink: Sink, roots: np.ndarray, chosen: np.ndarray,
-                     means: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> bool:
+def _compensate_sink(
+    graph: onnx.GraphProto,
+    sink: Sink,
+    roots: np.ndarray,
+    chosen: np.ndarray,
+    means: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+) -> bool:
     ids = sink.labels.ids
     pos = np.flatnonzero((ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen))
-    if not len(pos) or sink.tensor not in means or sink.node.op_type not in ("Conv", "Gemm", "MatMul"):
+    if (
+        not len(pos)
+        or sink.tensor not in means
+        or sink.node.op_type not in ("Conv", "Gemm", "MatMul")
+    ):
         return False
     now = np.zeros(len(pos))
     if sink.tensor in after:

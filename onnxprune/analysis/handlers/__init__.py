@@ -1,6 +1,6 @@
 """Per-op rules of the channel analysis: how each op moves, joins, cuts or pins channels.
 
-Each handler takes the :class:`~onnxprune.groups.Analysis` and one node. It reads the labels
+Each handler takes the :class:`~onnxprune.analysis.state.Analysis` and one node. It reads the labels
 of the node's inputs and sets the labels of its outputs, registering members (constants to
 slice), sinks (weighted consumers), rewrites (shape constants) and pins (with a reason).
 Ops without a handler pin every channel they touch. ``HANDLERS`` maps op type to handler.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxprune.handlers.elementwise import (
+from onnxprune.analysis.handlers.elementwise import (
     BINARY,
     CONST_MAKING,
     REDUCE,
@@ -29,8 +29,8 @@ from onnxprune.handlers.elementwise import (
     _spatial,
     _zero_preserving,
 )
-from onnxprune.handlers.layers import _conv, _conv_transpose, _gemm, _matmul
-from onnxprune.handlers.shapes import (
+from onnxprune.analysis.handlers.layers import _conv, _conv_transpose, _gemm, _matmul
+from onnxprune.analysis.handlers.shapes import (
     _concat,
     _expand,
     _flatten,
@@ -53,7 +53,9 @@ HANDLERS: dict[str, Any] = {
     **{op: _reduce for op in REDUCE},
     "Clip": _clip,
     "AveragePool": _average_pool,
-    "Softmax": _softmax_like, "LogSoftmax": _softmax_like, "Hardmax": _softmax_like,
+    "Softmax": _softmax_like,
+    "LogSoftmax": _softmax_like,
+    "Hardmax": _softmax_like,
     "LayerNormalization": _layer_norm,
     "GroupNormalization": _group_norm,
     "BatchNormalization": _batch_norm,

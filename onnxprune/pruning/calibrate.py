@@ -358,8 +358,11 @@ def _stream(
     try:
         yield from _run_plan(sess, model, names, data, plan, progress)
     except _RetryPerSample as exc:
-        log.warning("onnxruntime failed on a batch of %d samples (%s); running one sample at "
-                    "a time", plan.size, exc)
+        log.warning(
+            "onnxruntime failed on a batch of %d samples (%s); running one sample at a time",
+            plan.size,
+            exc,
+        )
         plan = _Plan.make(model, len(data), 1, max_batches)
         yield from _run_plan(sess, model, names, data, plan, progress)
 
@@ -547,8 +550,15 @@ def fingerprint(model: onnx.ModelProto) -> str:
     """
     digest = hashlib.blake2b(digest_size=20)
     graph = model.graph
-    parts = (graph.node, graph.input, graph.output, graph.initializer,
-             graph.sparse_initializer, model.functions, model.opset_import)
+    parts = (
+        graph.node,
+        graph.input,
+        graph.output,
+        graph.initializer,
+        graph.sparse_initializer,
+        model.functions,
+        model.opset_import,
+    )
     for group in parts:
         digest.update(len(group).to_bytes(8, "little"))
         for item in group:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.groups import Analysis
+from onnxprune.analysis.state import Analysis
 
 
 def free_classes(an: Analysis) -> list[int]:

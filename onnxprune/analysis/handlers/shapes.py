@@ -6,8 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.groups import CONST, VAR, ZERO, Analysis, Labels, Rewrite, _attr, _name
-from onnxprune.handlers.common import _carry, _scalar
+from onnxprune.analysis.handlers.common import _carry, _scalar
+from onnxprune.analysis.labels import CONST, VAR, ZERO, Labels, Rewrite
+from onnxprune.analysis.state import Analysis
+from onnxprune.graph import attr as _attr
+from onnxprune.graph import node_name as _name
 
 
 def _transpose(an: Analysis, node: onnx.NodeProto) -> None:
@@ -17,6 +20,7 @@ def _transpose(an: Analysis, node: onnx.NodeProto) -> None:
     rank = len(an.shape(node.input[0]) or ())
     perm = _attr(node, "perm", None) or list(reversed(range(rank)))
     an.set_out(node.output[0], Labels(list(perm).index(lab.axis), lab.ids, lab.state))
+
 
 def _squeeze_like(an: Analysis, node: onnx.NodeProto) -> None:
     """Squeeze/Unsqueeze: find where the channel axis lands from the shapes."""
@@ -29,7 +33,10 @@ def _squeeze_like(an: Analysis, node: onnx.NodeProto) -> None:
         return
     an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
 
-def _axis_after_reshape(src: tuple[int, ...] | None, dst: tuple[int, ...] | None, axis: int) -> int | None:
+
+def _axis_after_reshape(
+    src: tuple[int, ...] | None, dst: tuple[int, ...] | None, axis: int
+) -> int | None:
     """Output axis holding input ``axis`` unchanged when only size-1 axes are added/removed."""
     if src is None or dst is None:
         return None
@@ -41,7 +48,10 @@ def _axis_after_reshape(src: tuple[int, ...] | None, dst: tuple[int, ...] | None
         acc *= d
     return None
 
-def _merge_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int, int] | None:
+
+def _merge_map(
+    src: tuple[int, ...], dst: tuple[int, ...], axis: int
+) -> tuple[int, int, int] | None:
     """(out_axis, first, last): input axes first..last (containing ``axis``) become out_axis.
 
     Holds when the elements before the block and the block itself line up in row-major order:
@@ -62,6 +72,7 @@ def _merge_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[i
                 if size > dst[j]:
                     break
     return best
+
 
 def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
@@ -86,6 +97,7 @@ def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
         an.rewrites.append(Rewrite("reshape", node, [ids], {"axis": out_axis}))
     an.set_out(node.output[0], Labels(out_axis, ids, state))
 
+
 def _split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int] | None:
     """(first, last): output axes first..last (two or more) that input ``axis`` splits into."""
     before = int(np.prod(src[:axis], dtype=np.int64))
@@ -100,6 +112,7 @@ def _split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[i
             if size > src[axis]:
                 break
     return None
+
 
 _PASS_THROUGH = ("Transpose", "Unsqueeze", "Squeeze", "Identity")
 
@@ -133,8 +146,10 @@ def _selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> boo
             return False
     return True
 
-def _split_reshape(an: Analysis, node: onnx.NodeProto, src: tuple[int, ...],
-                   dst: tuple[int, ...], lab: Labels) -> None:
+
+def _split_reshape(
+    an: Analysis, node: onnx.NodeProto, src: tuple[int, ...], dst: tuple[int, ...], lab: Labels
+) -> None:
     """A Reshape that splits the channel axis into several (attention heads: D -> (H, d)).
 
     If the ids depend on one output axis only (an unflatten), that axis carries them. Else the
@@ -160,12 +175,16 @@ def _split_reshape(an: Analysis, node: onnx.NodeProto, src: tuple[int, ...],
         k += 1  # ... unless it is picked apart later (q, k, v packed as [3, D]): then D
     moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
     for row in moved:
-        an.union(np.repeat(row[:1], len(row) - 1), row[1:],
-                 f"Reshape {_name(node)}: splits channels into blocks with fixed ones")
+        an.union(
+            np.repeat(row[:1], len(row) - 1),
+            row[1:],
+            f"Reshape {_name(node)}: splits channels into blocks with fixed ones",
+        )
     st = np.moveaxis(state, k, 0).reshape(block[k], -1)
     head_state = np.where((st == ZERO).all(1), ZERO, np.where((st == VAR).any(1), VAR, CONST))
     an.rewrites.append(Rewrite("reshape", node, [moved[:, 0]], {"axis": first + k}))
     an.set_out(node.output[0], Labels(first + k, moved[:, 0], head_state))
+
 
 def _concat(an: Analysis, node: onnx.NodeProto) -> None:
     labelled = [t for t in node.input if t in an.labels]
@@ -175,11 +194,17 @@ def _concat(an: Analysis, node: onnx.NodeProto) -> None:
     axis = _attr(node, "axis", 0) % max(rank, 1)
     if any(an.labels[t].axis != axis for t in labelled):
         first = an.labels[labelled[0]]
-        if all(an.labels[t].axis == first.axis for t in labelled) and len(labelled) == len(node.input):
+        if all(an.labels[t].axis == first.axis for t in labelled) and len(labelled) == len(
+            node.input
+        ):
             for t in labelled[1:]:
                 an.union(first.ids, an.labels[t].ids, f"Concat {_name(node)}: joins channels")
-            an.set_out(node.output[0], Labels(first.axis, first.ids, np.maximum.reduce(
-                [an.labels[t].state for t in labelled])))
+            an.set_out(
+                node.output[0],
+                Labels(
+                    first.axis, first.ids, np.maximum.reduce([an.labels[t].state for t in labelled])
+                ),
+            )
         else:
             an.pin_inputs(node, "concatenates along another axis than the channels")
         return
@@ -197,6 +222,7 @@ def _concat(an: Analysis, node: onnx.NodeProto) -> None:
             state.append(np.full(shape[axis], VAR))
     an.set_out(node.output[0], Labels(axis, np.concatenate(ids), np.concatenate(state)))
 
+
 def _split(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
     if lab is None:
@@ -205,8 +231,15 @@ def _split(an: Analysis, node: onnx.NodeProto) -> None:
     axis = _attr(node, "axis", 0) % max(rank, 1)
     if axis != lab.axis:
         for out in node.output:
-            an.set_out(out, Labels(_axis_after_reshape(an.shape(node.input[0]), an.shape(out), lab.axis)
-                                   or lab.axis, lab.ids, lab.state))
+            an.set_out(
+                out,
+                Labels(
+                    _axis_after_reshape(an.shape(node.input[0]), an.shape(out), lab.axis)
+                    or lab.axis,
+                    lab.ids,
+                    lab.state,
+                ),
+            )
         return
     sizes = [an.shape(o)[axis] if an.shape(o) else None for o in node.output]
     if None in sizes or sum(sizes) != len(lab.ids):
@@ -218,17 +251,24 @@ def _split(an: Analysis, node: onnx.NodeProto) -> None:
         an.set_out(out, Labels(axis, parts[i], lab.state[offsets[i] : offsets[i + 1]]))
     an.rewrites.append(Rewrite("split", node, parts, {"axis": axis}))
 
+
 def _slice(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     consts = [an.array(t) if t else None for t in node.input[1:]]
-    if len(node.input) < 3 or any(c is None for c, t in zip(consts, node.input[1:], strict=True) if t):
+    if len(node.input) < 3 or any(
+        c is None for c, t in zip(consts, node.input[1:], strict=True) if t
+    ):
         an.pin_inputs(node, "slice bounds are not constants")
         return
     rank = len(an.shape(node.input[0]) or ())
     starts, ends = consts[0].tolist(), consts[1].tolist()
-    axes = consts[2].tolist() if len(consts) > 2 and consts[2] is not None else list(range(len(starts)))
+    axes = (
+        consts[2].tolist()
+        if len(consts) > 2 and consts[2] is not None
+        else list(range(len(starts)))
+    )
     steps = consts[3].tolist() if len(consts) > 3 and consts[3] is not None else [1] * len(starts)
     axes = [a % rank for a in axes]
     if lab.axis not in axes:
@@ -242,6 +282,7 @@ def _slice(an: Analysis, node: onnx.NodeProto) -> None:
     start, stop, _ = slice(starts[k], ends[k]).indices(n)
     an.set_out(node.output[0], Labels(lab.axis, lab.ids[start:stop], lab.state[start:stop]))
     an.rewrites.append(Rewrite("slice", node, [lab.ids], {"k": k, "start": start, "stop": stop}))
+
 
 def _gather(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
@@ -258,6 +299,7 @@ def _gather(an: Analysis, node: onnx.NodeProto) -> None:
         return
     out_axis = lab.axis if lab.axis < axis else lab.axis + len(idx_shape) - 1
     an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
+
 
 def _pad(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
@@ -281,6 +323,7 @@ def _pad(an: Analysis, node: onnx.NodeProto) -> None:
     else:
         _carry(an, node)
 
+
 def _resize(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
     if lab is None:
@@ -291,6 +334,7 @@ def _resize(an: Analysis, node: onnx.NodeProto) -> None:
         an.pin_inputs(node, "resizes the channel axis, or takes output sizes")
         return
     _carry(an, node)
+
 
 def _expand(an: Analysis, node: onnx.NodeProto) -> None:
     """Expand broadcasts other axes; a shape entry that counts the channels is rewritten."""
@@ -311,6 +355,7 @@ def _expand(an: Analysis, node: onnx.NodeProto) -> None:
         an.rewrites.append(Rewrite("reshape", node, [lab.ids], {"axis": index}))
     an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
 
+
 def _tile(an: Analysis, node: onnx.NodeProto) -> None:
     """Tile repeating other axes carries the channels; repeating the channel axis pins them."""
     lab = an.labels.get(node.input[0])
@@ -321,6 +366,7 @@ def _tile(an: Analysis, node: onnx.NodeProto) -> None:
         an.pin_inputs(node, "repeats the channel axis, or repeats computed at run time")
         return
     _carry(an, node)
+
 
 def _flatten(an: Analysis, node: onnx.NodeProto) -> None:
     _reshape(an, node)

@@ -1,7 +1,9 @@
-"""Small graph edits shared by passes: names, initializers, attributes, consumer biases."""
+"""GraphProto helpers shared by the analysis and the passes: walking graphs and subgraphs,
+attributes, names, initializers, lifting constants, consumer biases. No file I/O here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +101,9 @@ def add_output_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndar
         mid = unique_name(graph, f"{node.output[0]}_pre_bias")
         out = node.output[0]
         node.output[0] = mid
-        add = onnx.helper.make_node("Add", [mid, bias], [out],
-                                    name=unique_name(graph, f"{node.name or out}_bias_add"))
+        add = onnx.helper.make_node(
+            "Add", [mid, bias], [out], name=unique_name(graph, f"{node.name or out}_bias_add")
+        )
         graph.node.insert(list(graph.node).index(node) + 1, add)
         graph.initializer.append(numpy_helper.from_array(delta, bias))
         return BiasChange(bias, delta.ndim - 1, None, True)
@@ -117,7 +120,9 @@ def add_output_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndar
     raise ValueError(f"cannot add a bias to {op}")
 
 
-def bias_add_after(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
+def bias_add_after(
+    graph: onnx.GraphProto, node: onnx.NodeProto
+) -> tuple[onnx.NodeProto, int] | None:
     """The ``Add`` of a constant bias that alone reads ``node``'s output, and the bias's input
     index (MatMul + Add is how most exporters write a linear layer); None if there is none."""
     out = node.output[0]
@@ -133,8 +138,9 @@ def bias_add_after(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[onnx.N
     return add, other
 
 
-def _add_to_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
-                  delta: np.ndarray) -> BiasChange:
+def _add_to_input(
+    graph: onnx.GraphProto, node: onnx.NodeProto, index: int, delta: np.ndarray
+) -> BiasChange:
     old = node.input[index]
     name = private_input(graph, node, index)
     current = get_init(graph, name)
@@ -144,11 +150,123 @@ def _add_to_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
     return BiasChange(name, max(new.ndim - 1, 0), old, per_channel)
 
 
-def _new_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
-               delta: np.ndarray) -> BiasChange:
+def _new_input(
+    graph: onnx.GraphProto, node: onnx.NodeProto, index: int, delta: np.ndarray
+) -> BiasChange:
     name = unique_name(graph, f"{node.output[0]}_bias")
     while len(node.input) <= index:
         node.input.append("")
     node.input[index] = name  # a bias Gemm ignored (beta = 0) is replaced, not carried over
     graph.initializer.append(numpy_helper.from_array(delta, name))
     return BiasChange(name, 0, None, True)
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """Value of attribute ``name`` of ``node``, or ``default`` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    """The node's name, or ``OpType(first output)`` for an unnamed node."""
+    return node.name or f"{node.op_type}({node.output[0]})"
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """Yield ``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            for g in attr.graphs:
+                yield from iter_graphs(g)
+
+
+def iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Yield initializers of ``graph`` and of all its subgraphs."""
+    for g in iter_graphs(graph):
+        yield from g.initializer
+
+
+def graph_input_names(graph: onnx.GraphProto) -> list[str]:
+    """Names of the real inputs: graph inputs that are not also initializers."""
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
+
+
+def unlist_initializer_inputs(graph: onnx.GraphProto) -> int:
+    """Stop listing initializers as graph inputs (MXNet, IR < 4 habit); returns how many.
+
+    Such an input is an overridable default, so pruning it would change the model's interface;
+    unlisted, it is a plain constant. Passes that prune call this first.
+    """
+    inits = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in inits]
+    removed = len(graph.input) - len(keep)
+    if removed:
+        del graph.input[:]
+        graph.input.extend(keep)
+    return removed
+
+
+def prepare_for_pruning(graph: onnx.GraphProto) -> int:
+    """Make every weight of the main graph a plain constant that passes may slice: Constant
+    nodes become initializers, and initializers stop being listed as graph inputs. Returns how
+    many Constant nodes were lifted."""
+    lifted = lift_constants(graph)
+    unlist_initializer_inputs(graph)
+    return lifted
+
+
+def lift_constants(graph: onnx.GraphProto) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers, in this graph only.
+
+    Returns how many were lifted. Constants inside subgraphs stay where they are (a subgraph's
+    initializers are local to it; passes that look into subgraphs call this per graph).
+    """
+    lifted = 0
+    keep = []
+    taken = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if (
+            node.op_type == "Constant"
+            and node.domain in ("", "ai.onnx")
+            and node.output[0] not in taken
+        ):
+            try:
+                value = onnx.numpy_helper.to_array(_constant_tensor(node))
+            except ValueError:
+                keep.append(node)
+                continue
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            lifted += 1
+        else:
+            keep.append(node)
+    if lifted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return lifted
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
+    """The value of a Constant node as a TensorProto, whichever attribute holds it."""
+    attr = node.attribute[0] if len(node.attribute) == 1 else None
+    if attr is None:
+        raise ValueError("Constant node without exactly one value attribute")
+    name = attr.name
+    if name == "value":
+        return attr.t
+    if name in ("value_float", "value_int"):
+        v = attr.f if name == "value_float" else attr.i
+        return numpy_helper.from_array(
+            np.array(v, np.float32 if name == "value_float" else np.int64)
+        )
+    if name in ("value_floats", "value_ints"):
+        v = list(attr.floats) if name == "value_floats" else list(attr.ints)
+        return numpy_helper.from_array(
+            np.array(v, np.float32 if name == "value_floats" else np.int64)
+        )
+    raise ValueError(f"Constant attribute {name} is not a dense tensor")

@@ -6,14 +6,41 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.groups import CONST, VAR, ZERO, Analysis, Labels, _attr, _name
-from onnxprune.handlers.common import _broadcast_axis, _carry, _scalar, _zero_pads
+from onnxprune.analysis.handlers.common import _broadcast_axis, _carry, _scalar, _zero_pads
+from onnxprune.analysis.labels import CONST, VAR, ZERO, Labels
+from onnxprune.analysis.state import Analysis
+from onnxprune.graph import attr as _attr
+from onnxprune.graph import node_name as _name
 
 # Unary ops applied per element: f(channel) depends on that channel only.
 ZERO_PRESERVING = {
-    "Relu", "LeakyRelu", "Tanh", "Gelu", "Elu", "Selu", "HardSwish", "Identity", "Cast",
-    "Dropout", "Neg", "Abs", "Erf", "Sign", "Round", "Floor", "Ceil", "Softsign", "Mish",
-    "ThresholdedRelu", "Sin", "Atan", "Asinh", "Sinh", "Tan", "Asin", "CastLike",
+    "Relu",
+    "LeakyRelu",
+    "Tanh",
+    "Gelu",
+    "Elu",
+    "Selu",
+    "HardSwish",
+    "Identity",
+    "Cast",
+    "Dropout",
+    "Neg",
+    "Abs",
+    "Erf",
+    "Sign",
+    "Round",
+    "Floor",
+    "Ceil",
+    "Softsign",
+    "Mish",
+    "ThresholdedRelu",
+    "Sin",
+    "Atan",
+    "Asinh",
+    "Sinh",
+    "Tan",
+    "Asin",
+    "CastLike",
 }
 
 CONST_MAKING = {"Sigmoid", "HardSigmoid", "Exp", "Softplus", "Cos", "Cosh", "Acos", "Celu"}
@@ -22,14 +49,26 @@ SPATIAL_CARRIERS = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "
 
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"}
 
-REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2",
-          "ReduceProd", "ReduceLogSumExp", "ReduceSumSquare"}
+REDUCE = {
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceSum",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceProd",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+}
+
 
 def _zero_preserving(an: Analysis, node: onnx.NodeProto) -> None:
     _carry(an, node)
 
+
 def _const_making(an: Analysis, node: onnx.NodeProto) -> None:
     _carry(an, node, lambda s: np.where(s == ZERO, CONST, s))
+
 
 def _clip(an: Analysis, node: onnx.NodeProto) -> None:
     lo = an.array(node.input[1]) if len(node.input) > 1 and node.input[1] else None
@@ -45,6 +84,7 @@ def _clip(an: Analysis, node: onnx.NodeProto) -> None:
     else:
         _const_making(an, node)
 
+
 def _spatial(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
     if lab is None:
@@ -54,14 +94,18 @@ def _spatial(an: Analysis, node: onnx.NodeProto) -> None:
         return
     _carry(an, node)
 
+
 def _average_pool(an: Analysis, node: onnx.NodeProto) -> None:
     padded = _zero_pads(node)
     if padded and _attr(node, "count_include_pad", 0):
         lab = an.labels.get(node.input[0])
         if lab is not None and lab.axis == 1:
-            an.set_out(node.output[0], Labels(1, lab.ids, np.where(lab.state == CONST, VAR, lab.state)))
+            an.set_out(
+                node.output[0], Labels(1, lab.ids, np.where(lab.state == CONST, VAR, lab.state))
+            )
             return
     _spatial(an, node)
+
 
 def _reduce(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
@@ -87,9 +131,13 @@ def _reduce(an: Analysis, node: onnx.NodeProto) -> None:
         return
     keep = _attr(node, "keepdims", 1)
     axis = lab.axis if keep else lab.axis - sum(a < lab.axis for a in axes)
-    state = lab.state if node.op_type in ("ReduceMean", "ReduceMax", "ReduceMin") else np.where(
-        lab.state == ZERO, ZERO, np.where(lab.state == CONST, CONST, VAR))
+    state = (
+        lab.state
+        if node.op_type in ("ReduceMean", "ReduceMax", "ReduceMin")
+        else np.where(lab.state == ZERO, ZERO, np.where(lab.state == CONST, CONST, VAR))
+    )
     an.set_out(node.output[0], Labels(axis, lab.ids, state))
+
 
 def _softmax_like(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
@@ -102,6 +150,7 @@ def _softmax_like(an: Analysis, node: onnx.NodeProto) -> None:
     else:
         _const_making(an, node)
 
+
 def _layer_norm(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
     if lab is None:
@@ -113,10 +162,12 @@ def _layer_norm(an: Analysis, node: onnx.NodeProto) -> None:
     else:
         an.set_out(node.output[0], Labels(lab.axis, lab.ids, np.full(len(lab.ids), VAR)))
 
+
 def _group_norm(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
     if lab is not None:
         an.pin_inputs(node, "GroupNormalization mixes channels of a group")
+
 
 def _batch_norm(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])
@@ -130,6 +181,7 @@ def _batch_norm(an: Analysis, node: onnx.NodeProto) -> None:
             an.pin_inputs(node, "parameters are not constants")
             return
     an.set_out(node.output[0], Labels(1, lab.ids, np.where(lab.state == ZERO, CONST, lab.state)))
+
 
 def _elementwise(an: Analysis, node: onnx.NodeProto) -> None:
     """Add/Sub/Mul/Div/Max/Min/Pow/PRelu/Sum/Mean with any mix of activations and constants."""
@@ -170,9 +222,13 @@ def _elementwise(an: Analysis, node: onnx.NodeProto) -> None:
             if dim == size:
                 an.member(node, idx, axis, ids)
             elif dim != 1:
-                an.pin(ids, f"{node.op_type} {_name(node)}: constant {t!r} does not match the channels")
+                an.pin(
+                    ids, f"{node.op_type} {_name(node)}: constant {t!r} does not match the channels"
+                )
         elif dim == size:
-            an.pin(ids, f"{node.op_type} {_name(node)}: joins channels with an unanalysed tensor {t!r}")
+            an.pin(
+                ids, f"{node.op_type} {_name(node)}: joins channels with an unanalysed tensor {t!r}"
+            )
         else:
             unlabelled_var = True
     stacked = np.stack(states)
@@ -185,6 +241,7 @@ def _elementwise(an: Analysis, node: onnx.NodeProto) -> None:
         all_zero = (stacked == ZERO).all(0) & (len(labelled) == len(ins))
         state = np.where(any_var, VAR, np.where(all_zero, ZERO, CONST))
     an.set_out(node.output[0], Labels(out_axis, ids, state))
+
 
 def _dequantize(an: Analysis, node: onnx.NodeProto) -> None:
     lab = an.labels.get(node.input[0])

@@ -10,14 +10,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.model import (
-    FLOAT_TYPES,
-    iter_graphs,
-    iter_initializers,
-    model_nbytes,
-    skeleton,
-    tensor_nbytes,
-)
+from onnxprune.graph import iter_graphs, iter_initializers
+from onnxprune.model import FLOAT_TYPES, model_nbytes, skeleton, tensor_nbytes
 
 # producer_name written by each exporter -> the framework a user would name
 _PRODUCERS = {
@@ -114,8 +108,9 @@ def guess_framework(model: onnx.ModelProto) -> str:
     if any(n.startswith("p2o.") for n in names) or any(i.startswith("p2o.") for i in inits):
         return "PaddlePaddle (paddle2onnx)"
     listed = inits and sum(i.name in inits for i in model.graph.input) >= len(inits) // 2
-    mxnet_names = any(i.endswith(("_weight", "_gamma", "_running_mean", "_moving_mean"))
-                      for i in inits)
+    mxnet_names = any(
+        i.endswith(("_weight", "_gamma", "_running_mean", "_moving_mean")) for i in inits
+    )
     fwd_outputs = any(o.name.endswith("_fwd") for o in model.graph.output)  # after cleanup
     if mxnet_names and (listed or fwd_outputs):
         return "MXNet (likely)"
@@ -137,12 +132,15 @@ def count_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) ->
     return dict(macs)
 
 
-def infer_shapes(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> dict[str, list[int]]:
+def infer_shapes(
+    model: onnx.ModelProto, dims: Mapping[str, int] | None = None
+) -> dict[str, list[int]]:
     """Static shapes of every tensor of the main graph that onnx shape inference can find."""
     dims = dict(dims or {})
     try:
         inferred = onnx.shape_inference.infer_shapes(
-            skeleton(model), strict_mode=False, data_prop=True)
+            skeleton(model), strict_mode=False, data_prop=True
+        )
     except Exception:  # noqa: BLE001 - inference is best effort on custom or broken graphs
         inferred = model
     shapes: dict[str, list[int]] = {}
@@ -172,6 +170,7 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 
 def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Any]) -> int:
     """MACs of one Conv/ConvTranspose/Gemm/MatMul node from known shapes (0 otherwise)."""
+
     def shape(i: int, io: str = "in") -> list[int] | None:
         names = node.input if io == "in" else node.output
         found = shapes.get(names[i]) if i < len(names) and names[i] else None

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.groups import Analysis, Labels, _attr
+from onnxprune.analysis.labels import Labels
+from onnxprune.analysis.state import Analysis
+from onnxprune.graph import attr as _attr
 
 
 def _carry(an: Analysis, node: onnx.NodeProto, state_fn: Any = None) -> None:
@@ -18,9 +20,11 @@ def _carry(an: Analysis, node: onnx.NodeProto, state_fn: Any = None) -> None:
     state = state_fn(lab.state) if state_fn else lab.state
     an.set_out(node.output[0], Labels(lab.axis, lab.ids, state))
 
+
 def _scalar(arr: np.ndarray) -> float:
     """The one value of a scalar or one-element array (Clip bounds may be either)."""
     return float(np.asarray(arr).reshape(-1)[0])
+
 
 def _broadcast_axis(out_rank: int, in_rank: int, out_axis: int) -> int:
     """Axis of an input of rank ``in_rank`` that broadcasts onto ``out_axis``, or -1."""

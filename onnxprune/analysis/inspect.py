@@ -1,0 +1,43 @@
+"""channel_groups(): a model's channel groups, with the MACs each could save, for users."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+
+import numpy as np
+import onnx
+
+from onnxprune.analysis.labels import ChannelGroup
+from onnxprune.analysis.probe import probe
+from onnxprune.analysis.walk import analyse
+from onnxprune.cost import node_macs
+from onnxprune.graph import node_name, prepare_for_pruning
+
+
+def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
+    """The channel groups of ``model`` (not modified), with the MACs of the nodes they touch.
+
+    Example::
+
+        for g in onnxprune.channel_groups(onnxprune.load("model.onnx")):
+            print(g.channels, g.prunable, g.reasons)
+    """
+    work = copy.deepcopy(model)
+    prepare_for_pruning(work.graph)
+    pr = probe(work, seed)
+    an = analyse(work, pr.shapes)
+    groups = an.groups()
+    macs = {node_name(n): node_macs(n, pr.shapes) for n in work.graph.node}
+    sink_nodes: dict[int, set[str]] = defaultdict(set)
+    roots = an.roots()
+    for sink in an.sinks:
+        for cid in np.unique(sink.labels.ids[sink.labels.ids >= 0]).tolist():
+            sink_nodes[int(roots[cid])].add(node_name(sink.node))
+    for g in groups:
+        nodes = {s.node for s in g.spaces}
+        for s in g.spaces:
+            for r in np.unique(roots[s.start : s.start + s.size]).tolist():
+                nodes |= sink_nodes.get(int(r), set())
+        g.macs = int(sum(macs.get(n, 0) for n in nodes))
+    return groups

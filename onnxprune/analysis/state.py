@@ -1,0 +1,188 @@
+"""The state of the channel analysis: which channels can shrink, and every tensor slice tied to each.
+
+The analysis walks the main graph in topological order, as a forward dataflow:
+
+* a *producer* (Conv, ConvTranspose, Gemm, MatMul with a constant weight) opens a *space*: its
+  output channels get fresh global channel ids;
+* every tensor that carries channels has *labels*: along one axis, the channel id at each
+  position (``-1`` where a position is no channel). Carriers keep them, Transpose moves the axis,
+  Flatten/Reshape spread each id over a block of features, Concat appends, Split/Slice cut;
+* two activations meeting in an elementwise op are the same channels: their ids are united
+  (union-find), so a residual stream becomes one group;
+* each constant sliced along a labelled axis (weights, biases, BN parameters, per-channel
+  constants) is a *member*; removing channel id ``c`` deletes the positions labelled ``c`` in
+  every member, and rewrites the shape constants that count them;
+* anything the analysis does not understand (see :mod:`onnxprune.analysis.handlers`) *pins* the channels it touches, with the reason:
+  pinned channels are never removed. The analysis never guesses.
+
+Alongside the labels it tracks, per position, whether the value is provably ZERO, a data-
+independent CONST, or VAR(iable). :mod:`onnxprune.passes.fold` uses that to remove channels.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.analysis.labels import ChannelGroup, Labels, Member, Rewrite, Sink, Space, UnionFind
+from onnxprune.graph import node_name
+
+
+class Analysis:
+    """Channel analysis of one model's main graph (see the module docstring).
+
+    Args:
+        model: the model; Constant nodes should already be lifted (``model.lift_constants``).
+        shapes: concrete shape of every tensor (from a runtime run or shape inference).
+    """
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.shapes = shapes
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self._arrays: dict[str, np.ndarray] = {}
+        self.uf = UnionFind()
+        self.labels: dict[str, Labels] = {}
+        self.members: list[Member] = []
+        self.sinks: list[Sink] = []
+        self.rewrites: list[Rewrite] = []
+        self.spaces: list[Space] = []
+        self.pins: dict[int, str] = {}
+        self._member_uses: set[tuple[int, int]] = set()
+        self._current = -1
+        self._readers: dict[str, list[onnx.NodeProto]] | None = None
+
+    # -- small helpers -------------------------------------------------------------------------
+    def array(self, name: str) -> np.ndarray | None:
+        """Value of an initializer, or None when ``name`` is not a constant."""
+        if name not in self.inits:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+        return self._arrays[name]
+
+    def release_arrays(self) -> None:
+        """Drop the cached initializer values (they are read again on demand)."""
+        self._arrays.clear()
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self.inits:
+            return tuple(self.inits[name].dims)
+        return self.shapes.get(name)
+
+    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
+        """Nodes of the main graph that read ``tensor``."""
+        if self._readers is None:
+            self._readers = defaultdict(list)
+            for node in self.graph.node:
+                for name in set(node.input):
+                    self._readers[name].append(node)
+        return self._readers.get(tensor, [])
+
+    def pin(self, ids: np.ndarray, reason: str) -> None:
+        """Mark channel ids as never removable."""
+        for i in np.unique(ids[ids >= 0]):
+            self.pins.setdefault(int(i), reason)
+
+    def pin_inputs(self, node: onnx.NodeProto, reason: str) -> None:
+        for t in node.input:
+            if t in self.labels:
+                self.pin(self.labels[t].ids, f"{node.op_type} {node_name(node)}: {reason}")
+
+    def open_space(self, node: onnx.NodeProto, tensor: str, size: int) -> np.ndarray:
+        start = self.uf.add(size)
+        self.spaces.append(Space(start, size, node_name(node), node.op_type, tensor))
+        return np.arange(start, start + size, dtype=np.int64)
+
+    def member(
+        self, node: onnx.NodeProto, index: int, axis: int, ids: np.ndarray, role: str = "param"
+    ) -> bool:
+        """Register input ``index`` of ``node`` (an initializer) as sliced along ``axis``.
+
+        ``role`` says what the slice is to a channel, for criteria: ``weight`` (a producer's
+        filter or neuron), ``bias``, ``scale`` (BN gamma), ``consumer`` (the rows that read
+        the channel) or ``param`` (any other per-channel constant).
+        """
+        name = node.input[index]
+        arr = self.array(name)
+        if arr is None:
+            return False
+        if arr.ndim == 0:
+            return True  # a scalar broadcasts over the channels: nothing to slice
+        axis = axis % arr.ndim
+        if arr.shape[axis] != len(ids):
+            if arr.shape[axis] == 1:
+                return True  # broadcast along the channel axis: nothing to slice
+            self.pin(
+                ids,
+                f"{node.op_type} {node_name(node)}: {name} has {arr.shape[axis]} "
+                f"entries on the channel axis, expected {len(ids)}",
+            )
+            return True
+        self.members.append(Member(name, axis, ids, node_name(node), role))
+        self._member_uses.add((self._current, index))
+        return True
+
+    def union(self, a: np.ndarray, b: np.ndarray, why: str) -> None:
+        """Positions ``a[j]`` and ``b[j]`` are the same channel; a ``-1`` pins the other side."""
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            if x >= 0 and y >= 0:
+                self.uf.union(x, y)
+            elif x >= 0 or y >= 0:
+                self.pin(np.array([max(x, y)]), why)
+
+    def set_out(self, tensor: str, labels: Labels | None) -> None:
+        if labels is not None and len(labels.ids):
+            self.labels[tensor] = labels
+
+    # -- results -------------------------------------------------------------------------------
+    def roots(self) -> np.ndarray:
+        """Root id of every channel id (the channel class it belongs to)."""
+        return self.uf.roots()
+
+    def pinned_roots(self) -> dict[int, str]:
+        """Root -> reason for every pinned channel class."""
+        roots = self.roots()
+        out: dict[int, str] = {}
+        for i, why in self.pins.items():
+            out.setdefault(int(roots[i]), why)
+        return out
+
+    def groups(self) -> list[ChannelGroup]:
+        """Spaces connected by unions, with their pin reasons and members."""
+        roots = self.roots()
+        pinned = self.pinned_roots()
+        comp = UnionFind()
+        comp.add(len(self.spaces))
+        owner = {}
+        for k, s in enumerate(self.spaces):
+            for r in np.unique(roots[s.start : s.start + s.size]).tolist():
+                if r in owner:
+                    comp.union(owner[r], k)
+                else:
+                    owner[r] = k
+        by_comp: dict[int, list[int]] = defaultdict(list)
+        for k in range(len(self.spaces)):
+            by_comp[comp.find(k)].append(k)
+        groups = []
+        for index, ks in enumerate(by_comp.values()):
+            spaces = [self.spaces[k] for k in ks]
+            classes = {int(r) for s in spaces for r in roots[s.start : s.start + s.size]}
+            reasons = sorted({pinned[r] for r in classes if r in pinned})
+            members = sorted(
+                {
+                    f"{m.init}[axis {m.axis}]"
+                    for m in self.members
+                    if len(m.ids) and int(roots[m.ids[m.ids >= 0][0]]) in classes
+                }
+            )
+            groups.append(
+                ChannelGroup(
+                    index, spaces, len(classes), sum(r in pinned for r in classes), reasons, members
+                )
+            )
+        return groups

@@ -1,0 +1,79 @@
+"""The graph walk: run every node's rule in topological order, then pin what must stay whole."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+
+from onnxprune.analysis.handlers import HANDLERS
+from onnxprune.analysis.labels import Member
+from onnxprune.analysis.state import Analysis
+from onnxprune.graph import iter_graphs, node_name
+
+
+def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analysis:
+    """Run the channel analysis on ``model`` with known tensor ``shapes``.
+
+    Afterwards the analysis's ``labels``, ``members``, ``sinks`` and ``pins`` are set.
+    """
+    an = Analysis(model, shapes)
+    sub_reads = outer_names_read_by_subgraphs(an.graph)
+    for i, node in enumerate(an.graph.node):
+        an._current = i
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
+            an.pin_inputs(node, "has a subgraph (If/Loop/Scan): left whole")
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            an.pin_inputs(node, f"op of custom domain {node.domain!r}")
+            continue
+        handler = HANDLERS.get(node.op_type)
+        if handler is None:
+            an.pin_inputs(node, "op not understood by the channel analysis")
+            continue
+        handler(an, node)
+    for out in an.graph.output:
+        if out.name in an.labels:
+            an.pin(an.labels[out.name].ids, f"reaches graph output {out.name!r}")
+    for name in sub_reads:
+        if name in an.labels:
+            an.pin(an.labels[name].ids, f"{name!r} is read inside a subgraph")
+    _pin_shared_members(an)
+    return an
+
+
+def _pin_shared_members(an: Analysis) -> None:
+    """A member initializer that is also read elsewhere (unsliced) cannot be cut."""
+    member_inits = {m.init for m in an.members}
+    graph_io = {i.name for i in an.graph.input} | {o.name for o in an.graph.output}
+    for i, node in enumerate(an.graph.node):
+        for j, name in enumerate(node.input):
+            if name in member_inits and (i, j) not in an._member_uses:
+                for m in an.members:
+                    if m.init == name:
+                        an.pin(m.ids, f"initializer {name!r} is also read by {node_name(node)}")
+    by_key: dict[tuple[str, int], list[Member]] = defaultdict(list)
+    for m in an.members:
+        by_key[(m.init, m.axis)].append(m)
+    for (name, _axis), ms in by_key.items():
+        if name in graph_io:
+            for m in ms:
+                an.pin(m.ids, f"initializer {name!r} is a graph input or output")
+        for m in ms[1:]:
+            an.union(ms[0].ids, m.ids, f"initializer {name!r} shared inconsistently")
+
+
+def outer_names_read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Names that any subgraph of ``graph``, at any depth, reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                for g in iter_graphs(sub):
+                    for n in g.node:
+                        names.update(n.input)
+    return names

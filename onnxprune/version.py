@@ -1,0 +1,3 @@
+"""The package version, in one place (the CLI, the pipeline and reports read it)."""
+
+__version__ = "0.1.0"
