@@ -58,3 +58,48 @@ class ValidationFailed(OnnxPruneError):
 
 class InternalError(Exception):
     """A bug in onnxprune: an invariant of its own was broken. Please report it."""
+
+
+class PassContractError(PassFailedError):
+    """Raised when a pass's contract does not hold; the message names the pass (and, from the
+    pipeline, the passes that ran before it)."""
+
+    stage = "contract"
+
+    def __init__(self, pass_name: str, detail: str) -> None:
+        super().__init__(pass_name, detail)
+        self.pass_name = pass_name
+        self.detail = detail
+        self.passes_before: str | None = None  # filled in by the pipeline
+
+    def __str__(self) -> str:
+        text = f"pass {self.pass_name}: {self.stage} failed: {self.detail}"
+        if self.passes_before is not None:
+            text += f" (passes before it: {self.passes_before})"
+        return text
+
+
+class PreconditionError(PassContractError):
+    """Raised when ``Pass.requires`` fails: the model or context lacks what the pass needs
+    (e.g. ``ctx.original``), so the input is at fault (exit 2)."""
+
+    stage = "precondition"
+
+
+class PostconditionError(PassContractError):
+    """Raised when ``Pass.ensures`` fails on the pass's own output (e.g. onnx.checker rejects
+    it). From a built-in pass that is a bug in onnxprune (exit 3); from any other pass
+    (``builtin=False``), a bug in that pass (exit 2, like any failed pass)."""
+
+    stage = "postcondition"
+    exit_code = 3
+
+    def __init__(self, pass_name: str, detail: str, *, builtin: bool = True) -> None:
+        super().__init__(pass_name, detail)
+        self.builtin = builtin
+        if not builtin:
+            self.exit_code = PassFailedError.exit_code
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text}; a bug in onnxprune, please report it" if self.builtin else text

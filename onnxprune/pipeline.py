@@ -13,14 +13,8 @@ import onnx
 
 from onnxprune.context import Context
 from onnxprune.cost import summarize
-from onnxprune.errors import (
-    DataError,
-    InternalError,
-    ModelLoadError,
-    OnnxPruneError,
-    PassFailedError,
-)
-from onnxprune.model import add_provenance, check_model
+from onnxprune.errors import DataError, InternalError, OnnxPruneError, PassContractError
+from onnxprune.model import add_provenance
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.passes.registry import parse_pass_spec
 from onnxprune.runtime import Device, providers_for
@@ -81,15 +75,7 @@ def run(
     for index, p in enumerate(chain):
         # later passes get the previous pass's private result: no copy needed
         work = current if index or inplace else copy.deepcopy(current)
-        start = time.perf_counter()
-        result = _apply(p, work, ctx, index, chain)
-        section = {
-            "pass": p.name,
-            "options": p.options(),
-            "modified": result.modified,
-            "seconds": round(time.perf_counter() - start, 4),
-            **result.report,
-        }
+        result, section = _apply(p, work, ctx, [q.name for q in chain[:index]])
         report["passes"].append(section)
         current = result.model
     out = current if chain else copy.deepcopy(model)
@@ -105,24 +91,30 @@ def run(
 
 
 def _apply(
-    p: Pass, work: onnx.ModelProto, ctx: Context, index: int, chain: Sequence[Pass]
-) -> PassResult:
-    """Run one pass, check what it returns, and name the pass in any failure."""
-    before = ", ".join(q.name for q in chain[:index]) or "none"
+    p: Pass, work: onnx.ModelProto, ctx: Context, before: Sequence[str]
+) -> tuple[PassResult, dict[str, Any]]:
+    """Call one pass (its contract checks included), time it, and build its report section.
+
+    A failure names the pass and ``before``, the passes that ran before it.
+    """
+    after = ", ".join(before) or "none"
+    start = time.perf_counter()
     try:
-        result = p.run(work, ctx)
-    except OnnxPruneError:
+        result = p(work, ctx)
+    except PassContractError as exc:
+        exc.passes_before = after
         raise
-    except InternalError:
+    except (OnnxPruneError, InternalError):
         raise
     except Exception as exc:
         raise InternalError(
-            f"pass {p.name} (after: {before}) crashed: {type(exc).__name__}: {exc}"
+            f"pass {p.name} (after: {after}) crashed: {type(exc).__name__}: {exc}"
         ) from exc
-    if not isinstance(result, PassResult):
-        raise PassFailedError(f"pass {p.name} returned {type(result).__name__}, not a PassResult")
-    try:
-        check_model(result.model, f"output of pass {p.name}")
-    except ModelLoadError as exc:
-        raise PassFailedError(f"{exc} (passes before it: {before})") from exc
-    return result
+    section = {
+        "pass": p.name,
+        "options": p.options(),
+        "modified": result.modified,
+        "seconds": round(time.perf_counter() - start, 4),
+        **result.report,
+    }
+    return result, section

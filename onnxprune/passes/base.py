@@ -1,9 +1,12 @@
 """The pass contract: a configurable step from one model to the next.
 
 A pass is a dataclass whose fields are its options (typed, with defaults); it overrides
-:meth:`Pass.run` only. ``-p NAME:key=value,...`` on the command line, a recipe file and
-``Pass.from_options`` all go through the same typed conversion, so an unknown key or a bad
-value is one clear error naming the pass, the key and what is allowed.
+:meth:`Pass.run`, and may add a precondition (:meth:`Pass.requires`) or a postcondition
+(:meth:`Pass.ensures`). Calling the pass, ``p(model, ctx)``, runs requires -> run -> ensures
+and checks what ``run`` returned; the pipeline calls passes that way, and so may anyone else.
+``-p NAME:key=value,...`` on the command line, a recipe file and ``Pass.from_options`` all go
+through the same typed conversion, so an unknown key or a bad value is one clear error naming
+the pass, the key and what is allowed.
 
 Example::
 
@@ -29,7 +32,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import onnx
 
-from onnxprune.errors import PassOptionError
+from onnxprune.errors import (
+    InternalError,
+    OnnxPruneError,
+    PassContractError,
+    PassFailedError,
+    PassOptionError,
+    PostconditionError,
+    PreconditionError,
+)
+from onnxprune.model import check_model
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -56,14 +68,75 @@ class Pass:
         name: what ``-p`` calls the pass.
         needs_original: the pass reads ``ctx.original`` (the model before any pass), so a
             copy is kept even when the pipeline runs in place.
+        in_place: ``run`` changes the model it is given and returns that same object (True),
+            or returns a new model (False). :meth:`__call__` checks it.
+
+    Calling the pass runs the contract:
+
+    1. ``requires(model, ctx)``; any exception becomes a :class:`PreconditionError`.
+    2. ``run(model, ctx)``, which must return a :class:`PassResult` whose model is the one it
+       was given exactly when ``in_place`` (else :class:`PassFailedError`).
+    3. ``ensures(result, ctx)``; any exception becomes a :class:`PostconditionError`.
     """
 
     name: ClassVar[str] = ""
     needs_original: ClassVar[bool] = False
+    in_place: ClassVar[bool] = True
+
+    def __call__(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Run ``requires`` -> ``run`` -> ``ensures`` on ``model``, which the pass may change.
+
+        Raises:
+            PreconditionError: ``requires`` failed.
+            PassFailedError: ``run`` refused the model, returned something other than a
+                PassResult, or broke its ``in_place`` declaration.
+            PostconditionError: ``ensures`` failed on the result.
+        """
+        try:
+            self.requires(model, ctx)
+        except PassContractError:
+            raise
+        except Exception as exc:
+            raise PreconditionError(self.name, _describe(exc)) from exc
+        result = self.run(model, ctx)
+        self._check_result(model, result)
+        try:
+            self.ensures(result, ctx)
+        except PassContractError:
+            raise
+        except Exception as exc:
+            raise PostconditionError(
+                self.name, _describe(exc), builtin=type(self).__module__.startswith("onnxprune.")
+            ) from exc
+        return result
+
+    def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
+        """Raise if ``model`` or ``ctx`` lacks what :meth:`run` needs (default: nothing)."""
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Transform ``model`` (a private copy the pass may change in place)."""
         raise NotImplementedError
+
+    def ensures(self, result: PassResult, ctx: Context) -> None:
+        """Raise if ``result`` breaks a guarantee of the pass (default: onnx.checker passes)."""
+        check_model(result.model, f"output of pass {self.name}")
+
+    def _check_result(self, model: onnx.ModelProto, result: Any) -> None:
+        """What ``run`` returned fits the contract: a PassResult, honouring ``in_place``."""
+        if not isinstance(result, PassResult):
+            raise PassFailedError(
+                f"pass {self.name} returned {type(result).__name__}, not a PassResult"
+            )
+        if self.in_place and result.model is not model:
+            raise PassFailedError(
+                f"pass {self.name} declares in_place=True but returned a new model (pass "
+                "developer: return the model it was given, or declare in_place = False)"
+            )
+        if not self.in_place and result.model is model:
+            raise PassFailedError(
+                f"pass {self.name} declares in_place=False but returned the model it was given "
+                "(pass developer: declare in_place = True, or return a new model)"
+            )
 
     @classmethod
     def summary(cls) -> str:
@@ -114,6 +187,22 @@ class Pass:
     def options(self) -> dict[str, Any]:
         """The options as set, JSON-ready (for reports and provenance)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def require_original(ctx: Context, pass_name: str) -> onnx.ModelProto:
+    """``ctx.original``, the model before any pass.
+
+    Raises:
+        PreconditionError: the context has none (a hand-made ``Context(original=None)``).
+    """
+    if ctx.original is None:
+        raise PreconditionError(
+            pass_name,
+            "ctx.original is missing: the pass compares with the model before any pass "
+            "(onnxprune.run keeps one for a pass that declares needs_original; "
+            "a Context made by hand needs original=...)",
+        )
+    return ctx.original
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse/click naming
@@ -193,6 +282,13 @@ def _type_name(tp: Any) -> str:
     if origin in (tuple, list):
         return f"{_type_name(args[0]) if args else 'str'}{LIST_SEPARATOR}..."
     return getattr(tp, "__name__", str(tp))
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one message: onnxprune's own errors as they are, others with their type."""
+    if isinstance(exc, (OnnxPruneError, InternalError)) and str(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _jsonable(value: Any) -> Any:

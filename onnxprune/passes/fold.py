@@ -52,6 +52,13 @@ class Plan:
         return ~mask
 
 
+@dataclass
+class FoldResult(PassResult):
+    """Fold's result, with the input model's outputs on the probe inputs for :meth:`Fold.ensures`."""
+
+    reference: Probe | None = field(default=None, repr=False, compare=False)
+
+
 @register_pass
 @dataclass
 class Fold(Pass):
@@ -66,6 +73,8 @@ class Fold(Pass):
            size...) stay; so does the last channel of any tensor.
         4. Rounds repeat until nothing changes (at most ``max_rounds``): removing one layer's
            channels can make the next layer's channels constant.
+        5. Postcondition (``verify``): when channels went, the folded model gives the input
+           model's outputs on a synthetic batch.
     """
 
     name: ClassVar[str] = "fold"
@@ -119,9 +128,15 @@ class Fold(Pass):
         }
         if first.error:
             report["probe_error"] = first.error
-        if self.verify and removed_total:
-            report["verified"] = verify_same(first, model)
-        return PassResult(model, removed_total > 0 or lifted > 0, report)
+        reference = first if self.verify and removed_total else None
+        return FoldResult(model, removed_total > 0 or lifted > 0, report, reference)
+
+    def ensures(self, result: PassResult, ctx: Context) -> None:
+        """onnx.checker passes, and (rule 5) the outputs are those of the input model."""
+        super().ensures(result, ctx)
+        if isinstance(result, FoldResult) and result.reference is not None:
+            result.report["verified"] = verify_same(result.reference, result.model)
+            result.reference = None  # the probe's tensors are not needed any more
 
     def plan(self, an: Analysis, pr: Probe) -> Plan:
         """Decide which channel classes to remove (rules 1-3)."""

@@ -11,7 +11,7 @@ import onnx
 from onnxprune.analysis.labels import VAR, Sink
 from onnxprune.data import feeds_for
 from onnxprune.graph import add_output_bias, bias_add_after, get_init, set_init
-from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.calibrate import expose
 from onnxprune.pruning.workspace import Workspace
@@ -78,10 +78,12 @@ class Refit(Pass):
     max_batches: int = option(64, "calibration batches to stream (at most)")
     max_rows: int = option(4096, "rows (positions) sampled per batch and layer")
 
+    def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
+        """The context holds the original model (the targets of the fit)."""
+        require_original(ctx, self.name)
+
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Refit every qualifying consumer of a zero or constant channel."""
-        if ctx.original is None:
-            raise ValueError("refit needs the original model in the context")
         ws = Workspace.open(model, ctx)
         units, skipped = self._units(ws)
         if not units:

@@ -16,12 +16,11 @@ from onnxprune.cost import summarize
 from onnxprune.data import Dataset, feeds_for, fixed_batch, input_specs
 from onnxprune.errors import (
     DataError,
-    InternalError,
     PassFailedError,
     PassOptionError,
     UnsupportedModelError,
 )
-from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.runtime import CPU, channel_multiple, session
 from onnxprune.validation.compare import (
@@ -96,11 +95,13 @@ class Validate(Pass):
         if self.max_latency_ratio is not None and self.runs < 1:
             raise ValueError("max_latency_ratio needs runs >= 1")
 
+    def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
+        """The context holds the original model (what the pruned one is compared with)."""
+        require_original(ctx, self.name)
+
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Apply rules 1-7; the model is returned unchanged."""
-        original = ctx.original
-        if original is None:
-            raise InternalError("validate needs ctx.original (the pass declares needs_original)")
+        original = require_original(ctx, self.name)
         data = ctx.data(original)
         if self.samples:
             data = _head(data, self.samples)
