@@ -1,6 +1,7 @@
 """Where passes are found: built-ins, ``register_pass``, and the ``onnxprune.passes`` entry points.
 
-A third-party distribution exposes a pass by declaring, in its pyproject.toml::
+This module imports no pass: each built-in registers itself with ``@register_pass`` when
+:mod:`onnxprune.passes` imports it. A third-party distribution exposes a pass by declaring, in its pyproject.toml::
 
     [project.entry-points."onnxprune.passes"]
     my-pass = "my_package.module:MyPass"
@@ -11,23 +12,13 @@ instead of breaking every run.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from onnxprune.errors import OnnxPruneError, PassNotFoundError
+from onnxprune.errors import OnnxPruneError, PassNotFoundError, PassOptionError
 from onnxprune.passes.base import Pass
 
 ENTRY_POINT_GROUP = "onnxprune.passes"
-BUILTIN_MODULES = (
-    "onnxprune.passes.cleanup",
-    "onnxprune.passes.vote",
-    "onnxprune.passes.refit",
-    "onnxprune.passes.stats",
-    "onnxprune.passes.magnitude",
-    "onnxprune.passes.fold",
-    "onnxprune.passes.validate",
-)
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _ORIGIN: dict[str, str] = {}
@@ -66,12 +57,13 @@ def register_pass(cls: type[Pass], *, origin: str = "") -> type[Pass]:
 
 
 def _load_all() -> None:
+    """Register the built-ins and then the entry-point plugins, once."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    import onnxprune.passes  # noqa: F401 - the package imports the built-ins, which register
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         origin = f"{ep.dist.name if ep.dist else '?'} ({ep.value})"
         try:
@@ -129,8 +121,6 @@ def parse_pass_spec(spec: str) -> Pass:
         PassNotFoundError: unknown pass name.
         PassOptionError: a malformed item, an unknown key or a bad value.
     """
-    from onnxprune.errors import PassOptionError
-
     name, _, rest = spec.partition(":")
     name = name.strip()
     cls = get_pass(name)

@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxprune.analysis.labels import Member
 from onnxprune.analysis.state import Analysis
-from onnxprune.errors import PassOptionError
+from onnxprune.errors import OnnxPruneError, PassOptionError
 from onnxprune.pruning.calibrate import ChannelStats
 
 ArrayGetter = Callable[[str], np.ndarray]
@@ -103,11 +103,15 @@ CRITERIA: dict[str, Criterion] = {}
 def register_criterion(
     name: str, *, sign: float = 1.0, needs_data: bool = False
 ) -> Callable[[Callable[[GroupView], np.ndarray | None]], Callable]:
-    """Decorator: register ``fn(view) -> per-class values`` as criterion ``name``."""
+    """Decorator: register ``fn(view) -> per-class values`` as criterion ``name``.
+
+    Raises:
+        OnnxPruneError: ``name`` is already registered.
+    """
 
     def wrap(fn: Callable[[GroupView], np.ndarray | None]) -> Callable:
         if name in CRITERIA:
-            raise ValueError(f"criterion {name!r} is registered twice")
+            raise OnnxPruneError(f"criterion {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         CRITERIA[name] = Criterion(name, fn, sign, needs_data, doc[0] if doc else "")
         return fn
