@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -12,6 +12,7 @@ from onnxprune.graph import get_init
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.criteria import GroupView, get_criterion
+from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.workspace import Workspace, zero_and_compensate
 from onnxprune.pruning.zero import keep_one_per_tensor
 
@@ -58,7 +59,7 @@ class Stats(Pass):
         compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)
         stats = ws.stats() if (crit.needs_data or compensate) else {}
         chosen: set[int] = set()
-        sections: list[dict[str, Any]] = []
+        decisions: list[GroupDecision] = []
         for g in ws.groups:
             classes = ws.free_classes(g)
             if not len(classes):
@@ -74,23 +75,21 @@ class Stats(Pass):
                 hit |= values > self.above
             picked = set(classes[hit].tolist())
             chosen |= picked
-            sections.append(
-                {
-                    "group": g.index,
-                    "channels": g.channels,
-                    "_picked": picked,
-                    "min": float(values.min()),
-                    "max": float(values.max()),
-                }
-            )
+            section = {
+                "group": g.index,
+                "channels": g.channels,
+                "min": float(values.min()),
+                "max": float(values.max()),
+            }
+            decisions.append(GroupDecision(g, section, picked))
         chosen = keep_one_per_tensor(ws.an, chosen)
-        for section in sections:  # counted after the last-channel guard
-            section["pruned"] = len(section.pop("_picked") & chosen)
+        for d in decisions:  # counted after the last-channel guard
+            d.section["pruned"] = len(d.picked & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
         report = {
             "metric": self.metric,
             "channels_pruned": len(chosen),
-            "groups": sections,
+            "groups": [d.section for d in decisions],
             "compensated": compensate,
             **applied,
         }

@@ -16,6 +16,7 @@ from onnxprune.model import load, model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
+from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.workspace import (
     Workspace,
     allowed_count,
@@ -138,7 +139,7 @@ class Vote(Pass):
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
         ws = Workspace.open(model, ctx, self.protect)
-        self._round = self.round_to or channel_multiple(ctx.providers)
+        multiple = self.round_to or channel_multiple(ctx.providers)
         criteria = [get_criterion(c) for c in self.criteria]
         has_data = ctx.data_path is not None
         compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)
@@ -148,7 +149,7 @@ class Vote(Pass):
         arrays += self._ensemble(ws)
         check = self.check if has_data else "off"
         chosen: set[int] = set()
-        sections = []
+        decisions: list[GroupDecision] = []
         plans = []
         for g in ws.groups:
             classes = ws.free_classes(g)
@@ -165,30 +166,27 @@ class Vote(Pass):
             ]
             plans.append((g, classes, voters))
         if self.scope == "global":
-            chosen, sections = self._global(ws, plans)
+            chosen, decisions = self._global(ws, plans, multiple)
         else:
             for g, classes, voters in plans:
-                picked, section = self._local(ws, g, classes, voters, check)
-                chosen |= picked
-                sections.append(section)
+                decision = self._local(ws, g, classes, voters, check, multiple)
+                chosen |= decision.picked
+                decisions.append(decision)
         selection: dict[str, Any] = {}
-        if self._selects(ws, has_data, sections):
-            chosen, selection = self._select(ws, chosen, sections, compensate)
-        for section in sections:
-            section.pop("_choices", None)
-            section.pop("_picked", None)
+        if self._selects(ws, has_data, decisions):
+            chosen, selection = self._select(ws, chosen, decisions, compensate)
         chosen = keep_one_per_tensor(ws.an, chosen)
         roots = ws.an.roots()
-        for section in sections:  # counted after the last-channel guard
-            g = ws.groups[section["group"]]
+        for d in decisions:  # counted after the last-channel guard
+            g = d.group
             mine = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
-            section["pruned"] = len(mine & chosen)
+            d.section["pruned"] = len(mine & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
         report: dict[str, Any] = {
             "channels_pruned": len(chosen),
-            "groups": sections,
+            "groups": [d.section for d in decisions],
             "compensated": compensate,
-            "round_to": self._round,
+            "round_to": multiple,
             "data": "synthetic" if not has_data else str(ctx.data_path),
             **selection,
             **applied,
@@ -220,9 +218,15 @@ class Vote(Pass):
         return out
 
     def _local(
-        self, ws: Workspace, g: Any, classes: np.ndarray, voters: list[Voter], check: str
-    ) -> tuple[set[int], dict[str, Any]]:
-        k = round_count(g.channels, len(classes), self.sparsity, self._round)
+        self,
+        ws: Workspace,
+        g: Any,
+        classes: np.ndarray,
+        voters: list[Voter],
+        check: str,
+        multiple: int,
+    ) -> GroupDecision:
+        k = round_count(g.channels, len(classes), self.sparsity, multiple)
         section: dict[str, Any] = {
             "group": g.index,
             "channels": g.channels,
@@ -232,13 +236,13 @@ class Vote(Pass):
         }
         if k == 0:
             section["pruned"] = 0
-            return set(), section
+            return GroupDecision(g, section)
         scores = {v.name: v.criterion.rank_scores(v.view) for v in voters}
         active = {n: s for n, s in scores.items() if s is not None}
         section["abstained"] = sorted(set(scores) - set(active))
         if not active:
             section["pruned"] = 0
-            return set(), section
+            return GroupDecision(g, section)
         choices = {
             n: set(classes[np.argsort(s, kind="stable")[:k]].tolist()) for n, s in active.items()
         }
@@ -249,7 +253,7 @@ class Vote(Pass):
             section["voter_errors"] = {n: round(e, 6) for n, e in errors.items()}
             section["dropped"] = sorted(set(active) - set(kept))
             active = kept
-        picked = self._combine(classes, active, k, g.channels)
+        picked = self._combine(classes, active, k, g.channels, multiple)
         if check != "off" and len(choices) > 1:
             err = reconstruction_error(ws, picked, check)
             best_name = min(section["voter_errors"], key=section["voter_errors"].get)
@@ -259,27 +263,24 @@ class Vote(Pass):
                 err = section["voter_errors"][best_name]
             section["error"] = round(err, 6)
         section["pruned"] = len(picked)
-        section["_choices"], section["_picked"] = choices, picked
-        return picked, section
+        return GroupDecision(g, section, picked, choices)
 
-    def _selects(self, ws: Workspace, has_data: bool, sections: list[dict[str, Any]]) -> bool:
+    def _selects(self, ws: Workspace, has_data: bool, decisions: list[GroupDecision]) -> bool:
         if not has_data or self.select == "local" or self.scope == "global":
             return False
         if self.select == "auto" and model_nbytes(ws.model) > SELECT_LIMIT:
             return False
-        return any(len(s.get("_choices", {})) > 1 for s in sections)
+        return any(len(d.choices) > 1 for d in decisions)
 
     def _select(
-        self, ws: Workspace, vote: set[int], sections: list[dict[str, Any]], compensate: bool
+        self, ws: Workspace, vote: set[int], decisions: list[GroupDecision], compensate: bool
     ) -> tuple[set[int], dict[str, Any]]:
         """Rule 3, end to end: the vote's choice against each voter's own choice (in every
         group), scored by how far the pruned model's outputs move on the calibration data."""
-        names = sorted({n for s in sections for n in s.get("_choices", {})})
+        names = sorted({n for d in decisions for n in d.choices})
         candidates = {"vote": vote}
-        for name in names:
-            candidates[name] = set().union(
-                *(s["_choices"].get(name, s["_picked"]) for s in sections if "_picked" in s)
-            )
+        for name in names:  # a group without this voter keeps the vote's own pick
+            candidates[name] = set().union(*(d.choices.get(name, d.picked) for d in decisions))
         data = ws.ctx.data(ws.model)
         feeds = list(feeds_for(ws.model, data, limit=SELECT_SAMPLES))
         reference = _outputs(ws.model, feeds, ws.ctx.providers)
@@ -307,7 +308,12 @@ class Vote(Pass):
         return candidates[best], report
 
     def _combine(
-        self, classes: np.ndarray, active: dict[str, np.ndarray], k: int, total: int
+        self,
+        classes: np.ndarray,
+        active: dict[str, np.ndarray],
+        k: int,
+        total: int,
+        multiple: int,
     ) -> set[int]:
         mean_rank = np.mean([rank_normalise(s) for s in active.values()], axis=0)
         if self.mode == "average":
@@ -319,10 +325,12 @@ class Vote(Pass):
         order = np.lexsort((mean_rank, -votes))
         if not self.fill:
             order = order[votes[order] >= quorum]
-        count = allowed_count(total, min(k, len(order)), self._round)
+        count = allowed_count(total, min(k, len(order)), multiple)
         return set(classes[order[:count]].tolist())
 
-    def _global(self, ws: Workspace, plans: list) -> tuple[set[int], list[dict[str, Any]]]:
+    def _global(
+        self, ws: Workspace, plans: list, multiple: int
+    ) -> tuple[set[int], list[GroupDecision]]:
         pooled = []  # (normalised score, group index, class)
         for g, classes, voters in plans:
             active = [s for s in (v.criterion.rank_scores(v.view) for v in voters) if s is not None]
@@ -343,17 +351,17 @@ class Vote(Pass):
                 mine.append(c)
                 budget -= 1
         chosen: set[int] = set()
-        sections = []
+        decisions = []
         for g, _classes, _voters in plans:
             mine = taken.get(g.index, [])
-            count = allowed_count(g.channels, len(mine), self._round)
-            chosen |= set(mine[:count])
-            sections.append(
-                {
-                    "group": g.index,
-                    "channels": g.channels,
-                    "pruned": count,
-                    "producers": [s.node for s in g.spaces],
-                }
-            )
-        return chosen, sections
+            count = allowed_count(g.channels, len(mine), multiple)
+            picked = set(mine[:count])
+            chosen |= picked
+            section = {
+                "group": g.index,
+                "channels": g.channels,
+                "pruned": count,
+                "producers": [s.node for s in g.spaces],
+            }
+            decisions.append(GroupDecision(g, section, picked))
+        return chosen, decisions
