@@ -20,7 +20,7 @@ import onnx
 from rich.table import Table
 
 from onnxprune.cost import summarize
-from onnxprune.errors import ModelSaveError, OnnxPruneError, PassOptionError
+from onnxprune.errors import MissingDependency, ModelSaveError, PassOptionError
 from onnxprune.model import save
 from onnxprune.passes.base import Pass, coerce
 from onnxprune.passes.validate import validate_sections, with_gates
@@ -30,10 +30,6 @@ from onnxprune.version import __version__
 
 MAX_POINTS = 200
 PLOT_INSTALL = 'pip install "onnxprune[plot]"'
-
-
-class MissingDependency(OnnxPruneError):
-    """Raised when an optional feature needs a package that is not installed."""
 
 
 def parse_values(text: str) -> list[float]:

@@ -17,7 +17,7 @@ import onnxprune
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
-from onnxprune.errors import PassOptionError, UnsupportedModelError
+from onnxprune.errors import InputMismatch, OutputMismatch, PassOptionError, UnsupportedModelError
 from onnxprune.graph import lift_constants
 from onnxprune.passes.validate import (
     Validate,
@@ -29,8 +29,6 @@ from onnxprune.passes.validate import (
 from onnxprune.pruning.zero import random_classes, zero_classes
 from onnxprune.runtime import CPU, channel_multiple
 from onnxprune.validation.compare import (
-    InputMismatch,
-    OutputMismatch,
     classification_scores,
     compare_classification,
     compare_output,

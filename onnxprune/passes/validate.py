@@ -16,19 +16,20 @@ from onnxprune.cost import summarize
 from onnxprune.data import Dataset, feeds_for, fixed_batch, input_specs
 from onnxprune.errors import (
     DataError,
+    InputMismatch,
     InternalError,
+    OutputMismatch,
     PassFailedError,
     PassOptionError,
     UnsupportedModelError,
+    first_line,
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.runtime import CPU, channel_multiple, session
 from onnxprune.validation.compare import (
     ClassificationComparison,
-    InputMismatch,
     OutputComparison,
-    OutputMismatch,
     compare_classification,
     compare_output,
     is_classifier_like,
@@ -250,10 +251,6 @@ def _gate(name: str, output: str | None, value: Any, limit: float, passed: bool)
     return {"name": name, "output": output, "value": value, "limit": limit, "passed": bool(passed)}
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-
-
 def _pruned_session(
     model: onnx.ModelProto, providers: Sequence[str], threads: int
 ) -> ort.InferenceSession:
@@ -329,14 +326,14 @@ def run_pair(
             ref_out = ref_sess.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             raise DataError(
-                f"validate: the original model cannot run on {data.source}: {_first_line(exc)}"
+                f"validate: the original model cannot run on {data.source}: {first_line(exc)}"
             ) from exc
         try:
             new_out = new_sess.run(names, feed)
         except Exception as exc:  # noqa: BLE001
             raise InputMismatch(
                 f"validate: the pruned model cannot take input(s) "
-                f"{', '.join(map(repr, feed))}: {_first_line(exc)}"
+                f"{', '.join(map(repr, feed))}: {first_line(exc)}"
             ) from exc
         for n, r, p in zip(names, ref_out, new_out, strict=True):
             ref_parts[n].append(np.asarray(r))
