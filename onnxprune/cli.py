@@ -32,12 +32,13 @@ from onnxprune.passes.registry import (
     pass_origin,
     unavailable_passes,
 )
-from onnxprune.passes.validate import failed_gates, gate_message, validate_sections, with_gates
+from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.recipe import load_recipe
 from onnxprune.report import human, summary_table, write_json
 from onnxprune.runtime import CPU
 from onnxprune.sweep import parse_values, require_matplotlib, run_sweep, sweep_table, write_plot
+from onnxprune.validation.gates import failed_gates, gate_message, validate_sections
 from onnxprune.version import __version__
 
 INTERNAL_EXIT = 3

@@ -23,9 +23,10 @@ from onnxprune.cost import summarize
 from onnxprune.errors import MissingDependency, ModelSaveError, PassOptionError
 from onnxprune.model import save
 from onnxprune.passes.base import Pass, coerce
-from onnxprune.passes.validate import validate_sections, with_gates
+from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.runtime import Device
+from onnxprune.validation.gates import validate_sections
 from onnxprune.version import __version__
 
 MAX_POINTS = 200

@@ -47,3 +47,13 @@ def test_every_error_class_lives_in_errors_py():
         }
         raised = [n for n, b in bases.items() if any(x.split(".")[-1] in ours for x in b)]
         assert not raised, f"{path.relative_to(PACKAGE)}: error classes {raised}"
+
+
+def test_validation_imports_no_pass_module():
+    """validation/ sits below passes/: the passes import it, never the other way round."""
+    for path in (PACKAGE / "validation").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        ] + [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+        assert not [n for n in names if n.startswith("onnxprune.passes")], path.name
