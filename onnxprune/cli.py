@@ -10,20 +10,19 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import onnx
 import onnxruntime
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.console import Console, RenderableType
 
 from onnxprune.analysis.inspect import channel_groups
 from onnxprune.cost import summarize
-from onnxprune.errors import InternalError, ModelSaveError, OnnxPruneError, ValidationFailed
+from onnxprune.errors import ModelSaveError, OnnxPruneError, ValidationFailed
 from onnxprune.model import load, save
 from onnxprune.passes.base import Pass
 from onnxprune.passes.registry import (
@@ -32,15 +31,24 @@ from onnxprune.passes.registry import (
     pass_origin,
     unavailable_passes,
 )
-from onnxprune.passes.validate import failed_gates, gate_message, validate_sections, with_gates
+from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
+from onnxprune.plot import require_matplotlib, write_plot
 from onnxprune.recipe import load_recipe
-from onnxprune.report import human, summary_table, write_json
-from onnxprune.runtime import CPU
-from onnxprune.sweep import parse_values, require_matplotlib, run_sweep, sweep_table, write_plot
+from onnxprune.report import (
+    groups_table,
+    run_view,
+    summary_table,
+    sweep_progress,
+    sweep_view,
+    write_json,
+)
+from onnxprune.sweep import parse_values, run_sweep
+from onnxprune.validation.gates import failed_gates, gate_message
 from onnxprune.version import __version__
 
 INTERNAL_EXIT = 3
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 class CliError(click.ClickException):
@@ -88,6 +96,13 @@ def _sweep_values(
         return parse_values(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Command]:
+    """A gate's limit: a float option that sets the last validate pass's limit of that name."""
+    return click.option(
+        flag, type=float, default=None, metavar=metavar, help=f"Gate: fail (exit 1) when {when}."
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,27 +154,9 @@ def _sweep_values(
     default=None,
     help="Store weights in OUT.data [default: only past 2 GB].",
 )
-@click.option(
-    "--max-accuracy-drop",
-    type=float,
-    default=None,
-    metavar="DROP",
-    help="Gate: fail (exit 1) when accuracy drops more than this, e.g. 0.01.",
-)
-@click.option(
-    "--min-cosine",
-    type=float,
-    default=None,
-    metavar="COS",
-    help="Gate: fail (exit 1) when an output's mean cosine similarity is below this.",
-)
-@click.option(
-    "--max-latency-ratio",
-    type=float,
-    default=None,
-    metavar="RATIO",
-    help="Gate: fail (exit 1) when pruned/original median latency is above this.",
-)
+@_gate_option("--max-accuracy-drop", "DROP", "accuracy drops more than this, e.g. 0.01")
+@_gate_option("--min-cosine", "COS", "an output's mean cosine similarity is below this")
+@_gate_option("--max-latency-ratio", "RATIO", "pruned/original median latency is above this")
 @click.option(
     "--sweep",
     "sweep",
@@ -258,7 +255,7 @@ def main(
         raise CliError(str(exc), exc.exit_code) from exc
     except (click.ClickException, click.exceptions.Exit):
         raise
-    except (InternalError, Exception) as exc:  # noqa: BLE001 - the last line of defence
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
         if verbose:
             traceback.print_exc()
         msg = f"internal error (a bug in onnxprune, please report it): {type(exc).__name__}: {exc}"
@@ -304,13 +301,6 @@ def _job(
     )
 
 
-def _providers_line(providers: list[str], device: str) -> str:
-    line = f"providers: {', '.join(providers)}"
-    if device == "auto":
-        line += " (auto: a usable GPU)" if providers[0] != CPU else " (auto: no usable GPU)"
-    return line
-
-
 def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
     chain = with_gates(job.chain, **gates)
     model = load(job.model)
@@ -331,13 +321,7 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
         )
     save(new, target, external_data=job.external_data, protect=job.model)
     report["output"] = str(target)
-    out.print(summary_table(report["before"], report["after"], title=f"{job.model} -> {target}"))
-    out.print(_passes_table(report["passes"]))
-    for section in validate_sections(report):
-        for table in validate_tables(section):
-            out.print(table)
-    out.print(_providers_line(report["providers"], job.device))
-    _warn(out, report["passes"])
+    _show(out, run_view(report, f"{job.model} -> {target}", job.device))
     if job.report is not None:
         write_json(report, job.report)
     failed = failed_gates(report)
@@ -345,11 +329,10 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
         raise ValidationFailed(gate_message(failed))
 
 
-def _warn(out: Console, sections: list[dict[str, Any]], prefix: str = "") -> None:
-    """Validation warnings (a slower pruned model...), loudly (stderr keeps the error line)."""
-    for s in validate_sections({"passes": sections}):
-        for w in s["warnings"]:
-            out.print(f"[bold red]WARNING:[/] {prefix}{w}", highlight=False)
+def _show(out: Console, view: list[RenderableType]) -> None:
+    """Print a run's or a sweep's view on stdout (stderr keeps the one error line)."""
+    for item in view:
+        out.print(item)
 
 
 def _sweep(
@@ -375,13 +358,7 @@ def _sweep(
             ) from exc
     chain = with_gates(job.chain, always=True, **gates)
     model = load(job.model)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=out, transient=True) as progress:
+    with sweep_progress(out) as progress:
         task = progress.add_task(f"sweep {key}", total=len(values))
         report = run_sweep(
             model,
@@ -396,10 +373,7 @@ def _sweep(
             external_data=job.external_data,
             on_point=lambda *_: progress.advance(task),
         )
-    out.print(sweep_table(report))
-    out.print(_providers_line(report["providers"], job.device))
-    for point in report["points"]:
-        _warn(out, point["passes"], f"{key}={point['value']:g}: ")
+    _show(out, sweep_view(report, job.device))
     if plot_path is not None:
         report["plot"] = str(write_plot(report, plot_path))
         out.print(f"plot: {plot_path}")
@@ -407,115 +381,8 @@ def _sweep(
         write_json(report, job.report)
 
 
-def _passes_table(sections: list[dict[str, Any]]) -> Table:
-    table = Table(title="passes")
-    for col in ("pass", "modified", "seconds", "details"):
-        table.add_column(col)
-    skip = {"pass", "options", "modified", "seconds"}
-    for s in sections:
-        details = ", ".join(
-            f"{k}={v}" for k, v in s.items() if k not in skip and not isinstance(v, (list, dict))
-        )
-        table.add_row(s["pass"], "yes" if s["modified"] else "no", f"{s['seconds']:.3f}", details)
-    return table
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{b / a:.3f}" if a and b is not None else ""
-
-
-def _f(value: float | None, spec: str = ".4g") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def validate_tables(section: dict[str, Any]) -> list[Table]:
-    """Terminal tables of one validate section: outputs, classification, cost, gates."""
-    outputs = Table(
-        title=f"validate: outputs on {section['data']['samples']} samples "
-        f"({section['data']['source']})"
-    )
-    outputs.add_column("")
-    for o in section["outputs"]:
-        outputs.add_column(o["name"], justify="right")
-    rows = (
-        ("shape", lambda o: "x".join(map(str, o["shape"]))),
-        ("max abs error", lambda o: _f(o["max_abs"])),
-        ("mean abs error", lambda o: _f(o["mean_abs"])),
-        ("max rel error", lambda o: _f(o["max_rel"])),
-        ("mean rel error", lambda o: _f(o["mean_rel"])),
-        ("cosine (mean)", lambda o: _f(o["cosine"], ".6f")),
-        ("cosine (worst sample)", lambda o: _f(o["cosine_min"], ".6f")),
-        ("top-1 agreement", lambda o: _f(o["top1"], ".2%")),
-        ("new NaN/Inf", lambda o: str(o["nonfinite"])),
-    )
-    for label, cell in rows:
-        outputs.add_row(label, *(cell(o) for o in section["outputs"]))
-    tables = [outputs]
-    cls = section["classification"]
-    if cls:
-        basis = "labels" if cls["labels"] else "original's predictions (no labels)"
-        t = Table(title=f"validate: classification of {cls['output']} against {basis}")
-        for col in ("", "original", "pruned", "difference"):
-            t.add_column(col, justify="right")
-        for k in ("accuracy", "precision", "recall", "f1"):
-            label = k if k == "accuracy" else f"macro {k}"
-            t.add_row(
-                label,
-                f"{cls['original'][k]:.4f}",
-                f"{cls['pruned'][k]:.4f}",
-                f"{cls['difference'][k]:+.4f}",
-            )
-        tables.append(t)
-    cost, lat = section["cost"], section["latency"]
-    dims = ", ".join(f"{k}={v}" for k, v in cost["dims"].items())
-    t = Table(title="validate: cost" + (f" ({dims})" if dims else ""))
-    for col in ("", "original", "pruned", "ratio"):
-        t.add_column(col, justify="right")
-    for k, label in (("parameters", "parameters"), ("macs", "MACs"), ("bytes", "size")):
-        a, b = cost["original"][k], cost["pruned"][k]
-        t.add_row(label, human(a, k), human(b, k), _ratio(a, b))
-    if lat:
-        for k, label in (("median_ms", "latency median ms"), ("p90_ms", "latency p90 ms")):
-            a, b = lat["original"][k], lat["pruned"][k]
-            t.add_row(label, f"{a:.4f}", f"{b:.4f}", _ratio(a, b))
-        t.caption = (
-            f"{lat['provider']}, threads {lat['threads'] or 'default'}, batch "
-            f"{lat['batch']}, {lat['runs']} interleaved runs after {lat['warmup']} warm-up"
-        )
-    tables.append(t)
-    if section["gates"]:
-        t = Table(title="validate: gates")
-        for col in ("gate", "output", "value", "limit", "result"):
-            t.add_column(col, justify="right")
-        for g in section["gates"]:
-            value = g["value"] if isinstance(g["value"], int) else _f(g["value"])
-            t.add_row(
-                g["name"],
-                g["output"] or "",
-                str(value),
-                f"{g['limit']:g}",
-                "pass" if g["passed"] else "[bold red]FAIL[/]",
-            )
-        tables.append(t)
-    return tables
-
-
 def _inspect(out: Console, model_path: Path) -> None:
-    groups = channel_groups(load(model_path))
-    table = Table(title=f"channel groups of {model_path}")
-    for col in ("#", "channels", "prunable", "MACs", "producers", "why not (first reason)"):
-        table.add_column(col)
-    for g in groups:
-        free = g.channels - g.pinned
-        table.add_row(
-            str(g.index),
-            str(g.channels),
-            f"{free}/{g.channels}",
-            human(g.macs),
-            ", ".join(f"{s.op} {s.node}" for s in g.spaces),
-            g.reasons[0] if g.reasons else "",
-        )
-    out.print(table)
+    out.print(groups_table(channel_groups(load(model_path)), f"channel groups of {model_path}"))
 
 
 def _list_passes() -> None:

@@ -2,7 +2,8 @@
 
 Every user-facing failure is an :class:`OnnxPruneError`; the CLI catches that base class once
 and prints its one-line message. :class:`InternalError` is deliberately *not* a subclass: it
-means a bug in onnxprune itself, and is shown with its traceback.
+means a bug in onnxprune itself, and is shown with its traceback. :func:`first_line` is how
+an error from another library (onnx, onnxruntime) is quoted in one of those one-line messages.
 """
 
 from __future__ import annotations
@@ -50,10 +51,22 @@ class PassFailedError(OnnxPruneError):
     """Raised when a pass fails on a model; the message names the pass and the node."""
 
 
+class MissingDependency(OnnxPruneError):
+    """Raised when an optional feature needs a package that is not installed."""
+
+
 class ValidationFailed(OnnxPruneError):
     """Raised when a validation gate (accuracy drop, cosine, latency ratio) is not met."""
 
     exit_code = 1
+
+
+class OutputMismatch(ValidationFailed):
+    """Raised when an output of the pruned model is missing or no longer has its shape."""
+
+
+class InputMismatch(ValidationFailed):
+    """Raised when the pruned model cannot take an input that the original model takes."""
 
 
 class InternalError(Exception):
@@ -103,3 +116,8 @@ class PostconditionError(PassContractError):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{text}; a bug in onnxprune, please report it" if self.builtin else text
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, stripped; its type's name when empty."""
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxprune.errors import ModelLoadError, ModelSaveError
+from onnxprune.errors import ModelLoadError, ModelSaveError, first_line
 from onnxprune.graph import iter_graphs, iter_initializers
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
@@ -57,8 +57,9 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         # ValidationError: onnx.load's own check that an external data file exists
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}: cannot read model or its external data: {first}") from exc
+        raise ModelLoadError(
+            f"{path}: cannot read model or its external data: {first_line(exc)}"
+        ) from exc
     if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version, graph or opset)")
     if check:

@@ -1,16 +1,29 @@
-"""Reports: the summary table shown on the terminal, and the JSON file (written atomically)."""
+"""What a run shows: every terminal table of a run, a sweep or ``--inspect``, and the JSON file.
+
+The tables read the JSON-ready report (:func:`onnxprune.run`'s, a validate section, a sweep's),
+never the passes, so what the terminal shows is what ``--report`` writes (atomically).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from onnxprune.errors import ModelSaveError
+from onnxprune.runtime import CPU
+from onnxprune.validation.gates import validate_sections
+
+if TYPE_CHECKING:
+    from onnxprune.analysis.labels import ChannelGroup
 
 REPORT_SCHEMA_VERSION = 1
 _ROWS = (
@@ -57,6 +70,191 @@ def summary_table(
             row.append(f"{a / b:.3f}" if numeric and b else "")
         table.add_row(*row)
     return table
+
+
+def passes_table(sections: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per pass: name, modified, seconds, and its scalar report fields."""
+    table = Table(title="passes")
+    for col in ("pass", "modified", "seconds", "details"):
+        table.add_column(col)
+    skip = {"pass", "options", "modified", "seconds"}
+    for s in sections:
+        details = ", ".join(
+            f"{k}={v}" for k, v in s.items() if k not in skip and not isinstance(v, (list, dict))
+        )
+        table.add_row(s["pass"], "yes" if s["modified"] else "no", f"{s['seconds']:.3f}", details)
+    return table
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{b / a:.3f}" if a and b is not None else ""
+
+
+def _cell(value: float | None, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def validate_tables(section: Mapping[str, Any]) -> list[Table]:
+    """Terminal tables of one validate section: outputs, classification, cost, gates."""
+    outputs = Table(
+        title=f"validate: outputs on {section['data']['samples']} samples "
+        f"({section['data']['source']})"
+    )
+    outputs.add_column("")
+    for o in section["outputs"]:
+        outputs.add_column(o["name"], justify="right")
+    rows = (
+        ("shape", lambda o: "x".join(map(str, o["shape"]))),
+        ("max abs error", lambda o: _cell(o["max_abs"])),
+        ("mean abs error", lambda o: _cell(o["mean_abs"])),
+        ("max rel error", lambda o: _cell(o["max_rel"])),
+        ("mean rel error", lambda o: _cell(o["mean_rel"])),
+        ("cosine (mean)", lambda o: _cell(o["cosine"], ".6f")),
+        ("cosine (worst sample)", lambda o: _cell(o["cosine_min"], ".6f")),
+        ("top-1 agreement", lambda o: _cell(o["top1"], ".2%")),
+        ("new NaN/Inf", lambda o: str(o["nonfinite"])),
+    )
+    for label, cell in rows:
+        outputs.add_row(label, *(cell(o) for o in section["outputs"]))
+    tables = [outputs]
+    cls = section["classification"]
+    if cls:
+        basis = "labels" if cls["labels"] else "original's predictions (no labels)"
+        t = Table(title=f"validate: classification of {cls['output']} against {basis}")
+        for col in ("", "original", "pruned", "difference"):
+            t.add_column(col, justify="right")
+        for k in ("accuracy", "precision", "recall", "f1"):
+            label = k if k == "accuracy" else f"macro {k}"
+            t.add_row(
+                label,
+                f"{cls['original'][k]:.4f}",
+                f"{cls['pruned'][k]:.4f}",
+                f"{cls['difference'][k]:+.4f}",
+            )
+        tables.append(t)
+    cost, lat = section["cost"], section["latency"]
+    dims = ", ".join(f"{k}={v}" for k, v in cost["dims"].items())
+    t = Table(title="validate: cost" + (f" ({dims})" if dims else ""))
+    for col in ("", "original", "pruned", "ratio"):
+        t.add_column(col, justify="right")
+    for k, label in (("parameters", "parameters"), ("macs", "MACs"), ("bytes", "size")):
+        a, b = cost["original"][k], cost["pruned"][k]
+        t.add_row(label, human(a, k), human(b, k), _ratio(a, b))
+    if lat:
+        for k, label in (("median_ms", "latency median ms"), ("p90_ms", "latency p90 ms")):
+            a, b = lat["original"][k], lat["pruned"][k]
+            t.add_row(label, f"{a:.4f}", f"{b:.4f}", _ratio(a, b))
+        t.caption = (
+            f"{lat['provider']}, threads {lat['threads'] or 'default'}, batch "
+            f"{lat['batch']}, {lat['runs']} interleaved runs after {lat['warmup']} warm-up"
+        )
+    tables.append(t)
+    if section["gates"]:
+        t = Table(title="validate: gates")
+        for col in ("gate", "output", "value", "limit", "result"):
+            t.add_column(col, justify="right")
+        for g in section["gates"]:
+            value = g["value"] if isinstance(g["value"], int) else _cell(g["value"])
+            t.add_row(
+                g["name"],
+                g["output"] or "",
+                str(value),
+                f"{g['limit']:g}",
+                "pass" if g["passed"] else "[bold red]FAIL[/]",
+            )
+        tables.append(t)
+    return tables
+
+
+def sweep_table(report: Mapping[str, Any]) -> Table:
+    """One row per point: value, parameters, MACs ratio, accuracy or cosine, latency ratio, gates."""
+    rows = [p["row"] for p in report["points"]]
+    metric = rows[0]["metric"] if rows else "accuracy"
+    key = report["sweep"]["key"]
+    title = f"sweep of {key}"
+    if rows and rows[0]["metric"] == "accuracy":
+        title += f" (original accuracy {rows[0]['reference']:.4f})"
+    table = Table(title=title)
+    for col in (key, "parameters", "MACs ratio", metric, "latency ratio", "gates"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{r['value']:g}",
+            f"{r['parameters']:,}",
+            _cell(r["macs_ratio"], ".3f"),
+            _cell(r["score"], ".4f"),
+            _cell(r["latency_ratio"], ".3f"),
+            "pass" if r["gates_passed"] else "[bold red]FAIL[/]",
+        )
+    return table
+
+
+def groups_table(groups: Sequence[ChannelGroup], title: str) -> Table:
+    """``--inspect``: one row per channel group: size, prunable share, MACs, producers, why not."""
+    table = Table(title=title)
+    for col in ("#", "channels", "prunable", "MACs", "producers", "why not (first reason)"):
+        table.add_column(col)
+    for g in groups:
+        free = g.channels - g.pinned
+        table.add_row(
+            str(g.index),
+            str(g.channels),
+            f"{free}/{g.channels}",
+            human(g.macs),
+            ", ".join(f"{s.op} {s.node}" for s in g.spaces),
+            g.reasons[0] if g.reasons else "",
+        )
+    return table
+
+
+def providers_line(providers: Sequence[str], device: str) -> str:
+    """``providers: ...``, saying what ``--device auto`` picked."""
+    line = f"providers: {', '.join(providers)}"
+    if device == "auto":
+        line += " (auto: a usable GPU)" if providers[0] != CPU else " (auto: no usable GPU)"
+    return line
+
+
+def warnings(sections: Sequence[Mapping[str, Any]], prefix: str = "") -> list[Text]:
+    """The validate sections' warnings (a slower pruned model...), loud and not highlighted."""
+    return [
+        Text.from_markup(f"[bold red]WARNING:[/] {prefix}{w}")
+        for s in validate_sections({"passes": sections})
+        for w in s["warnings"]
+    ]
+
+
+def run_view(report: Mapping[str, Any], title: str, device: str) -> list[RenderableType]:
+    """What a run prints, in order: summary, passes, validate tables, providers, warnings."""
+    view: list[RenderableType] = [
+        summary_table(report["before"], report["after"], title=title),
+        passes_table(report["passes"]),
+    ]
+    for section in validate_sections(report):
+        view += validate_tables(section)
+    view.append(providers_line(report["providers"], device))
+    return view + warnings(report["passes"])
+
+
+def sweep_view(report: Mapping[str, Any], device: str) -> list[RenderableType]:
+    """What a sweep prints: its table, providers, then each point's warnings."""
+    view: list[RenderableType] = [sweep_table(report), providers_line(report["providers"], device)]
+    key = report["sweep"]["key"]
+    for point in report["points"]:
+        view += warnings(point["passes"], f"{key}={point['value']:g}: ")
+    return view
+
+
+def sweep_progress(console: Console) -> Progress:
+    """The transient progress bar of a sweep: description, bar, points done, time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:

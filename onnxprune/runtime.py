@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.errors import DeviceError, PassFailedError
+from onnxprune.errors import DeviceError, PassFailedError, first_line
 from onnxprune.model import FLOAT_TYPES, model_nbytes
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -135,8 +135,7 @@ def session(
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-        line = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise PassFailedError(f"onnxruntime cannot run the model: {line.strip()}") from exc
+        raise PassFailedError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
     if tmpdir is not None:  # the weights file is mapped: it goes with the session
         weakref.finalize(sess, shutil.rmtree, tmpdir, True)
     return sess

@@ -1,9 +1,9 @@
-"""Sweep one option over values: run the chain at each, validate each result, tabulate, plot.
+"""Sweep one option over values: run the chain at each, validate each result.
 
 Every pass of the chain that has an option named ``key`` (``sparsity`` by default) gets the
 value; a validate pass ends the chain (appended when missing). The result is a JSON-ready
-report with one entry per point, a rich table, and optionally a PNG plot of accuracy (or
-cosine) and latency ratio against the value, for picking a point by eye.
+report with one entry per point, each with its table row (:func:`point_row`); the table is
+:func:`onnxprune.report.sweep_table`, the plot :func:`onnxprune.plot.write_plot`.
 """
 
 from __future__ import annotations
@@ -17,23 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from rich.table import Table
 
 from onnxprune.cost import summarize
-from onnxprune.errors import ModelSaveError, OnnxPruneError, PassOptionError
+from onnxprune.errors import PassOptionError
 from onnxprune.model import save
 from onnxprune.passes.base import Pass, coerce
-from onnxprune.passes.validate import validate_sections, with_gates
+from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.runtime import Device
+from onnxprune.validation.gates import validate_sections
 from onnxprune.version import __version__
 
 MAX_POINTS = 200
-PLOT_INSTALL = 'pip install "onnxprune[plot]"'
-
-
-class MissingDependency(OnnxPruneError):
-    """Raised when an optional feature needs a package that is not installed."""
 
 
 def parse_values(text: str) -> list[float]:
@@ -194,120 +189,3 @@ def run_sweep(
         if on_point is not None:
             on_point(value, entry)
     return report
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def sweep_table(report: Mapping[str, Any]) -> Table:
-    """One row per point: value, parameters, MACs ratio, accuracy or cosine, latency ratio, gates."""
-    rows = [p["row"] for p in report["points"]]
-    metric = rows[0]["metric"] if rows else "accuracy"
-    key = report["sweep"]["key"]
-    title = f"sweep of {key}"
-    if rows and rows[0]["metric"] == "accuracy":
-        title += f" (original accuracy {rows[0]['reference']:.4f})"
-    table = Table(title=title)
-    for col in (key, "parameters", "MACs ratio", metric, "latency ratio", "gates"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            f"{r['value']:g}",
-            f"{r['parameters']:,}",
-            _fmt(r["macs_ratio"], ".3f"),
-            _fmt(r["score"], ".4f"),
-            _fmt(r["latency_ratio"], ".3f"),
-            "pass" if r["gates_passed"] else "[bold red]FAIL[/]",
-        )
-    return table
-
-
-def require_matplotlib() -> None:
-    """Import matplotlib now, or fail with the one-line install hint.
-
-    Raises:
-        MissingDependency: matplotlib is not installed.
-    """
-    try:
-        import matplotlib  # noqa: F401, PLC0415 - optional dependency, imported lazily
-    except ImportError:
-        raise MissingDependency(f"--plot needs matplotlib: {PLOT_INSTALL}") from None
-
-
-def _gate_lines(ax: Any, ratios: Any, report: Mapping[str, Any], metric: str) -> None:
-    """Dashed lines at the gate limits of the first point's validate pass."""
-    if not report["points"]:
-        return
-    options = validate_sections(report["points"][0])[-1]["options"]
-    row = report["points"][0]["row"]
-    if metric == "accuracy" and options.get("max_accuracy_drop") is not None:
-        ax.axhline(
-            row["reference"] - options["max_accuracy_drop"],
-            color="tab:blue",
-            ls="--",
-            lw=1,
-            label="accuracy gate",
-        )
-    if metric == "cosine" and options.get("min_cosine") is not None:
-        ax.axhline(options["min_cosine"], color="tab:blue", ls="--", lw=1, label="cosine gate")
-    if options.get("max_latency_ratio") is not None:
-        ratios.axhline(
-            options["max_latency_ratio"], color="tab:red", ls="-.", lw=1, label="latency gate"
-        )
-
-
-def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Plot accuracy (or cosine) and latency and MACs ratios against the swept value; save PNG.
-
-    Raises:
-        MissingDependency: matplotlib is not installed.
-        ModelSaveError: the file cannot be written.
-    """
-    require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    path = Path(path)
-    rows = [p["row"] for p in report["points"]]
-    x = [r["value"] for r in rows]
-    metric = rows[0]["metric"] if rows else "accuracy"
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(x, [r["score"] for r in rows], "o-", color="tab:blue", label=metric)
-    if rows and rows[0]["reference"] is not None:
-        ax.axhline(rows[0]["reference"], color="tab:blue", ls=":", lw=1, label=f"original {metric}")
-    ax.set_xlabel(report["sweep"]["key"])
-    ax.set_ylabel(metric, color="tab:blue")
-    ax.grid(alpha=0.3)
-    ratios = ax.twinx()
-    ratios.plot(
-        x, [r["latency_ratio"] for r in rows], "s--", color="tab:red", label="latency ratio"
-    )
-    ratios.plot(x, [r["macs_ratio"] for r in rows], "^:", color="tab:green", label="MACs ratio")
-    ratios.axhline(1.0, color="gray", lw=0.8)
-    ratios.set_ylabel("pruned / original")
-    _gate_lines(ax, ratios, report, metric)
-    if metric == "accuracy":
-        ax.set_ylim(0, 1.02)
-    failed = [r for r in rows if not r["gates_passed"]]
-    if failed:
-        ax.plot(
-            [r["value"] for r in failed],
-            [r["score"] for r in failed],
-            "x",
-            color="black",
-            ms=10,
-            label="gate failed",
-        )
-    handles = ax.get_legend_handles_labels()
-    extra = ratios.get_legend_handles_labels()
-    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best", fontsize="small")
-    name = Path(report["model"]).name if report.get("model") else "model"
-    ax.set_title(f"{name}: {metric} and cost against {report['sweep']['key']}")
-    try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise ModelSaveError(f"{path}: cannot write the plot: {exc.strerror or exc}") from exc
-    return path

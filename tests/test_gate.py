@@ -17,6 +17,7 @@ from onnx import numpy_helper
 import onnxprune
 from onnxprune import Pass, PassResult, register_pass
 from onnxprune.passes import validate as validate_module
+from onnxprune.validation import gates
 from onnxprune.validation.latency import LatencyComparison, LatencyStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,6 +243,33 @@ def test_python_api_reads_the_gates():
     _, report = onnxprune.run(model, ["validate:runs=0,min_cosine=0.99"], data=DATA, device="cpu")
     gates = report["passes"][-1]["gates"]
     assert [(g["name"], g["passed"]) for g in gates] == [("finite", True), ("min_cosine", True)]
+
+
+def test_gates_module_finds_validate_sections_by_its_own_constant():
+    assert gates.SECTION == validate_module.Validate.name == "validate"
+    report = {"passes": [{"pass": "fold"}, {"pass": gates.SECTION, "gates": []}]}
+    assert gates.validate_sections(report) == [report["passes"][1]]
+
+
+def test_gates_read_back_the_failed_ones_in_a_few_words():
+    failed = gates.gate("max_accuracy_drop", "y", 0.87474, 0.01, False)
+    assert failed == {
+        "name": "max_accuracy_drop",
+        "output": "y",
+        "value": 0.87474,
+        "limit": 0.01,
+        "passed": False,
+    }
+    ok = gates.gate("min_cosine", "y", 0.999, 0.99, np.True_)
+    assert ok["passed"] is True  # a plain bool, JSON-ready
+    nan = gates.gate("finite", "y", 3, 0, False)
+    report = {"passes": [{"pass": gates.SECTION, "gates": [ok, failed]}, {"pass": "x"}]}
+    assert gates.failed_gates(report) == [failed]
+    assert gates.describe_gate(ok) == "min_cosine 0.999 >= 0.99 (output 'y')"
+    assert gates.gate_message([failed, nan]) == (
+        "validation failed: max_accuracy_drop 0.8747 > 0.01 (output 'y'); "
+        "finite: 3 new NaN/Inf values (output 'y')"
+    )
 
 
 # --- the JSON report's schema is stable -------------------------------------------------------------

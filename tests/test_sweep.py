@@ -21,8 +21,9 @@ from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.errors import PassOptionError
 from onnxprune.graph import lift_constants
+from onnxprune.plot import write_plot
 from onnxprune.pruning.zero import random_classes, zero_classes
-from onnxprune.sweep import apply_value, parse_values, run_sweep, write_plot
+from onnxprune.sweep import apply_value, parse_values, run_sweep
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 MODEL = DIGITS / "torch_cnn.onnx"

@@ -15,7 +15,7 @@ import onnx
 
 from onnxprune.cost import infer_shapes
 from onnxprune.data import fixed_batch, synthesize
-from onnxprune.errors import PassFailedError
+from onnxprune.errors import PassFailedError, first_line
 from onnxprune.runtime import CPU, run_model, session
 
 
@@ -54,7 +54,7 @@ def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = N
         try:
             values = run_model(sess, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-            error = f"onnxruntime could not run the model: {str(exc).strip().splitlines()[0]}"
+            error = f"onnxruntime could not run the model: {first_line(exc)}"
             continue
         shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
         return Probe(shapes, values, inputs=feeds)

@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from onnxprune.context import Context
 from onnxprune.data import Dataset, fixed_batch, input_specs
-from onnxprune.errors import DataError, PassFailedError
+from onnxprune.errors import DataError, PassFailedError, first_line
 from onnxprune.runtime import CPU, session
 
 log = logging.getLogger(__name__)
@@ -393,20 +393,15 @@ def _run_plan(
                 values = dict(zip(fetch, sess.run(fetch, feed), strict=True)) if fetch else {}
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
                 if index == 0 and plan.size > 1 and not plan.fixed:
-                    raise _RetryPerSample(_first_line(exc)) from exc
+                    raise _RetryPerSample(first_line(exc)) from exc
                 raise PassFailedError(
-                    f"onnxruntime could not run the model: {_first_line(exc)}"
+                    f"onnxruntime could not run the model: {first_line(exc)}"
                 ) from exc
             values.update({n: feed[n] for n in names if n in specs})
             del batch, feed
             yield values
             del values  # the caller has folded this batch in: drop it before the next run
             advance()
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message."""
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
 
 
 # --------------------------------------------------------------------------------------------

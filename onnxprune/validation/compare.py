@@ -26,17 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.errors import DataError, ValidationFailed
+from onnxprune.errors import DataError, OutputMismatch
 
 EPS = 1e-12
-
-
-class OutputMismatch(ValidationFailed):
-    """Raised when an output of the pruned model is missing or no longer has its shape."""
-
-
-class InputMismatch(ValidationFailed):
-    """Raised when the pruned model cannot take an input that the original model takes."""
 
 
 def _num(value: float | None) -> float | None:

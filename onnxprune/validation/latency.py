@@ -111,7 +111,8 @@ def interleaved(
 class LatencyComparison:
     """Latency of the original and the pruned model; truthy when the ratio is allowed.
 
-    ``ratio`` is pruned median / original median (below 1 = faster).
+    ``ratio`` is pruned median / original median (below 1 = faster); whether the pruned model
+    counts as slower is :func:`onnxprune.validation.slow.is_slower`.
     """
 
     original: LatencyStats
@@ -124,11 +125,6 @@ class LatencyComparison:
         return (
             self.pruned.median_ms / self.original.median_ms if self.original.median_ms else math.inf
         )
-
-    @property
-    def slower(self) -> bool:
-        """Whether the pruned model's median is above the original's."""
-        return self.pruned.median_ms > self.original.median_ms
 
     @property
     def within_noise(self) -> bool:
