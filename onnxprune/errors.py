@@ -50,6 +50,16 @@ class PassFailedError(OnnxPruneError):
     """Raised when a pass fails on a model; the message names the pass and the node."""
 
 
+class RunFailed(PassFailedError):
+    """Raised when onnxruntime cannot run a batch; ``index`` is the failing session's place
+    among those run side by side (:func:`onnxprune.runner.run_batches`)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"onnxruntime could not run the model: {reason}")
+        self.index = index
+        self.reason = reason
+
+
 class ValidationFailed(OnnxPruneError):
     """Raised when a validation gate (accuracy drop, cosine, latency ratio) is not met."""
 

@@ -13,16 +13,18 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.cost import summarize
-from onnxprune.data import Dataset, feeds_for, fixed_batch, input_specs
+from onnxprune.data import Dataset, fixed_batch, input_specs
 from onnxprune.errors import (
     DataError,
     InternalError,
     PassFailedError,
     PassOptionError,
+    RunFailed,
     UnsupportedModelError,
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
+from onnxprune.runner import plan, run_batches, runnable
 from onnxprune.runtime import CPU, channel_multiple, session
 from onnxprune.validation.compare import (
     ClassificationComparison,
@@ -180,10 +182,9 @@ class Validate(Pass):
         original: onnx.ModelProto,
         model: onnx.ModelProto,
     ) -> dict[str, Any]:
-        feed = dict(feed)
         cmp = compare_latency(
-            lambda: ref_sess.run(None, feed),
-            lambda: new_sess.run(None, feed),
+            runnable(ref_sess, feed),
+            runnable(new_sess, feed),
             self.runs,
             self.warmup,
             max_ratio=self.max_latency_ratio,
@@ -248,10 +249,6 @@ def _head(data: Dataset, samples: int) -> Dataset:
 
 def _gate(name: str, output: str | None, value: Any, limit: float, passed: bool) -> dict[str, Any]:
     return {"name": name, "output": output, "value": value, "limit": limit, "passed": bool(passed)}
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
 
 
 def _pruned_session(
@@ -320,33 +317,31 @@ def run_pair(
             f"validate: the pruned model has no output {missing[0]!r} "
             f"(its outputs: {', '.join(have)})"
         )
-    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    new_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    count = 0
-    for feed in feeds_for(model, data, limit):
-        feed = dict(feed)
-        try:
-            ref_out = ref_sess.run(names, feed)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-            raise DataError(
-                f"validate: the original model cannot run on {data.source}: {_first_line(exc)}"
-            ) from exc
-        try:
-            new_out = new_sess.run(names, feed)
-        except Exception as exc:  # noqa: BLE001
-            raise InputMismatch(
-                f"validate: the pruned model cannot take input(s) "
-                f"{', '.join(map(repr, feed))}: {_first_line(exc)}"
-            ) from exc
-        for n, r, p in zip(names, ref_out, new_out, strict=True):
-            ref_parts[n].append(np.asarray(r))
-            new_parts[n].append(np.asarray(p))
-        count += len(next(iter(feed.values()))) if feed else 1
-    if not count:
+    if not plan(model, len(data), limit=limit).count:
         raise DataError(
             f"validate: {data.source} has no complete batch of "
             f"{fixed_batch(model)} samples for the model"
         )
+    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    new_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    count = 0
+    try:
+        for feed, (ref_out, new_out) in run_batches(
+            [ref_sess, new_sess], model, data, fetch=names, limit=limit
+        ):
+            for n in names:
+                ref_parts[n].append(np.asarray(ref_out[n]))
+                new_parts[n].append(np.asarray(new_out[n]))
+            count += len(next(iter(feed.values()))) if feed else 1
+    except RunFailed as exc:
+        if exc.index == 0:
+            raise DataError(
+                f"validate: the original model cannot run on {data.source}: {exc.reason}"
+            ) from exc
+        raise InputMismatch(
+            f"validate: the pruned model cannot take input(s) "
+            f"{', '.join(map(repr, input_specs(model)))}: {exc.reason}"
+        ) from exc
     return _join(ref_parts), _join(new_parts), count
 
 
