@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from onnxprune.data import Dataset, load_npz, synthesize
+from onnxprune.data import Dataset, load_data
 from onnxprune.errors import InternalError
 from onnxprune.runtime import CPU
 
@@ -35,14 +35,18 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)
     _data: Dataset | None = None
 
-    def data(self, model: onnx.ModelProto | None = None, synth_samples: int = 32) -> Dataset:
-        """The data set (loaded once), or inputs synthesised from ``model``'s declared shapes."""
+    def data(self, model: onnx.ModelProto | None = None) -> Dataset:
+        """The run's data set, one for every pass: read by :func:`onnxprune.data.load_data` on
+        first use, against ``model`` (``original`` when None; passes keep its inputs).
+
+        Its ``synthetic`` flag says whether the data is real (``data_path``) or synthesised.
+
+        Raises:
+            DataError: as :func:`onnxprune.data.load_data`.
+        """
         if self._data is None:
             target = model if model is not None else self.original
             if target is None:
                 raise InternalError("Context.data() needs a model when ctx.original is None")
-            if self.data_path is not None:
-                self._data = load_npz(self.data_path, target)
-            else:
-                self._data = synthesize(target, synth_samples, self.seed)
+            self._data = load_data(self.data_path, target, seed=self.seed)
         return self._data

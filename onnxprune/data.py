@@ -1,15 +1,17 @@
 """Input data for onnxruntime runs: ``--data FILE.npz`` or inputs synthesised from the model.
 
 An .npz holds one array per model input (keyed by the input's name, samples along axis 0) and
-optionally ``labels``. Without one, inputs are synthesised from the declared shapes and dtypes:
-symbolic dimensions become 1 on axis 0 (the batch) and :data:`SYNTH_DIM` elsewhere.
+optionally ``labels``. Without one, :data:`SYNTH_SAMPLES` inputs are synthesised from the
+declared shapes and dtypes: axis 0 holds the samples, and other symbolic dimensions become
+:data:`SYNTH_DIM`. :attr:`Dataset.synthetic` is the one answer to "is this real
+data?". How data is cut into batches for a model is :mod:`onnxprune.runner`'s job.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from onnxprune.errors import DataError
 from onnxprune.graph import graph_input_names
 
 SYNTH_DIM = 16
+SYNTH_SAMPLES = 32
 LABELS = "labels"
 
 
@@ -39,6 +42,30 @@ class Dataset:
         """Yield feeds of at most ``size`` samples each, in order."""
         for start in range(0, len(self), size):
             yield {k: v[start : start + size] for k, v in self.inputs.items()}
+
+    def head(self, samples: int) -> Dataset:
+        """The first ``samples`` samples (labels too), from the same source."""
+        labels = self.labels[:samples] if self.labels is not None else None
+        inputs = {k: v[:samples] for k, v in self.inputs.items()}
+        return Dataset(inputs, labels, self.source, self.synthetic)
+
+
+def load_data(
+    path: str | os.PathLike[str] | None,
+    model: onnx.ModelProto,
+    *,
+    samples: int = SYNTH_SAMPLES,
+    seed: int = 0,
+) -> Dataset:
+    """The .npz at ``path`` checked against ``model`` (:func:`load_npz`), or, when ``path`` is
+    None, ``samples`` inputs synthesised from ``model`` with ``seed`` (:func:`synthesize`).
+
+    Raises:
+        DataError: as :func:`load_npz`, or an input dtype that cannot be synthesised.
+    """
+    if path is not None:
+        return load_npz(path, model)
+    return synthesize(model, samples, seed)
 
 
 def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str | None], np.dtype]]:
@@ -124,20 +151,3 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
         (size,) = sizes
         return size if isinstance(size, int) and size > 0 else None
     return None
-
-
-def feeds_for(
-    model: onnx.ModelProto, data: Dataset, limit: int | None = None
-) -> Iterator[Mapping[str, np.ndarray]]:
-    """Batches of ``data`` sized for the model: per sample when its batch is fixed to 1."""
-    fixed = fixed_batch(model)
-    batch = fixed or 64
-    count = 0
-    for feed in data.batches(batch):
-        if limit is not None and count >= limit:
-            return
-        n = len(next(iter(feed.values()))) if feed else 0
-        if fixed and n != batch:
-            return  # a fixed-batch model cannot take the ragged tail
-        count += n
-        yield feed

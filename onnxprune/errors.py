@@ -55,6 +55,16 @@ class MissingDependency(OnnxPruneError):
     """Raised when an optional feature needs a package that is not installed."""
 
 
+class RunFailed(PassFailedError):
+    """Raised when onnxruntime cannot run a batch; ``index`` is the failing session's place
+    among those run side by side (:func:`onnxprune.runner.run_batches`)."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"onnxruntime could not run the model: {reason}")
+        self.index = index
+        self.reason = reason
+
+
 class ValidationFailed(OnnxPruneError):
     """Raised when a validation gate (accuracy drop, cosine, latency ratio) is not met."""
 

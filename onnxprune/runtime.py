@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -37,11 +37,9 @@ def cuda_works() -> bool:
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
     probe = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
     probe.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=[CUDA, CPU])
-    except Exception:  # noqa: BLE001 - any failure means "no usable CUDA"
+        sess = session(probe, [CUDA, CPU], log_level=4)
+    except PassFailedError:  # any failure means "no usable CUDA"
         return False
     return sess.get_providers()[0] == CUDA
 
@@ -95,8 +93,10 @@ def session(
     threads: int = 0,
     optimize: bool = True,
     share_weights: bool | None = None,
+    log_level: int = 3,
 ) -> ort.InferenceSession:
-    """An InferenceSession on ``model`` (a ModelProto or serialised bytes).
+    """An InferenceSession on ``model`` (a ModelProto or serialised bytes): the one place
+    onnxprune creates them.
 
     Args:
         model: the model.
@@ -107,12 +107,13 @@ def session(
             file that it maps into memory, instead of serialising them (saves two copies of
             the weights); ``None`` decides by size. Weight prepacking is then off: meant for
             analysis runs, not timing.
+        log_level: onnxruntime's log severity (3: errors only, 4: fatal only).
 
     Raises:
         PassFailedError: onnxruntime refuses the model (the message is its first line).
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_level
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:
@@ -185,14 +186,3 @@ def _write_light_model(model: onnx.ModelProto, folder: str) -> str:
     with open(path, "wb") as f:
         f.write(light.SerializeToString())
     return path
-
-
-def run_model(
-    model: onnx.ModelProto | ort.InferenceSession,
-    feeds: Mapping[str, np.ndarray],
-    providers: Sequence[str] = (CPU,),
-) -> dict[str, np.ndarray]:
-    """Run ``model`` once on ``feeds``; returns outputs by name."""
-    sess = model if isinstance(model, ort.InferenceSession) else session(model, providers)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))

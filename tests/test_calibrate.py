@@ -32,9 +32,9 @@ from onnxprune.pruning.calibrate import (
     activation_stats,
     collect,
     collect_rows,
-    expose,
     fingerprint,
 )
+from onnxprune.runner import expose
 from onnxprune.runtime import session
 
 ROOT = Path(__file__).resolve().parents[1]

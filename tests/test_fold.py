@@ -20,7 +20,7 @@ from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.graph import lift_constants
 from onnxprune.pruning.zero import random_classes, zero_classes
-from onnxprune.runtime import run_model
+from onnxprune.runner import run_model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FIXTURES = sorted(p for p in MODELS.glob("*/*.onnx"))

@@ -16,7 +16,8 @@ import pytest
 import onnxprune
 from onnxprune import model as model_module
 from onnxprune import runtime
-from onnxprune.runtime import run_model, session
+from onnxprune.runner import run_model
+from onnxprune.runtime import session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CASES = ["torch/cnn_legacy_bn", "tf/cnn", "mxnet/mlp", "torch/encoder_legacy", "paddle/cnn"]

@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
-from onnxprune.runtime import run_model
+from onnxprune.runner import run_model
 
 VOTE = "vote:criteria=l1,sparsity=0.5,round_to=1"
 

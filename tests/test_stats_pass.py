@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune.errors import PassOptionError
-from onnxprune.runtime import run_model
+from onnxprune.runner import run_model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"

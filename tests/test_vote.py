@@ -27,7 +27,7 @@ from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError, PassOptionError
 from onnxprune.pruning.criteria import CRITERIA, Criterion
 from onnxprune.pruning.workspace import allowed_count, round_count
-from onnxprune.runtime import run_model
+from onnxprune.runner import run_model
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"

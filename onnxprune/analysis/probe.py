@@ -1,9 +1,10 @@
 """One onnxruntime run with every intermediate tensor exposed: concrete shapes and values.
 
 Channel analysis needs concrete shapes (to follow Reshape/Flatten) and fold needs the value of
-each constant channel where it is used. Both come from one run on a small synthetic batch;
-when onnxruntime cannot run the model, shapes fall back to onnx shape inference and no values
-are known (fold then removes only channels it can prove exactly zero).
+each constant channel where it is used. Both come from one run on a small batch (synthetic
+unless real data is given); when onnxruntime cannot run the model, shapes fall back to onnx
+shape inference and no values are known (fold then removes only channels it can prove exactly
+zero). The tensors are exposed on the model itself, without a copy (:mod:`onnxprune.runner`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import numpy as np
 import onnx
 
 from onnxprune.cost import infer_shapes
-from onnxprune.data import fixed_batch, synthesize
-from onnxprune.errors import PassFailedError, first_line
-from onnxprune.runtime import CPU, run_model, session
+from onnxprune.data import Dataset, fixed_batch, synthesize
+from onnxprune.errors import DataError, PassFailedError, first_line
+from onnxprune.runner import batches, exposed_session, run_model
+from onnxprune.runtime import CPU
 
 
 @dataclass
@@ -29,36 +31,54 @@ class Probe:
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = None) -> Probe:
-    """Run ``model`` on two synthetic samples (one when its batch is fixed) exposing every tensor."""
+def probe(
+    model: onnx.ModelProto,
+    seed: int = 0,
+    providers: list[str] | None = None,
+    *,
+    data: Dataset | None = None,
+) -> Probe:
+    """Run ``model`` on two samples (one when its batch is fixed) exposing every tensor.
+
+    The samples are synthesised with ``seed``, or the first ones of ``data`` when given.
+    """
     shapes = {k: tuple(v) for k, v in infer_shapes(model).items()}
-    graph_outputs = len(model.graph.output)
-    known = {o.name for o in model.graph.output}
-    # expose every tensor on the model itself for the time of one serialisation (no copy)
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in known:
-                model.graph.output.append(onnx.ValueInfoProto(name=out))
-                known.add(out)
+    tensors = [out for node in model.graph.node for out in node.output if out]
     try:
-        sess = session(model, providers or [CPU], optimize=False)
+        sess = exposed_session(model, tensors, providers or [CPU], optimize=False)
     except PassFailedError as exc:
         return Probe(shapes, {}, str(exc))
-    finally:
-        del model.graph.output[graph_outputs:]
     error = ""
     # two samples show a constant channel is constant across samples; some exports bake in
     # batch 1 even where the input says otherwise, so try 1 as well
     for samples in dict.fromkeys([fixed_batch(model) or 2, 1]):
-        feeds = synthesize(model, samples, seed).inputs
         try:
+            feeds = _inputs(model, samples, seed, data)
             values = run_model(sess, feeds)
+        except DataError as exc:
+            error = str(exc)
+            continue
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             error = f"onnxruntime could not run the model: {first_line(exc)}"
             continue
         shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
         return Probe(shapes, values, inputs=feeds)
     return Probe(shapes, {}, error)
+
+
+def _inputs(
+    model: onnx.ModelProto, samples: int, seed: int, data: Dataset | None
+) -> dict[str, np.ndarray]:
+    """``samples`` inputs for ``model``: synthesised, or the first ones of ``data``.
+
+    Raises:
+        DataError: ``data`` has fewer samples, or lacks an input.
+    """
+    if data is None:
+        return synthesize(model, samples, seed).inputs
+    if len(data) < samples:
+        raise DataError(f"{data.source}: {len(data)} sample(s), the probe needs {samples}")
+    return next(batches(model, data, batch_size=samples, limit=samples))
 
 
 def shrink_shapes(

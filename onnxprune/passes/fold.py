@@ -26,7 +26,7 @@ from onnxprune.graph import (
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
-from onnxprune.runtime import run_model
+from onnxprune.runner import run_model
 
 if TYPE_CHECKING:
     from onnxprune.context import Context

@@ -9,13 +9,11 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.labels import VAR, Sink
-from onnxprune.data import feeds_for
 from onnxprune.graph import add_output_bias, bias_add_after, get_init, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
-from onnxprune.pruning.calibrate import expose
 from onnxprune.pruning.workspace import Workspace
-from onnxprune.runtime import session
+from onnxprune.runner import exposed_session, run_batches
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -90,8 +88,8 @@ class Refit(Pass):
             return PassResult(model, False, {"refitted": 0, "skipped": skipped})
         # in graph order, each layer fitted on the inputs the layers refitted before it give
         report_units = []
-        original = session(
-            expose(ws.ctx.original, sorted({u.output for u in units})), ws.ctx.providers
+        original = exposed_session(
+            ws.ctx.original, sorted({u.output for u in units}), ws.ctx.providers
         )
         for unit in units:
             self._stream(ws, [unit], original)
@@ -136,16 +134,11 @@ class Refit(Pass):
     def _stream(self, ws: Workspace, units: list[_Unit], old: Any) -> None:
         """One pass over the data, both models side by side, into each unit's equations."""
         wanted = sorted({u.sink.tensor for u in units} | {u.output for u in units})
-        new = session(expose(ws.model, wanted), ws.ctx.providers)
-        names_new = [o.name for o in new.get_outputs()]
-        names_old = [o.name for o in old.get_outputs()]
+        new = exposed_session(ws.model, wanted, ws.ctx.providers)
         data = ws.ctx.data(ws.model)
         rng = np.random.default_rng(ws.ctx.seed)
-        for i, feeds in enumerate(feeds_for(ws.model, data)):
-            if i >= self.max_batches:
-                break
-            got = dict(zip(names_new, new.run(names_new, dict(feeds)), strict=True))
-            ref = dict(zip(names_old, old.run(names_old, dict(feeds)), strict=True))
+        pairs = run_batches([new, old], ws.model, data, max_batches=self.max_batches)
+        for _, (got, ref) in pairs:
             for u in units:
                 x = got[u.sink.tensor]
                 x = _patches(x, u.conv) if u.conv else _rows(x, u.sink.labels.axis)

@@ -55,7 +55,7 @@ class Stats(Pass):
         """Measure, threshold, zero and compensate."""
         ws = Workspace.open(model, ctx, self.protect)
         crit = get_criterion(self.metric)
-        has_data = ctx.data_path is not None
+        has_data = not ctx.data(model).synthetic
         compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)
         stats = ws.stats() if (crit.needs_data or compensate) else {}
         chosen: set[int] = set()

@@ -19,6 +19,7 @@ from onnxprune.errors import (
 )
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
+from onnxprune.runner import runnable
 from onnxprune.runtime import session
 from onnxprune.validation.compare import (
     ClassificationComparison,
@@ -32,7 +33,6 @@ from onnxprune.validation.latency import compare_latency
 from onnxprune.validation.pair import (
     check_inputs,
     cost_section,
-    head,
     latency_feed,
     run_pair,
     symbolic_dims,
@@ -106,7 +106,7 @@ class Validate(Pass):
         original = require_original(ctx, self.name)
         data = ctx.data(original)
         if self.samples:
-            data = head(data, self.samples)
+            data = data.head(self.samples)
         check_inputs(original, model)
         ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=False)
         new_sess = _pruned_session(model, ctx.providers, self.threads)
@@ -183,10 +183,9 @@ class Validate(Pass):
         original: onnx.ModelProto,
         model: onnx.ModelProto,
     ) -> dict[str, Any]:
-        feed = dict(feed)
         cmp = compare_latency(
-            lambda: ref_sess.run(None, feed),
-            lambda: new_sess.run(None, feed),
+            runnable(ref_sess, feed),
+            runnable(new_sess, feed),
             self.runs,
             self.warmup,
             max_ratio=self.max_latency_ratio,

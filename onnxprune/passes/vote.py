@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
-from onnxprune.data import feeds_for
 from onnxprune.errors import PassOptionError
 from onnxprune.graph import get_init, prepare_for_pruning
 from onnxprune.model import load, model_nbytes
@@ -25,7 +24,8 @@ from onnxprune.pruning.workspace import (
     zero_and_compensate,
 )
 from onnxprune.pruning.zero import keep_one_per_tensor
-from onnxprune.runtime import channel_multiple, session
+from onnxprune.runner import outputs, plan
+from onnxprune.runtime import channel_multiple
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
@@ -33,14 +33,6 @@ if TYPE_CHECKING:
 
 SELECT_LIMIT = 512 << 20  # select=auto compares whole-model copies only below this size
 SELECT_SAMPLES = 512  # calibration samples used to compare choices
-
-
-def _outputs(model: onnx.ModelProto, feeds: list, providers: list[str]) -> list[np.ndarray]:
-    """The model's outputs on ``feeds``, concatenated per output along the samples."""
-    sess = session(model, providers)
-    names = [o.name for o in sess.get_outputs()]
-    runs = [sess.run(names, dict(f)) for f in feeds]
-    return [np.concatenate([r[i] for r in runs]) for i in range(len(names))]
 
 
 def _score(
@@ -141,7 +133,8 @@ class Vote(Pass):
         ws = Workspace.open(model, ctx, self.protect)
         multiple = self.round_to or channel_multiple(ctx.providers)
         criteria = [get_criterion(c) for c in self.criteria]
-        has_data = ctx.data_path is not None
+        data = ctx.data(model)
+        has_data = not data.synthetic
         compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)
         need_stats = any(c.needs_data for c in criteria) or compensate
         stats = ws.stats() if need_stats else {}
@@ -187,7 +180,7 @@ class Vote(Pass):
             "groups": [d.section for d in decisions],
             "compensated": compensate,
             "round_to": multiple,
-            "data": "synthetic" if not has_data else str(ctx.data_path),
+            "data": data.source,
             **selection,
             **applied,
         }
@@ -281,19 +274,16 @@ class Vote(Pass):
         candidates = {"vote": vote}
         for name in names:  # a group without this voter keeps the vote's own pick
             candidates[name] = set().union(*(d.choices.get(name, d.picked) for d in decisions))
-        data = ws.ctx.data(ws.model)
-        feeds = list(feeds_for(ws.model, data, limit=SELECT_SAMPLES))
-        reference = _outputs(ws.model, feeds, ws.ctx.providers)
-        labels = (
-            data.labels[: sum(len(next(iter(f.values()))) for f in feeds)]
-            if data.labels is not None
-            else None
-        )
+        data = ws.ctx.data(ws.model).head(SELECT_SAMPLES)
+        reference = list(outputs(ws.model, data, ws.ctx.providers).values())
+        covered = plan(ws.model, len(data)).samples
+        labels = data.labels[:covered] if data.labels is not None else None
         scores = {}
         for name, classes in candidates.items():
             trial = copy.deepcopy(ws.model)
             zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
-            scores[name] = _score(reference, _outputs(trial, feeds, ws.ctx.providers), labels)
+            got = list(outputs(trial, data, ws.ctx.providers).values())
+            scores[name] = _score(reference, got, labels)
         best = min(scores, key=lambda n: (scores[n][0], scores[n][1], n != "vote"))
         report = {
             "selected": best,

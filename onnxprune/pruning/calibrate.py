@@ -1,8 +1,8 @@
 """Calibration: per-channel activation statistics and activation samples, computed by onnxruntime.
 
 Data-driven criteria (Wanda-style ``|W| * ||X||``, APoZ, variance, least-squares refit) need
-activations of intermediate tensors. :func:`collect` runs a copy of the model with the wanted
-tensors exposed as extra graph outputs, over the data in batches, and folds each batch into
+activations of intermediate tensors. :func:`collect` streams the wanted tensors over the data
+(:func:`onnxprune.runner.stream`: exposure, batches, per-sample retry) and folds each batch into
 per-channel accumulators (:class:`ChannelStats`) before the next batch runs: memory does not grow
 with the number of samples. :func:`collect_rows` keeps a uniform random subset of activation
 vectors instead (bounded by ``max_rows``), for refitting the next layer. :func:`activation_stats`
@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxprune.context import Context
-from onnxprune.data import Dataset, fixed_batch, input_specs
-from onnxprune.errors import DataError, PassFailedError, first_line
-from onnxprune.runtime import CPU, session
+from onnxprune.data import Dataset
+from onnxprune.runner import stream
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 64
 SYNTHETIC_WARNING = (
     "no --data: activation statistics come from synthetic inputs; data-driven criteria are weak"
 )
@@ -244,167 +238,6 @@ def _block_stats(block: np.ndarray) -> ChannelStats:
 
 
 # --------------------------------------------------------------------------------------------
-# running the model with tensors exposed
-
-
-def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``names`` (``model`` is left unchanged).
-
-    Graph inputs are not exposed (their values are the feeds). Intermediate tensors get a
-    ValueInfoProto with just the name; onnxruntime infers type and shape.
-
-    Raises:
-        ValueError: a name is not a graph input or a tensor produced in the main graph.
-    """
-    _check_tensor_names(model, names)
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    known = {o.name for o in exposed.graph.output} | _input_names(model)
-    for name in dict.fromkeys(names):
-        if name not in known:
-            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
-            known.add(name)
-    return exposed
-
-
-def _input_names(model: onnx.ModelProto) -> set[str]:
-    """Names of the model's real inputs (initializers listed as inputs excluded)."""
-    return set(input_specs(model))
-
-
-def _check_tensor_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
-    """Raise ValueError for names that are neither real inputs nor main-graph node outputs."""
-    produced = {out for node in model.graph.node for out in node.output if out}
-    inits = {t.name for t in model.graph.initializer}
-    known = produced | _input_names(model)
-    for name in names:
-        if name in known:
-            continue
-        if name in inits:
-            raise ValueError(f"{name!r} is an initializer, not an activation")
-        raise ValueError(f"{name!r} is not an input or a tensor of the model's main graph")
-
-
-def _feed_for(model_inputs: Mapping[str, np.dtype], batch: Mapping[str, np.ndarray]) -> dict:
-    """The batch restricted to the model's inputs, cast to their declared dtypes."""
-    missing = sorted(set(model_inputs) - set(batch))
-    if missing:
-        raise DataError(f"the data has no array for model input(s) {missing}")
-    return {name: np.asarray(batch[name], dtype) for name, dtype in model_inputs.items()}
-
-
-@dataclass
-class _Plan:
-    """How the data is cut into batches for one model."""
-
-    size: int
-    fixed: bool
-    batches: int
-
-    @classmethod
-    def make(
-        cls, model: onnx.ModelProto, samples: int, batch_size: int | None, max_batches: int | None
-    ) -> _Plan:
-        """Batches of the model's fixed batch size (ragged tail dropped), else ``batch_size``."""
-        fixed = fixed_batch(model)
-        size = fixed or batch_size or DEFAULT_BATCH
-        if size < 1:
-            raise ValueError(f"batch size must be positive, got {size}")
-        batches = samples // size if fixed else math.ceil(samples / size)
-        if max_batches is not None:
-            batches = min(batches, max_batches)
-        return cls(size, bool(fixed), batches)
-
-
-def _progress(enabled: bool, total: int, what: str) -> tuple[AbstractContextManager, Callable]:
-    """A rich progress bar on stderr when asked for and stderr is a terminal; else a no-op."""
-    if not (enabled and sys.stderr.isatty()):
-        return nullcontext(), lambda: None
-    from rich.console import Console
-    from rich.progress import Progress
-
-    bar = Progress(console=Console(stderr=True), transient=True)
-    task = bar.add_task(what, total=total)
-    return bar, lambda: bar.advance(task)
-
-
-class _RetryPerSample(Exception):
-    """The first batch failed on a model with a dynamic batch: run one sample at a time."""
-
-
-def _stream(
-    model: onnx.ModelProto,
-    tensors: Mapping[str, int],
-    data: Dataset,
-    providers: Sequence[str] | None,
-    batch_size: int | None,
-    max_batches: int | None,
-    progress: bool,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yield, batch after batch, the values of ``tensors`` (nothing of past batches is kept).
-
-    A model declared with a fixed batch runs on batches of exactly that size (a ragged tail is
-    dropped, as :func:`onnxprune.data.feeds_for` does); otherwise on ``batch_size`` samples (64
-    by default). When the first batch fails on a model with a dynamic batch (some exports bake
-    in batch 1), the run restarts one sample at a time.
-
-    Raises:
-        DataError: no batch can be formed from ``data`` (empty, or shorter than a fixed batch).
-        PassFailedError: onnxruntime cannot create the session or run a batch.
-    """
-    names = list(dict.fromkeys(tensors))
-    sess = session(expose(model, names), providers or [CPU])
-    plan = _Plan.make(model, len(data), batch_size, max_batches)
-    try:
-        yield from _run_plan(sess, model, names, data, plan, progress)
-    except _RetryPerSample as exc:
-        log.warning(
-            "onnxruntime failed on a batch of %d samples (%s); running one sample at a time",
-            plan.size,
-            exc,
-        )
-        plan = _Plan.make(model, len(data), 1, max_batches)
-        yield from _run_plan(sess, model, names, data, plan, progress)
-
-
-def _run_plan(
-    sess: ort.InferenceSession,
-    model: onnx.ModelProto,
-    names: list[str],
-    data: Dataset,
-    plan: _Plan,
-    progress: bool,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of ``plan``: values of ``names`` (graph inputs come from the feeds)."""
-    if plan.batches == 0:
-        raise DataError(
-            f"{data.source}: {len(data)} sample(s) give no batch for the model (batch size "
-            f"{plan.size}{', fixed' if plan.fixed else ''})"
-        )
-    specs = {name: dtype for name, (_, dtype) in input_specs(model).items()}
-    fetch = [n for n in names if n not in specs]
-    bar, advance = _progress(progress, plan.batches, "calibrating")
-    with bar:
-        for index, batch in enumerate(data.batches(plan.size)):
-            if index >= plan.batches:
-                return
-            feed = _feed_for(specs, batch)
-            try:
-                values = dict(zip(fetch, sess.run(fetch, feed), strict=True)) if fetch else {}
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-                if index == 0 and plan.size > 1 and not plan.fixed:
-                    raise _RetryPerSample(first_line(exc)) from exc
-                raise PassFailedError(
-                    f"onnxruntime could not run the model: {first_line(exc)}"
-                ) from exc
-            values.update({n: feed[n] for n in names if n in specs})
-            del batch, feed
-            yield values
-            del values  # the caller has folded this batch in: drop it before the next run
-            advance()
-
-
-# --------------------------------------------------------------------------------------------
 # public entry points
 
 
@@ -420,12 +253,15 @@ def collect(
     """Per-channel statistics of ``tensors`` (name -> channel axis) over ``data``.
 
     Args:
-        model: the model; not modified (a copy gets the extra outputs).
+        model: the model; not modified (its tensors are exposed only while the session is
+            created, see :mod:`onnxprune.runner`).
         tensors: tensor name -> channel axis (negative counts from the end). Graph inputs and
             main-graph node outputs are accepted.
-        data: the inputs; a model declared with a fixed batch runs on batches of that size.
+        data: the inputs; batched by :func:`onnxprune.runner.plan` (a model declared with a
+            fixed batch runs on batches of that size).
         providers: onnxruntime providers, best first (CPU when None).
-        batch_size: samples per run for a model with a dynamic batch (default 64).
+        batch_size: samples per run for a model with a dynamic batch
+            (:data:`onnxprune.runner.DEFAULT_BATCH` when None).
         progress: show a progress bar on stderr when it is a terminal.
         max_batches: stop after this many batches.
 
@@ -438,7 +274,16 @@ def collect(
         PassFailedError: onnxruntime cannot run the model.
     """
     stats: dict[str, ChannelStats] = {}
-    for values in _stream(model, tensors, data, providers, batch_size, max_batches, progress):
+    batched = stream(
+        model,
+        list(tensors),
+        data,
+        providers,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        progress=progress,
+    )
+    for values in batched:
         for name, axis in tensors.items():
             value = values[name]
             if name not in stats:
@@ -507,28 +352,25 @@ def collect_rows(
     replacement is kept while streaming (memory stays ``O(max_rows * C)`` plus one batch).
 
     Args:
-        model: the model; not modified.
-        tensors: tensor name -> channel axis.
-        data: the inputs (batched as in :func:`collect`).
+        model, tensors, data, providers, batch_size, progress: as :func:`collect`.
         max_rows: most rows kept per tensor.
         seed: seed of the subsampling.
-        providers: onnxruntime providers, best first (CPU when None).
-        batch_size: samples per run for a model with a dynamic batch (default 64).
-        progress: show a progress bar on stderr when it is a terminal.
 
     Returns:
         name -> float64 matrix ``[rows, C]``, rows in stream order (sample, then position).
 
     Raises:
-        ValueError: an unknown tensor name, an out-of-range axis or ``max_rows < 1``.
-        DataError: the data gives no batch or lacks an input.
-        PassFailedError: onnxruntime cannot run the model.
+        ValueError: as :func:`collect`, or ``max_rows < 1``.
+        DataError, PassFailedError: as :func:`collect`.
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
     rngs = dict(zip(tensors, np.random.default_rng(seed).spawn(len(tensors)), strict=True))
     pools = {name: _Reservoir(max_rows, rngs[name]) for name in tensors}
-    for values in _stream(model, tensors, data, providers, batch_size, None, progress):
+    batched = stream(
+        model, list(tensors), data, providers, batch_size=batch_size, progress=progress
+    )
+    for values in batched:
         for name, axis in tensors.items():
             pools[name].add(_channels_last(values[name], axis))
         del values

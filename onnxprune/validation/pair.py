@@ -16,15 +16,9 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.cost import summarize
-from onnxprune.data import Dataset, feeds_for, fixed_batch, input_specs
-from onnxprune.errors import DataError, InputMismatch, OutputMismatch, first_line
-
-
-def head(data: Dataset, samples: int) -> Dataset:
-    """The first ``samples`` samples of ``data`` (labels too)."""
-    labels = data.labels[:samples] if data.labels is not None else None
-    inputs = {k: v[:samples] for k, v in data.inputs.items()}
-    return Dataset(inputs, labels, data.source, data.synthetic)
+from onnxprune.data import Dataset, fixed_batch, input_specs
+from onnxprune.errors import DataError, InputMismatch, OutputMismatch, RunFailed
+from onnxprune.runner import plan, run_batches
 
 
 def check_inputs(original: onnx.ModelProto, model: onnx.ModelProto) -> None:
@@ -84,33 +78,31 @@ def run_pair(
             f"validate: the pruned model has no output {missing[0]!r} "
             f"(its outputs: {', '.join(have)})"
         )
-    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    new_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    count = 0
-    for feed in feeds_for(model, data, limit):
-        feed = dict(feed)
-        try:
-            ref_out = ref_sess.run(names, feed)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
-            raise DataError(
-                f"validate: the original model cannot run on {data.source}: {first_line(exc)}"
-            ) from exc
-        try:
-            new_out = new_sess.run(names, feed)
-        except Exception as exc:  # noqa: BLE001
-            raise InputMismatch(
-                f"validate: the pruned model cannot take input(s) "
-                f"{', '.join(map(repr, feed))}: {first_line(exc)}"
-            ) from exc
-        for n, r, p in zip(names, ref_out, new_out, strict=True):
-            ref_parts[n].append(np.asarray(r))
-            new_parts[n].append(np.asarray(p))
-        count += len(next(iter(feed.values()))) if feed else 1
-    if not count:
+    if not plan(model, len(data), limit=limit).count:
         raise DataError(
             f"validate: {data.source} has no complete batch of "
             f"{fixed_batch(model)} samples for the model"
         )
+    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    new_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    count = 0
+    try:
+        for feed, (ref_out, new_out) in run_batches(
+            [ref_sess, new_sess], model, data, fetch=names, limit=limit
+        ):
+            for n in names:
+                ref_parts[n].append(np.asarray(ref_out[n]))
+                new_parts[n].append(np.asarray(new_out[n]))
+            count += len(next(iter(feed.values()))) if feed else 1
+    except RunFailed as exc:
+        if exc.index == 0:
+            raise DataError(
+                f"validate: the original model cannot run on {data.source}: {exc.reason}"
+            ) from exc
+        raise InputMismatch(
+            f"validate: the pruned model cannot take input(s) "
+            f"{', '.join(map(repr, input_specs(model)))}: {exc.reason}"
+        ) from exc
     return _join(ref_parts), _join(new_parts), count
 
 
