@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
+from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
 from onnxprune.data import feeds_for
 from onnxprune.errors import PassOptionError
 from onnxprune.graph import get_init, prepare_for_pruning
@@ -23,7 +24,6 @@ from onnxprune.pruning.workspace import (
     round_count,
     zero_and_compensate,
 )
-from onnxprune.pruning.zero import keep_one_per_tensor
 from onnxprune.runtime import channel_multiple, session
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class Vote(Pass):
         roots = ws.an.roots()
         for section in sections:  # counted after the last-channel guard
             g = ws.groups[section["group"]]
-            mine = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
+            mine = classes_of(roots, g.spaces)
             section["pruned"] = len(mine & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
         report: dict[str, Any] = {
