@@ -10,6 +10,7 @@ Public API::
 
 from __future__ import annotations
 
+from onnxprune.analysis.handlers import register_handler
 from onnxprune.analysis.inspect import channel_groups
 from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.context import Context
@@ -33,6 +34,7 @@ __all__ = [
     "get_pass",
     "load",
     "option",
+    "register_handler",
     "register_pass",
     "run",
     "save",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxprune.graph import iter_graphs, iter_initializers
+from onnxprune.graph import attr, iter_graphs, iter_initializers
 from onnxprune.model import FLOAT_TYPES, model_nbytes, skeleton, tensor_nbytes
 
 # producer_name written by each exporter -> the framework a user would name
@@ -161,13 +161,6 @@ def infer_shapes(
     return shapes
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Any]) -> int:
     """MACs of one Conv/ConvTranspose/Gemm/MatMul node from known shapes (0 otherwise)."""
 
@@ -188,8 +181,8 @@ def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Any]) -> int:
     elif op == "Gemm":
         a, b = shape(0), shape(1)
         if a and b and len(a) == 2 and len(b) == 2:
-            m, k = (a[1], a[0]) if _attr(node, "transA", 0) else (a[0], a[1])
-            n = b[0] if _attr(node, "transB", 0) else b[1]
+            m, k = (a[1], a[0]) if attr(node, "transA", 0) else (a[0], a[1])
+            n = b[0] if attr(node, "transB", 0) else b[1]
             return m * k * n
     elif op == "MatMul":
         a, b = shape(0), shape(1)

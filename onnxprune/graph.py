@@ -54,15 +54,20 @@ def private_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int) -> s
 
 
 def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
-    """Float attribute ``name`` of ``node``, or ``default``."""
-    return next((float(a.f) for a in node.attribute if a.name == name), default)
+    """Float attribute ``name`` of ``node``, or ``default`` (:func:`attr`, typed)."""
+    return float(attr(node, name, default))
+
+
+def remove_attr(node: onnx.NodeProto, name: str) -> None:
+    """Remove attribute ``name`` of ``node`` if present."""
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
 
 
 def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     """Set attribute ``name`` of ``node`` (replacing it if present)."""
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(kept)
+    remove_attr(node, name)
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
@@ -178,10 +183,10 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """Yield ``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            for g in attr.graphs:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(a.g)
+            for g in a.graphs:
                 yield from iter_graphs(g)
 
 
@@ -253,19 +258,19 @@ def lift_constants(graph: onnx.GraphProto) -> int:
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
     """The value of a Constant node as a TensorProto, whichever attribute holds it."""
-    attr = node.attribute[0] if len(node.attribute) == 1 else None
-    if attr is None:
+    value = node.attribute[0] if len(node.attribute) == 1 else None
+    if value is None:
         raise ValueError("Constant node without exactly one value attribute")
-    name = attr.name
+    name = value.name
     if name == "value":
-        return attr.t
+        return value.t
     if name in ("value_float", "value_int"):
-        v = attr.f if name == "value_float" else attr.i
+        v = value.f if name == "value_float" else value.i
         return numpy_helper.from_array(
             np.array(v, np.float32 if name == "value_float" else np.int64)
         )
     if name in ("value_floats", "value_ints"):
-        v = list(attr.floats) if name == "value_floats" else list(attr.ints)
+        v = list(value.floats) if name == "value_floats" else list(value.ints)
         return numpy_helper.from_array(
             np.array(v, np.float32 if name == "value_floats" else np.int64)
         )

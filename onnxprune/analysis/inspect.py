@@ -8,7 +8,8 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
-from onnxprune.analysis.labels import ChannelGroup
+from onnxprune.analysis.groups import classes_of
+from onnxprune.analysis.labels import ChannelGroup, ClassId
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.cost import node_macs
@@ -29,15 +30,14 @@ def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
     an = analyse(work, pr.shapes)
     groups = an.groups()
     macs = {node_name(n): node_macs(n, pr.shapes) for n in work.graph.node}
-    sink_nodes: dict[int, set[str]] = defaultdict(set)
+    sink_nodes: dict[ClassId, set[str]] = defaultdict(set)
     roots = an.roots()
     for sink in an.sinks:
         for cid in np.unique(sink.labels.ids[sink.labels.ids >= 0]).tolist():
-            sink_nodes[int(roots[cid])].add(node_name(sink.node))
+            sink_nodes[ClassId(int(roots[cid]))].add(node_name(sink.node))
     for g in groups:
         nodes = {s.node for s in g.spaces}
-        for s in g.spaces:
-            for r in np.unique(roots[s.start : s.start + s.size]).tolist():
-                nodes |= sink_nodes.get(int(r), set())
+        for r in classes_of(roots, g.spaces):
+            nodes |= sink_nodes.get(r, set())
         g.macs = int(sum(macs.get(n, 0) for n in nodes))
     return groups

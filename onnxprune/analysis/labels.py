@@ -1,26 +1,77 @@
-"""The channel vocabulary: labels and value states, members, sinks, rewrites, spaces, groups.
+"""The channel vocabulary: value states, labels, members, sinks, rewrites, spaces, groups.
 
 A *space* is the channels one producer output opens; each channel has a global *channel id*.
-Channel ids that must go together are united into a *channel class* (a union-find root). A
-*group* is the spaces connected by classes, as users see them. A *member* is an initializer
-sliced along one axis by channel ids; a *sink* is a weighted consumer where channels end; a
-*rewrite* is a shape constant or attribute that counts channels; a *pin* keeps a class whole.
+Channel ids that must go together are united into a *channel class* (a union-find root, typed
+:data:`ClassId`). A *group* is the spaces connected by classes, as users see them. A *member*
+is an initializer sliced along one axis by channel ids; a *sink* is a weighted consumer where
+channels end; a *rewrite* is a shape constant or attribute that counts channels; a *pin*
+keeps a class whole.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, ClassVar, Literal, NewType
 
 import numpy as np
 import onnx
 
-ZERO, CONST, VAR = 0, 1, 2
+ClassId = NewType("ClassId", int)
+"""A channel class: the union-find root of channel ids that are removed together."""
+
+Role = Literal["weight", "bias", "scale", "consumer", "param"]
+"""What a member slice is to its channel (see :meth:`Analysis.member`)."""
+
+RewriteKind = Literal["reshape", "split", "slice", "group"]
+
+
+class State(IntEnum):
+    """What the analysis knows of a channel's value at one position of a tensor.
+
+    ``ZERO``: provably 0 for every input. ``CONST``: one value for every input and position,
+    independent of the data (fold reads it from the probe run). ``VAR``: anything else.
+    Label arrays hold these as ``uint8``; the numeric order is the order of knowledge, so a
+    value that may be either of two states has their :meth:`join`, the larger.
+    """
+
+    ZERO = 0
+    CONST = 1
+    VAR = 2
+
+    @staticmethod
+    def join(*states: Any) -> np.ndarray:
+        """Per position, the least upper bound: VAR if any is VAR, else CONST if any is
+        CONST, else ZERO. Arguments broadcast (arrays, or a single ``State``)."""
+        out = np.asarray(states[0], dtype=np.uint8)
+        for s in states[1:]:
+            out = np.maximum(out, np.asarray(s, dtype=np.uint8))
+        return out
+
+    @staticmethod
+    def join_along(states: np.ndarray, axis: int) -> np.ndarray:
+        """:meth:`join` of the states along ``axis`` (positions that become one)."""
+        return np.asarray(states, dtype=np.uint8).max(axis=axis)
+
+    @staticmethod
+    def product(*states: Any) -> np.ndarray:
+        """State of a product of factors: ZERO where any factor is ZERO (zero absorbs),
+        else their :meth:`join`."""
+        joined = State.join(*states)
+        any_zero = np.zeros(joined.shape, bool)
+        for s in states:
+            any_zero |= np.asarray(s) == State.ZERO
+        return np.where(any_zero, State.ZERO, joined).astype(np.uint8)
+
+    @staticmethod
+    def of_constant(zero: Any) -> np.ndarray:
+        """State of a constant (a bias, a fill value): ZERO where ``zero`` holds, else CONST."""
+        return np.where(zero, State.ZERO, State.CONST).astype(np.uint8)
 
 
 @dataclass
 class Labels:
-    """Channel ids along one axis of a tensor (``-1`` = not a channel) and their value state."""
+    """Channel ids along one axis of a tensor (``-1`` = not a channel) and their :class:`State`."""
 
     axis: int
     ids: np.ndarray
@@ -38,8 +89,7 @@ class Member:
     init: str
     axis: int
     ids: np.ndarray
-    node: str
-    role: str = "param"  # weight | bias | scale | consumer | param (see Analysis.member)
+    role: Role = "param"
 
 
 @dataclass
@@ -55,24 +105,57 @@ class Sink:
 
 
 @dataclass
-class Rewrite:
-    """A shape constant or attribute that counts channels, to recompute after removal."""
+class GroupRewrite:
+    """The ``group`` attribute of a grouped Conv: it counts the kept ids of ``ids``."""
 
-    kind: str  # reshape | split | slice | group
+    kind: ClassVar[RewriteKind] = "group"
     node: onnx.NodeProto
-    ids: list[np.ndarray]
-    extra: dict[str, Any] = field(default_factory=dict)
+    ids: np.ndarray
+
+
+@dataclass
+class ReshapeRewrite:
+    """Entry ``axis`` of a Reshape/Expand shape constant (input 1): it counts ``ids``."""
+
+    kind: ClassVar[RewriteKind] = "reshape"
+    node: onnx.NodeProto
+    ids: np.ndarray
+    axis: int
+
+
+@dataclass
+class SplitRewrite:
+    """The split sizes of a Split along the channel axis: output ``i`` counts ``parts[i]``."""
+
+    kind: ClassVar[RewriteKind] = "split"
+    node: onnx.NodeProto
+    parts: list[np.ndarray]
+
+
+@dataclass
+class SliceRewrite:
+    """Entry ``k`` of a Slice's starts/ends: positions ``start:stop`` of ``ids`` are kept."""
+
+    kind: ClassVar[RewriteKind] = "slice"
+    node: onnx.NodeProto
+    ids: np.ndarray
+    k: int
+    start: int
+    stop: int
+
+
+Rewrite = GroupRewrite | ReshapeRewrite | SplitRewrite | SliceRewrite
+"""A shape constant or attribute that counts channels, to recompute after removal."""
 
 
 @dataclass
 class Space:
-    """Channels opened by one producer output."""
+    """Channels ``start .. start + size - 1`` opened by one producer output."""
 
     start: int
     size: int
     node: str
     op: str
-    tensor: str
 
 
 @dataclass
@@ -107,28 +190,34 @@ class ChannelGroup:
 
 
 class UnionFind:
-    """Union-find over channel ids, grown as spaces open."""
+    """Union-find over channel ids, grown as spaces open; a root is its class's smallest id."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
 
     def add(self, n: int) -> int:
+        """Add ``n`` ids, each its own class; returns the first."""
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
         return start
 
     def find(self, x: int) -> int:
+        """The root of ``x``; every id on the way is re-pointed at it (path compression)."""
         root = x
         while self.parent[root] != root:
             root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
+        while x != root:
+            up = self.parent[x]
+            self.parent[x] = root
+            x = up
         return root
 
     def union(self, a: int, b: int) -> None:
+        """Put ``a`` and ``b`` in one class (the smaller root stays root)."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
     def roots(self) -> np.ndarray:
+        """The root of every id, as an array indexed by id."""
         return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)

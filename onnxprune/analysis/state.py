@@ -16,7 +16,8 @@ The analysis walks the main graph in topological order, as a forward dataflow:
   pinned channels are never removed. The analysis never guesses.
 
 Alongside the labels it tracks, per position, whether the value is provably ZERO, a data-
-independent CONST, or VAR(iable). :mod:`onnxprune.passes.fold` uses that to remove channels.
+independent CONST, or VAR(iable) (:class:`~onnxprune.analysis.labels.State`).
+:mod:`onnxprune.passes.fold` uses that to remove channels.
 """
 
 from __future__ import annotations
@@ -27,7 +28,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.analysis.labels import ChannelGroup, Labels, Member, Rewrite, Sink, Space, UnionFind
+from onnxprune.analysis.groups import classes_of
+from onnxprune.analysis.labels import (
+    ChannelGroup,
+    ClassId,
+    Labels,
+    Member,
+    Rewrite,
+    Role,
+    Sink,
+    Space,
+    UnionFind,
+)
 from onnxprune.graph import node_name
 
 
@@ -35,12 +47,18 @@ class Analysis:
     """Channel analysis of one model's main graph (see the module docstring).
 
     Args:
-        model: the model; Constant nodes should already be lifted (``model.lift_constants``).
+        model: the model; Constant nodes should already be lifted (``graph.prepare_for_pruning``).
         shapes: concrete shape of every tensor (from a runtime run or shape inference).
+
+    Attributes:
+        labels: tensor name -> its channel labels.
+        members, sinks, rewrites, spaces: what the handlers registered (see ``labels``).
+        pins: channel id -> why it is pinned (the first reason given).
+        current: index of the node the walk is at; ``member`` records it.
+        sliced_inputs: (node index, input index) of every input registered as a member.
     """
 
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.model = model
         self.graph = model.graph
         self.shapes = shapes
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -51,9 +69,9 @@ class Analysis:
         self.sinks: list[Sink] = []
         self.rewrites: list[Rewrite] = []
         self.spaces: list[Space] = []
-        self.pins: dict[int, str] = {}
-        self._member_uses: set[tuple[int, int]] = set()
-        self._current = -1
+        self.pins: dict[int, str] = {}  # channel id -> reason
+        self.sliced_inputs: set[tuple[int, int]] = set()
+        self.current = -1
         self._readers: dict[str, list[onnx.NodeProto]] | None = None
 
     # -- small helpers -------------------------------------------------------------------------
@@ -70,6 +88,7 @@ class Analysis:
         self._arrays.clear()
 
     def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of an initializer or of a tensor the probe saw, or None when unknown."""
         if name in self.inits:
             return tuple(self.inits[name].dims)
         return self.shapes.get(name)
@@ -89,17 +108,19 @@ class Analysis:
             self.pins.setdefault(int(i), reason)
 
     def pin_inputs(self, node: onnx.NodeProto, reason: str) -> None:
+        """Pin every channel that reaches ``node`` through its inputs, naming the node."""
         for t in node.input:
             if t in self.labels:
                 self.pin(self.labels[t].ids, f"{node.op_type} {node_name(node)}: {reason}")
 
-    def open_space(self, node: onnx.NodeProto, tensor: str, size: int) -> np.ndarray:
+    def open_space(self, node: onnx.NodeProto, size: int) -> np.ndarray:
+        """Fresh channel ids for ``size`` channels that ``node`` produces (a new space)."""
         start = self.uf.add(size)
-        self.spaces.append(Space(start, size, node_name(node), node.op_type, tensor))
+        self.spaces.append(Space(start, size, node_name(node), node.op_type))
         return np.arange(start, start + size, dtype=np.int64)
 
     def member(
-        self, node: onnx.NodeProto, index: int, axis: int, ids: np.ndarray, role: str = "param"
+        self, node: onnx.NodeProto, index: int, axis: int, ids: np.ndarray, role: Role = "param"
     ) -> bool:
         """Register input ``index`` of ``node`` (an initializer) as sliced along ``axis``.
 
@@ -123,8 +144,8 @@ class Analysis:
                 f"entries on the channel axis, expected {len(ids)}",
             )
             return True
-        self.members.append(Member(name, axis, ids, node_name(node), role))
-        self._member_uses.add((self._current, index))
+        self.members.append(Member(name, axis, ids, role))
+        self.sliced_inputs.add((self.current, index))
         return True
 
     def union(self, a: np.ndarray, b: np.ndarray, why: str) -> None:
@@ -136,6 +157,7 @@ class Analysis:
                 self.pin(np.array([max(x, y)]), why)
 
     def set_out(self, tensor: str, labels: Labels | None) -> None:
+        """Give ``tensor`` its labels (none, or no positions, leaves it unlabelled)."""
         if labels is not None and len(labels.ids):
             self.labels[tensor] = labels
 
@@ -144,12 +166,12 @@ class Analysis:
         """Root id of every channel id (the channel class it belongs to)."""
         return self.uf.roots()
 
-    def pinned_roots(self) -> dict[int, str]:
-        """Root -> reason for every pinned channel class."""
+    def pinned_roots(self) -> dict[ClassId, str]:
+        """Class -> reason for every pinned channel class."""
         roots = self.roots()
-        out: dict[int, str] = {}
+        out: dict[ClassId, str] = {}
         for i, why in self.pins.items():
-            out.setdefault(int(roots[i]), why)
+            out.setdefault(ClassId(int(roots[i])), why)
         return out
 
     def groups(self) -> list[ChannelGroup]:
@@ -158,9 +180,9 @@ class Analysis:
         pinned = self.pinned_roots()
         comp = UnionFind()
         comp.add(len(self.spaces))
-        owner = {}
+        owner: dict[ClassId, int] = {}
         for k, s in enumerate(self.spaces):
-            for r in np.unique(roots[s.start : s.start + s.size]).tolist():
+            for r in classes_of(roots, [s]):
                 if r in owner:
                     comp.union(owner[r], k)
                 else:
@@ -171,7 +193,7 @@ class Analysis:
         groups = []
         for index, ks in enumerate(by_comp.values()):
             spaces = [self.spaces[k] for k in ks]
-            classes = {int(r) for s in spaces for r in roots[s.start : s.start + s.size]}
+            classes = classes_of(roots, spaces)
             reasons = sorted({pinned[r] for r in classes if r in pinned})
             members = sorted(
                 {

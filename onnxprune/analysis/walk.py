@@ -1,4 +1,9 @@
-"""The graph walk: run every node's rule in topological order, then pin what must stay whole."""
+"""The graph walk: run every node's rule in topological order, then pin what must stay whole.
+
+A node's rule is ``HANDLERS[handler_key(node.op_type, node.domain)]``: the op type alone for
+the default ONNX domain, ``"domain::OpType"`` for any other (see :func:`register_handler`).
+A node with no rule, or with a subgraph, pins every channel it reads.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from collections import defaultdict
 
 import onnx
 
-from onnxprune.analysis.handlers import HANDLERS
+from onnxprune.analysis.handlers import HANDLERS, handler_key, is_default_domain
 from onnxprune.analysis.labels import Member
 from onnxprune.analysis.state import Analysis
 from onnxprune.graph import iter_graphs, node_name
@@ -20,19 +25,19 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analy
     an = Analysis(model, shapes)
     sub_reads = outer_names_read_by_subgraphs(an.graph)
     for i, node in enumerate(an.graph.node):
-        an._current = i
+        an.current = i
         if any(
             a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
             for a in node.attribute
         ):
             an.pin_inputs(node, "has a subgraph (If/Loop/Scan): left whole")
             continue
-        if node.domain not in ("", "ai.onnx"):
-            an.pin_inputs(node, f"op of custom domain {node.domain!r}")
-            continue
-        handler = HANDLERS.get(node.op_type)
+        handler = HANDLERS.get(handler_key(node.op_type, node.domain))
         if handler is None:
-            an.pin_inputs(node, "op not understood by the channel analysis")
+            if is_default_domain(node.domain):
+                an.pin_inputs(node, "op not understood by the channel analysis")
+            else:
+                an.pin_inputs(node, f"op of custom domain {node.domain!r}")
             continue
         handler(an, node)
     for out in an.graph.output:
@@ -51,7 +56,7 @@ def _pin_shared_members(an: Analysis) -> None:
     graph_io = {i.name for i in an.graph.input} | {o.name for o in an.graph.output}
     for i, node in enumerate(an.graph.node):
         for j, name in enumerate(node.input):
-            if name in member_inits and (i, j) not in an._member_uses:
+            if name in member_inits and (i, j) not in an.sliced_inputs:
                 for m in an.members:
                     if m.init == name:
                         an.pin(m.ids, f"initializer {name!r} is also read by {node_name(node)}")

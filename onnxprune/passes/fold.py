@@ -10,16 +10,28 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.analysis.labels import VAR, ZERO, Member, Sink
+from onnxprune.analysis.groups import chosen_positions, classes_of, last_channel_classes
+from onnxprune.analysis.labels import (
+    ClassId,
+    GroupRewrite,
+    Member,
+    ReshapeRewrite,
+    Rewrite,
+    Sink,
+    SliceRewrite,
+    SplitRewrite,
+    State,
+)
 from onnxprune.analysis.probe import Probe, probe, shrink_shapes
 from onnxprune.analysis.state import Analysis
-from onnxprune.analysis.walk import analyse
+from onnxprune.analysis.walk import analyse, outer_names_read_by_subgraphs
 from onnxprune.cost import count_parameters
 from onnxprune.errors import InternalError
 from onnxprune.graph import (
     add_output_bias,
     get_init,
     prepare_for_pruning,
+    remove_attr,
     set_attr,
     set_init,
     unique_name,
@@ -34,22 +46,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class Plan:
-    """Which channel classes (union-find roots) go, and why the others stay."""
+    """Which channel classes go, and why the others stay.
+
+    Attributes:
+        roots: the class of every channel id (``Analysis.roots``).
+        removed: the classes that go.
+        blocked: class -> why it stays, for the report.
+        values: (sink index, position in the sink's labels) -> the constant value that a
+            removed channel had there, to move into that consumer's bias.
+    """
 
     roots: np.ndarray
-    removed: set[int] = field(default_factory=set)
-    blocked: dict[int, str] = field(default_factory=dict)
-    values: dict[tuple[int, int], float] = field(default_factory=dict)  # (sink, position) -> v
+    removed: set[ClassId] = field(default_factory=set)
+    blocked: dict[ClassId, str] = field(default_factory=dict)
+    values: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def keep(self, ids: np.ndarray) -> np.ndarray:
         """Mask of positions that stay (unlabelled positions always stay)."""
         if not self.removed:
             return np.ones(len(ids), bool)
-        gone = np.array(sorted(self.removed), dtype=np.int64)
-        mask = np.zeros(len(ids), bool)
-        labelled = ids >= 0
-        mask[labelled] = np.isin(self.roots[ids[labelled]], gone)
-        return ~mask
+        return ~chosen_positions(self.roots, ids, self.removed)
 
 
 @dataclass
@@ -143,11 +159,9 @@ class Fold(Pass):
         roots = an.roots()
         plan = Plan(roots)
         pinned = an.pinned_roots()
-        candidates: set[int] = {
-            int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]
-        }
-        bad: dict[int, str] = {}
-        constant: set[int] = set()
+        candidates = classes_of(roots, an.spaces)
+        bad: dict[ClassId, str] = {}
+        constant: set[ClassId] = set()
         for k, sink in enumerate(an.sinks):
             self._judge_sink(k, sink, roots, pr, plan, bad, constant)
         # a class that no weighted consumer reads but that is not pinned is dead: it may go too
@@ -161,7 +175,9 @@ class Fold(Pass):
                     plan.blocked[r] = bad[r]
                 continue
             plan.removed.add(r)
-        _keep_last_channels(an, plan)
+        for r in last_channel_classes(an, plan.removed):
+            plan.removed.discard(r)
+            plan.blocked[r] = "last channel of its tensor is kept"
         return plan
 
     def _judge_sink(
@@ -171,9 +187,11 @@ class Fold(Pass):
         roots: np.ndarray,
         pr: Probe,
         plan: Plan,
-        bad: dict[int, str],
-        constant: set[int],
+        bad: dict[ClassId, str],
+        constant: set[ClassId],
     ) -> None:
+        """Judge each class that sink ``k`` reads: VAR is ``bad``; a ZERO or CONST channel
+        whose probe value is one finite number gets that value in ``plan.values`` (rule 2)."""
         lab = sink.labels
         value = pr.values.get(sink.tensor)
         flat = None
@@ -182,13 +200,13 @@ class Fold(Pass):
         for j, (cid, st) in enumerate(zip(lab.ids.tolist(), lab.state.tolist(), strict=True)):
             if cid < 0:
                 continue
-            r = int(roots[cid])
-            if st == VAR:
+            r = ClassId(int(roots[cid]))
+            if st == State.VAR:
                 bad.setdefault(r, "variable")
                 continue
             constant.add(r)
             if flat is None:
-                if st != ZERO:
+                if st != State.ZERO:
                     bad[r] = "constant channel, but the model could not be run to get its value"
                 continue
             col = flat[j]
@@ -197,7 +215,7 @@ class Fold(Pass):
             if not np.isfinite(col).all() or spread > self.tolerance * (1.0 + abs(v)):
                 bad[r] = "analysis says constant but the probe run disagrees: kept to be safe"
                 continue
-            if st == ZERO and v != 0.0:
+            if st == State.ZERO and v != 0.0:
                 bad[r] = "analysis says zero but the probe run disagrees: kept to be safe"
                 continue
             if v != 0.0:
@@ -252,7 +270,7 @@ def _may_be_constant(an: Analysis) -> bool:
     pinned = an.pinned_roots()
     for sink in an.sinks:
         ids, state = sink.labels.ids, sink.labels.state
-        for cid in ids[(ids >= 0) & (state != VAR)].tolist():
+        for cid in ids[(ids >= 0) & (state != State.VAR)].tolist():
             if int(roots[cid]) not in pinned:
                 return True
     return False
@@ -261,16 +279,6 @@ def _may_be_constant(an: Analysis) -> bool:
 def _shape_changes(an: Analysis, plan: Plan) -> dict[str, tuple[int, int]]:
     """New size of the channel axis of every labelled tensor after ``plan``."""
     return {name: (lab.axis, int(plan.keep(lab.ids).sum())) for name, lab in an.labels.items()}
-
-
-def _keep_last_channels(an: Analysis, plan: Plan) -> None:
-    """Never empty a tensor or a member: keep its first channel class instead."""
-    arrays = [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]
-    for ids in arrays:
-        if len(ids) and not plan.keep(ids).any():
-            r = int(plan.roots[ids[0]])
-            plan.removed.discard(r)
-            plan.blocked[r] = "last channel of its tensor is kept"
 
 
 def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
@@ -330,59 +338,58 @@ def _add_to_bias(
     if change.previous and change.previous != change.init:
         for m in list(an.members):
             if m.init == change.previous:
-                an.members.append(Member(change.init, m.axis, m.ids, m.node, m.role))
+                an.members.append(Member(change.init, m.axis, m.ids, m.role))
     registered = any(m.init == change.init for m in an.members)
     if change.per_channel and not registered and out_lab is not None:
-        an.members.append(Member(change.init, change.axis, out_lab.ids, node.name, "bias"))
+        an.members.append(Member(change.init, change.axis, out_lab.ids, "bias"))
 
 
-def _rewrite(graph: onnx.GraphProto, rw: Any, plan: Plan, opset: int) -> None:
+def _rewrite(graph: onnx.GraphProto, rw: Rewrite, plan: Plan, opset: int) -> None:
+    """Recompute the shape constant or attribute ``rw`` for the channels ``plan`` keeps."""
     node = rw.node
-    counts = [int(plan.keep(ids).sum()) for ids in rw.ids]
-    if rw.kind == "group":
-        set_attr(node, "group", counts[0])
-    elif rw.kind == "reshape":
-        target = get_init(graph, node.input[1]).copy()
-        axis = rw.extra["axis"]
-        if target[axis] > 0:
-            target[axis] = counts[0]
-            name = unique_name(graph, f"{node.input[1]}_folded")
-            graph.initializer.append(numpy_helper.from_array(target, name))
-            node.input[1] = name
-    elif rw.kind == "split":
-        sizes = np.array(counts, dtype=np.int64)
-        if opset >= 13:
-            name = unique_name(graph, f"{node.name or node.output[0]}_split_sizes")
-            graph.initializer.append(numpy_helper.from_array(sizes, name))
-            while len(node.input) < 2:
-                node.input.append("")
-            node.input[1] = name
-            kept = [a for a in node.attribute if a.name != "num_outputs"]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-        else:
-            set_attr(node, "split", sizes.tolist())
-    elif rw.kind == "slice":
-        ids = rw.ids[0]
-        keep = plan.keep(ids)
-        k, start, stop = rw.extra["k"], rw.extra["start"], rw.extra["stop"]
-        new_start = int(keep[:start].sum())
-        new_stop = new_start + int(keep[start:stop].sum())
-        for index, value in ((1, new_start), (2, new_stop)):
-            arr = get_init(graph, node.input[index]).copy()
-            arr[k] = value
-            name = unique_name(graph, f"{node.input[index]}_folded")
-            graph.initializer.append(numpy_helper.from_array(arr, name))
-            node.input[index] = name
+    match rw:
+        case GroupRewrite():
+            set_attr(node, "group", int(plan.keep(rw.ids).sum()))
+        case ReshapeRewrite():
+            target = get_init(graph, node.input[1]).copy()
+            if target[rw.axis] > 0:  # 0 and -1 are worked out by the runtime
+                target[rw.axis] = int(plan.keep(rw.ids).sum())
+                name = unique_name(graph, f"{node.input[1]}_folded")
+                graph.initializer.append(numpy_helper.from_array(target, name))
+                node.input[1] = name
+        case SplitRewrite():
+            _rewrite_split(graph, rw, plan, opset)
+        case SliceRewrite():
+            keep = plan.keep(rw.ids)
+            new_start = int(keep[: rw.start].sum())
+            new_stop = new_start + int(keep[rw.start : rw.stop].sum())
+            for index, value in ((1, new_start), (2, new_stop)):
+                arr = get_init(graph, node.input[index]).copy()
+                arr[rw.k] = value
+                name = unique_name(graph, f"{node.input[index]}_folded")
+                graph.initializer.append(numpy_helper.from_array(arr, name))
+                node.input[index] = name
+
+
+def _rewrite_split(graph: onnx.GraphProto, rw: SplitRewrite, plan: Plan, opset: int) -> None:
+    """New split sizes: an input from opset 13 on (replacing ``num_outputs``), else the attribute."""
+    node = rw.node
+    sizes = np.array([int(plan.keep(ids).sum()) for ids in rw.parts], dtype=np.int64)
+    if opset >= 13:
+        name = unique_name(graph, f"{node.name or node.output[0]}_split_sizes")
+        graph.initializer.append(numpy_helper.from_array(sizes, name))
+        while len(node.input) < 2:
+            node.input.append("")
+        node.input[1] = name
+        remove_attr(node, "num_outputs")
+    else:
+        set_attr(node, "split", sizes.tolist())
 
 
 def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop initializers that no node, graph output or subgraph (at any depth) reads."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for n in graph.node:
-        for a in n.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                used |= {i for sn in sub.node for i in sn.input}
+    used |= outer_names_read_by_subgraphs(graph)
     keep = [t for t in graph.initializer if t.name in used]
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
@@ -390,10 +397,10 @@ def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
 
 
 def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
+    """Per group: its description, how many channels go and why the others stay."""
     groups = []
-    roots = plan.roots
     for g in an.groups():
-        classes = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
+        classes = classes_of(plan.roots, g.spaces)
         removed = len(classes & plan.removed)
         blocked = Counter(plan.blocked[r] for r in classes if r in plan.blocked)
         groups.append(
@@ -408,6 +415,7 @@ def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
 
 
 def _merge_blocked(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    """How many channels each reason blocked, over the groups of the last round."""
     last = rounds[-1]["groups"] if rounds else []
     total: Counter[str] = Counter()
     for g in last:

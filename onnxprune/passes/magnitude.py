@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.graph import attr
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.calibrate import activation_stats
@@ -162,7 +163,7 @@ def _layers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], skip: st
             continue
         rank = len(w.dims)
         if node.op_type == "Conv":
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            group = attr(node, "group", 1)
             if group != 1:
                 continue  # depthwise/grouped filters: too few inputs per output to sparsify
             layers.append(_Layer(node, w.name, 0, 1, node.input[0], 1))

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx
 
-from onnxprune.analysis.labels import VAR, Sink
-from onnxprune.graph import add_output_bias, bias_add_after, get_init, set_init
+from onnxprune.analysis.labels import Sink, State
+from onnxprune.graph import add_output_bias, attr, bias_add_after, get_init, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.workspace import Workspace
@@ -104,7 +104,7 @@ class Refit(Pass):
         for sink in ws.an.sinks:
             node = sink.node
             name = node.name or node.output[0]
-            if name in seen or not (sink.labels.state != VAR).any():
+            if name in seen or not (sink.labels.state != State.VAR).any():
                 continue
             seen.add(name)
             why = _unsupported(ws, sink)
@@ -117,7 +117,7 @@ class Refit(Pass):
                 out = follower[0].output[0] if follower else out
             lab = ws.an.labels.get(node.output[0])
             weight = np.asarray(get_init(ws.model.graph, sink.weight), np.float64)
-            keep = np.flatnonzero(sink.labels.state == VAR)
+            keep = np.flatnonzero(sink.labels.state == State.VAR)
             conv = None
             if node.op_type == "Conv":
                 w, conv = _conv_matrix(node, weight)
@@ -126,8 +126,7 @@ class Refit(Pass):
             else:
                 w = np.moveaxis(weight, sink.weight_axis, 0)
                 w = w.reshape(w.shape[0], -1)
-            alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
-            alpha = alpha if node.op_type == "Gemm" else 1.0
+            alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             units.append(_Unit(sink, out, lab.axis if lab else -1, keep, alpha * w, alpha, conv))
         return units, skipped
 
@@ -211,11 +210,10 @@ def _rows(x: np.ndarray, axis: int) -> np.ndarray:
 
 def _conv_matrix(node: onnx.NodeProto, weight: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """A Conv weight [O, C, k...] as a matrix [C * taps, O], and its geometry."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     kernel = list(weight.shape[2:])
     nd = len(kernel)
-    pads = list(attrs.get("pads", [0] * 2 * nd))
-    strides = list(attrs.get("strides", [1] * nd))
+    pads = list(attr(node, "pads", [0] * 2 * nd))
+    strides = list(attr(node, "strides", [1] * nd))
     order = [1, *range(2, 2 + nd), 0]
     taps = int(np.prod(kernel, dtype=np.int64))
     matrix = weight.transpose(order).reshape(weight.shape[1] * taps, weight.shape[0])
@@ -244,17 +242,16 @@ def _patches(x: np.ndarray, conv: dict[str, Any]) -> np.ndarray:
 
 def _unsupported(ws: Workspace, sink: Sink) -> str:
     node = sink.node
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Gemm":
-        return "Gemm with transA" if attrs.get("transA", 0) else ""
+        return "Gemm with transA" if attr(node, "transA", 0) else ""
     if node.op_type == "MatMul":
         w = get_init(ws.model.graph, sink.weight)
         return "" if w.ndim == 2 else "batched MatMul weight"
     if node.op_type == "Conv":
-        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [])):
+        if attr(node, "group", 1) != 1 or any(d != 1 for d in attr(node, "dilations", [])):
             return "grouped or dilated convolutions are not refitted"
         if sink.labels.axis != 1:
             return "channel axis is not axis 1"
-        auto = attrs.get("auto_pad", b"NOTSET")
+        auto = attr(node, "auto_pad", b"NOTSET")
         return "" if auto in (b"NOTSET", "NOTSET") else "auto_pad convolutions are not refitted"
     return f"{node.op_type} is not refitted"

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import numpy as np
 import onnx
 
+from onnxprune.analysis.groups import keep_one_per_tensor
 from onnxprune.graph import get_init
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.criteria import GroupView, get_criterion
 from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.workspace import Workspace, zero_and_compensate
-from onnxprune.pruning.zero import keep_one_per_tensor
 
 if TYPE_CHECKING:
     from onnxprune.context import Context

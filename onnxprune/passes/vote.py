@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
+from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
 from onnxprune.errors import PassOptionError
 from onnxprune.graph import get_init, prepare_for_pruning
 from onnxprune.model import load, model_nbytes
@@ -23,7 +24,6 @@ from onnxprune.pruning.workspace import (
     round_count,
     zero_and_compensate,
 )
-from onnxprune.pruning.zero import keep_one_per_tensor
 from onnxprune.runner import outputs, plan
 from onnxprune.runtime import channel_multiple
 
@@ -172,7 +172,7 @@ class Vote(Pass):
         roots = ws.an.roots()
         for d in decisions:  # counted after the last-channel guard
             g = d.group
-            mine = {int(r) for s in g.spaces for r in roots[s.start : s.start + s.size]}
+            mine = classes_of(roots, g.spaces)
             d.section["pruned"] = len(mine & chosen)
         applied = zero_and_compensate(ws, chosen, compensate)
         report: dict[str, Any] = {

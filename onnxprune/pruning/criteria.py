@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxprune.analysis.labels import Member
+from onnxprune.analysis.labels import Member, Role
 from onnxprune.analysis.state import Analysis
 from onnxprune.errors import OnnxPruneError, PassOptionError
 from onnxprune.pruning.calibrate import ChannelStats
@@ -71,7 +71,7 @@ class GroupView:
             return None
         return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
-    def members(self, role: str) -> list[Member]:
+    def members(self, role: Role) -> list[Member]:
         """Members with ``role`` that touch this group's classes."""
         return [m for m in self.an.members if m.role == role and (self.slots(m.ids) >= 0).any()]
 

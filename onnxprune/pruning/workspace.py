@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxprune.analysis.groups import chosen_positions, classes_of
 from onnxprune.analysis.labels import ChannelGroup, Sink
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
-from onnxprune.graph import add_output_bias, get_init, prepare_for_pruning
+from onnxprune.graph import add_output_bias, attr, get_init, prepare_for_pruning
 from onnxprune.pruning.calibrate import ChannelStats, activation_stats, collect_rows
 from onnxprune.pruning.zero import zero_classes
 
@@ -56,10 +57,8 @@ class Workspace:
         """Unpinned classes of ``group`` (empty when it is protected)."""
         if group.index in self.protected:
             return np.zeros(0, dtype=np.int64)
-        roots = self.an.roots()
-        pinned = self.an.pinned_roots()
-        classes = {int(r) for s in group.spaces for r in roots[s.start : s.start + s.size]}
-        return np.array(sorted(classes - set(pinned)), dtype=np.int64)
+        classes = classes_of(self.an.roots(), group.spaces)
+        return np.array(sorted(classes - set(self.an.pinned_roots())), dtype=np.int64)
 
     def sink_tensors(self) -> dict[str, int]:
         """Consumer input tensors (name -> channel axis) where channels are read."""
@@ -128,7 +127,7 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
     total = 0.0
     for sink in ws.an.sinks:
         ids = sink.labels.ids
-        gone = (ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen)
+        gone = chosen_positions(roots, ids, chosen)
         if not gone.any() or sink.tensor not in rows:
             continue
         x = rows[sink.tensor]
@@ -186,7 +185,7 @@ def _compensate_sink(
     after: dict[str, np.ndarray],
 ) -> bool:
     ids = sink.labels.ids
-    pos = np.flatnonzero((ids >= 0) & np.isin(roots[np.maximum(ids, 0)], chosen))
+    pos = np.flatnonzero(chosen_positions(roots, ids, chosen))
     if (
         not len(pos)
         or sink.tensor not in means
@@ -205,7 +204,7 @@ def _compensate_sink(
     delta = np.tensordot(shift, wk, axes=(0, 0))
     if sink.node.op_type == "Conv":
         delta = delta.reshape(delta.shape[0], -1).sum(axis=1)
-    if sink.node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in sink.node.attribute):
+    if sink.node.op_type == "Gemm" and attr(sink.node, "transA", 0):
         return False
     if sink.node.op_type == "MatMul" and w.ndim > 2:
         return False  # a batched weight would need a per-batch bias

@@ -14,32 +14,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.analysis.groups import chosen_positions, keep_one_per_tensor, unpinned_classes
+from onnxprune.analysis.labels import ClassId
 from onnxprune.analysis.state import Analysis
 
 
-def free_classes(an: Analysis) -> list[int]:
-    """Channel classes (union-find roots) that are not pinned, in id order."""
-    roots = an.roots()
-    pinned = an.pinned_roots()
-    opened = {int(r) for s in an.spaces for r in roots[s.start : s.start + s.size]}
-    return sorted(opened - set(pinned))
-
-
-def keep_one_per_tensor(an: Analysis, chosen: set[int]) -> set[int]:
-    """Drop classes from ``chosen`` so that no tensor or member loses all its channels."""
-    roots = an.roots()
-    chosen = set(chosen)
-    for ids in [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]:
-        labelled = ids[ids >= 0]
-        if len(labelled) == len(ids) and len(ids) and {int(roots[i]) for i in labelled} <= chosen:
-            chosen.discard(int(roots[ids[0]]))
-    return chosen
-
-
-def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
-    """A random ``share`` of the free classes of every group (never a whole tensor)."""
+def random_classes(an: Analysis, share: float, seed: int = 0) -> set[ClassId]:
+    """A random ``share`` of the unpinned classes of every group (never a whole tensor)."""
     rng = np.random.default_rng(seed)
-    chosen = {r for r in free_classes(an) if rng.random() < share}
+    chosen = {r for r in unpinned_classes(an) if rng.random() < share}
     return keep_one_per_tensor(an, chosen)
 
 
@@ -56,9 +39,7 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
     for m in an.members:
         if (m.init, m.axis) in consumer:
             continue
-        labelled = m.ids >= 0
-        gone = np.zeros(len(m.ids), bool)
-        gone[labelled] = np.isin(roots[m.ids[labelled]], chosen)
+        gone = chosen_positions(roots, m.ids, chosen)
         if not gone.any():
             continue
         if m.init not in arrays:

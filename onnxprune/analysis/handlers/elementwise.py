@@ -6,13 +6,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.analysis.handlers.common import _broadcast_axis, _carry, _scalar, _zero_pads
-from onnxprune.analysis.labels import CONST, VAR, ZERO, Labels
+from onnxprune.analysis.handlers.common import (
+    broadcast_axis,
+    carry,
+    optional_input,
+    scalar,
+    zero_padded,
+    zero_pads,
+)
+from onnxprune.analysis.labels import Labels, State
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import attr as _attr
-from onnxprune.graph import node_name as _name
+from onnxprune.graph import attr, node_name
 
-# Unary ops applied per element: f(channel) depends on that channel only.
+# Unary ops applied per element with f(0) = 0: f(channel) depends on that channel only.
 ZERO_PRESERVING = {
     "Relu",
     "LeakyRelu",
@@ -43,12 +49,16 @@ ZERO_PRESERVING = {
     "CastLike",
 }
 
+# Unary ops applied per element whose f(0) is a constant other than 0.
 CONST_MAKING = {"Sigmoid", "HardSigmoid", "Exp", "Softplus", "Cos", "Cosh", "Acos", "Celu"}
 
+# Pools over the spatial axes (one value per channel and window).
 SPATIAL_CARRIERS = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 
+# Elementwise ops of several inputs, with broadcasting.
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"}
 
+# Reductions over axes other than the channel axis keep the channels.
 REDUCE = {
     "ReduceMean",
     "ReduceMax",
@@ -62,66 +72,87 @@ REDUCE = {
 }
 
 
-def _zero_preserving(an: Analysis, node: onnx.NodeProto) -> None:
-    _carry(an, node)
+def zero_preserving(an: Analysis, node: onnx.NodeProto) -> None:
+    """Per-element op with f(0) = 0 (Relu, Tanh, Cast, ...): labels and states pass through."""
+    carry(an, node)
 
 
-def _const_making(an: Analysis, node: onnx.NodeProto) -> None:
-    _carry(an, node, lambda s: np.where(s == ZERO, CONST, s))
+def const_making(an: Analysis, node: onnx.NodeProto) -> None:
+    """Per-element op whose f(0) is a constant (Sigmoid, Exp, ...): ZERO becomes CONST."""
+    carry(an, node, lambda s: State.join(s, State.CONST))
 
 
-def _clip(an: Analysis, node: onnx.NodeProto) -> None:
-    lo = an.array(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    hi = an.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    lo_v = _scalar(lo) if lo is not None else float(_attr(node, "min", -np.inf))
-    hi_v = _scalar(hi) if hi is not None else float(_attr(node, "max", np.inf))
-    for i in (1, 2):
-        if len(node.input) > i and node.input[i] and an.array(node.input[i]) is None:
-            an.pin_inputs(node, "min/max are not constants")
-            return
+def clip(an: Analysis, node: onnx.NodeProto) -> None:
+    """Clip with constant bounds: zeros stay zero when min <= 0 <= max, else they become the
+    clipped constant; bounds computed at run time pin the channels."""
+    bounds = [optional_input(node, i) for i in (1, 2)]
+    if any(b is not None and an.array(b) is None for b in bounds):
+        an.pin_inputs(node, "min/max are not constants")
+        return
+    lo, hi = (an.array(b) if b is not None else None for b in bounds)
+    lo_v = scalar(lo) if lo is not None else float(attr(node, "min", -np.inf))
+    hi_v = scalar(hi) if hi is not None else float(attr(node, "max", np.inf))
     if lo_v <= 0 <= hi_v:
-        _carry(an, node)
+        zero_preserving(an, node)
     else:
-        _const_making(an, node)
+        const_making(an, node)
 
 
-def _spatial(an: Analysis, node: onnx.NodeProto) -> None:
+def spatial(an: Analysis, node: onnx.NodeProto) -> None:
+    """Pools over the spatial axes keep channels on axis 1 and their state (the pool of a
+    constant is a constant); an LpPool that zero-pads makes a constant vary at the border.
+    Channels on another axis are pooled together: pinned."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     if lab.axis != 1:
         an.pin_inputs(node, "pools over the channel axis")
         return
-    _carry(an, node)
+    if node.op_type == "LpPool" and zero_pads(node):
+        carry(an, node, zero_padded)
+    else:
+        carry(an, node)
 
 
-def _average_pool(an: Analysis, node: onnx.NodeProto) -> None:
-    padded = _zero_pads(node)
-    if padded and _attr(node, "count_include_pad", 0):
-        lab = an.labels.get(node.input[0])
-        if lab is not None and lab.axis == 1:
-            an.set_out(
-                node.output[0], Labels(1, lab.ids, np.where(lab.state == CONST, VAR, lab.state))
-            )
-            return
-    _spatial(an, node)
+def average_pool(an: Analysis, node: onnx.NodeProto) -> None:
+    """AveragePool is :func:`spatial`, except that padding counted in the average
+    (``count_include_pad``) makes a constant vary at the border."""
+    lab = an.labels.get(node.input[0])
+    if lab is not None and lab.axis == 1 and zero_pads(node) and attr(node, "count_include_pad", 0):
+        carry(an, node, zero_padded)
+        return
+    spatial(an, node)
 
 
-def _reduce(an: Analysis, node: onnx.NodeProto) -> None:
+def reduced_state(op_type: str, state: np.ndarray) -> np.ndarray:
+    """State of each channel after a reduction over other axes (n values become one).
+
+    Mean, Max, Min, Sum, L1, L2, SumSquare and Prod map 0 to 0 and a constant to a constant:
+    the state is unchanged. LogSumExp maps 0 to log n: ZERO becomes CONST.
+    """
+    if op_type == "ReduceLogSumExp":
+        return State.join(state, State.CONST)
+    return state
+
+
+def reduce(an: Analysis, node: onnx.NodeProto) -> None:
+    """Reductions over other axes than the channels keep them (the axis moves when the
+    reduced axes are dropped) with :func:`reduced_state`; over the channel axis they pin."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    axes = _attr(node, "axes", None)
-    if axes is None and len(node.input) > 1 and node.input[1]:
-        arr = an.array(node.input[1])
+    axes = attr(node, "axes", None)
+    axes_input = optional_input(node, 1)
+    if axes is None and axes_input is not None:
+        arr = an.array(axes_input)
         if arr is None:
             an.pin_inputs(node, "reduction axes are not constant")
             return
         axes = arr.tolist()
     if axes is None or len(axes) == 0:
-        if _attr(node, "noop_with_empty_axes", 0):
-            _carry(an, node)
+        if attr(node, "noop_with_empty_axes", 0):
+            carry(an, node)
         else:
             an.pin_inputs(node, "reduces over all axes, the channel axis included")
         return
@@ -129,47 +160,49 @@ def _reduce(an: Analysis, node: onnx.NodeProto) -> None:
     if lab.axis in axes:
         an.pin_inputs(node, "reduces over the channel axis")
         return
-    keep = _attr(node, "keepdims", 1)
+    keep = attr(node, "keepdims", 1)
     axis = lab.axis if keep else lab.axis - sum(a < lab.axis for a in axes)
-    state = (
-        lab.state
-        if node.op_type in ("ReduceMean", "ReduceMax", "ReduceMin")
-        else np.where(lab.state == ZERO, ZERO, np.where(lab.state == CONST, CONST, VAR))
-    )
-    an.set_out(node.output[0], Labels(axis, lab.ids, state))
+    an.set_out(node.output[0], Labels(axis, lab.ids, reduced_state(node.op_type, lab.state)))
 
 
-def _softmax_like(an: Analysis, node: onnx.NodeProto) -> None:
+def softmax_like(an: Analysis, node: onnx.NodeProto) -> None:
+    """Softmax/LogSoftmax/Hardmax along another axis work within each channel (the softmax of
+    a constant is a constant: ZERO becomes CONST); along the channel axis they mix: pinned."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    axis = _attr(node, "axis", -1) % max(rank, 1)
+    axis = attr(node, "axis", -1) % max(rank, 1)
     if axis == lab.axis:
         an.pin_inputs(node, "normalises over the channel axis")
     else:
-        _const_making(an, node)
+        const_making(an, node)
 
 
-def _layer_norm(an: Analysis, node: onnx.NodeProto) -> None:
+def layer_norm(an: Analysis, node: onnx.NodeProto) -> None:
+    """LayerNormalization over axes ``axis..`` pins channels among them; channels before them
+    are kept, every state VAR (statistics and the per-position scale mix values)."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    axis = _attr(node, "axis", -1) % max(rank, 1)
+    axis = attr(node, "axis", -1) % max(rank, 1)
     if lab.axis >= axis:
         an.pin_inputs(node, "normalises over the channel axis (LayerNorm over the hidden size)")
     else:
-        an.set_out(node.output[0], Labels(lab.axis, lab.ids, np.full(len(lab.ids), VAR)))
+        an.set_out(node.output[0], Labels(lab.axis, lab.ids, np.full(len(lab.ids), State.VAR)))
 
 
-def _group_norm(an: Analysis, node: onnx.NodeProto) -> None:
-    lab = an.labels.get(node.input[0])
-    if lab is not None:
+def group_norm(an: Analysis, node: onnx.NodeProto) -> None:
+    """GroupNormalization normalises channels of a group together: pinned."""
+    if node.input[0] in an.labels:
         an.pin_inputs(node, "GroupNormalization mixes channels of a group")
 
 
-def _batch_norm(an: Analysis, node: onnx.NodeProto) -> None:
+def batch_norm(an: Analysis, node: onnx.NodeProto) -> None:
+    """Batch/InstanceNormalization on axis 1: scale, shift (and BN's mean, var) are members;
+    a zero or constant channel comes out as a constant (ZERO becomes CONST). Parameters that
+    are not constants, or channels on another axis, pin."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
@@ -180,11 +213,19 @@ def _batch_norm(an: Analysis, node: onnx.NodeProto) -> None:
         if not an.member(node, i, 0, lab.ids, "scale" if i == 1 else "param"):
             an.pin_inputs(node, "parameters are not constants")
             return
-    an.set_out(node.output[0], Labels(1, lab.ids, np.where(lab.state == ZERO, CONST, lab.state)))
+    an.set_out(node.output[0], Labels(1, lab.ids, State.join(lab.state, State.CONST)))
 
 
-def _elementwise(an: Analysis, node: onnx.NodeProto) -> None:
-    """Add/Sub/Mul/Div/Max/Min/Pow/PRelu/Sum/Mean with any mix of activations and constants."""
+def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
+    """Add/Sub/Mul/Div/Max/Min/Pow/PRelu/Sum/Mean with any mix of activations and constants.
+
+    Labelled inputs must carry channels on the same (broadcast) axis and are united: they are
+    the same channels. A constant with one entry per channel is a member; one that broadcasts
+    is fine; any other, or an unanalysed activation of channel size, pins. Dividing by (or
+    raising to) a channel pins it. State: Mul is :meth:`State.product` (zero absorbs), PRelu
+    keeps its input's, the others :meth:`State.join` of their inputs (an unlabelled input
+    counts as at least CONST).
+    """
     ins = [t for t in node.input if t]
     labelled = [t for t in ins if t in an.labels]
     if not labelled:
@@ -206,7 +247,8 @@ def _elementwise(an: Analysis, node: onnx.NodeProto) -> None:
             an.pin_inputs(node, "inputs carry channels on different axes")
             return
         if k:
-            an.union(ids, lab.ids, f"{node.op_type} {_name(node)}: joins channels with fixed ones")
+            why = f"{node.op_type} {node_name(node)}: joins channels with fixed ones"
+            an.union(ids, lab.ids, why)
         states.append(lab.state)
     if node.op_type in ("Div", "Pow") and node.input[1] in an.labels:
         an.pin_inputs(node, "divides by (or raises to) a channel that may be zero")
@@ -216,48 +258,49 @@ def _elementwise(an: Analysis, node: onnx.NodeProto) -> None:
         if not t or t in an.labels:
             continue
         shape = an.shape(t)
-        axis = _broadcast_axis(rank, len(shape), out_axis) if shape is not None else -1
+        axis = broadcast_axis(rank, len(shape), out_axis) if shape is not None else -1
         dim = shape[axis] if shape is not None and axis >= 0 else 1
+        where = f"{node.op_type} {node_name(node)}"
         if an.array(t) is not None:
             if dim == size:
                 an.member(node, idx, axis, ids)
             elif dim != 1:
-                an.pin(
-                    ids, f"{node.op_type} {_name(node)}: constant {t!r} does not match the channels"
-                )
+                an.pin(ids, f"{where}: constant {t!r} does not match the channels")
         elif dim == size:
-            an.pin(
-                ids, f"{node.op_type} {_name(node)}: joins channels with an unanalysed tensor {t!r}"
-            )
+            an.pin(ids, f"{where}: joins channels with an unanalysed tensor {t!r}")
         else:
             unlabelled_var = True
-    stacked = np.stack(states)
-    any_var = (stacked == VAR).any(0) | unlabelled_var
+    others = [State.VAR] if unlabelled_var else []
     if node.op_type == "Mul":
-        state = np.where((stacked == ZERO).any(0), ZERO, np.where(any_var, VAR, CONST))
+        state = State.product(*states, *others)
     elif node.op_type == "PRelu":
-        state = stacked[0]
+        state = states[0]
     else:
-        all_zero = (stacked == ZERO).all(0) & (len(labelled) == len(ins))
-        state = np.where(any_var, VAR, np.where(all_zero, ZERO, CONST))
+        if len(labelled) < len(ins):
+            others.append(State.CONST)
+        state = State.join(*states, *others)
     an.set_out(node.output[0], Labels(out_axis, ids, state))
 
 
-def _dequantize(an: Analysis, node: onnx.NodeProto) -> None:
+def dequantize(an: Analysis, node: onnx.NodeProto) -> None:
+    """Quantize/DequantizeLinear: per-axis scale and zero point on the channel axis are
+    members (on another axis they pin; computed ones pin); the zero point makes ZERO CONST."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    axis = _attr(node, "axis", 1) % max(rank, 1)
+    axis = attr(node, "axis", 1) % max(rank, 1)
     for i in (1, 2):
-        if len(node.input) > i and node.input[i]:
-            arr = an.array(node.input[i])
-            if arr is None:
-                an.pin_inputs(node, "scale or zero point not constant")
+        name = optional_input(node, i)
+        if name is None:
+            continue
+        arr = an.array(name)
+        if arr is None:
+            an.pin_inputs(node, "scale or zero point not constant")
+            return
+        if arr.ndim == 1 and arr.size > 1:
+            if axis != lab.axis:
+                an.pin_inputs(node, "per-axis quantization on another axis")
                 return
-            if arr.ndim == 1 and arr.size > 1:
-                if axis != lab.axis:
-                    an.pin_inputs(node, "per-axis quantization on another axis")
-                    return
-                an.member(node, i, 0, lab.ids)
-    _const_making(an, node)
+            an.member(node, i, 0, lab.ids)
+    const_making(an, node)

@@ -6,35 +6,36 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.analysis.handlers.common import _carry, _scalar
-from onnxprune.analysis.labels import CONST, VAR, ZERO, Labels, Rewrite
+from onnxprune.analysis.handlers.common import carry, optional_input, scalar, zero_padded
+from onnxprune.analysis.labels import Labels, ReshapeRewrite, SliceRewrite, SplitRewrite, State
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import attr as _attr
-from onnxprune.graph import node_name as _name
+from onnxprune.graph import attr, node_name
 
 
-def _transpose(an: Analysis, node: onnx.NodeProto) -> None:
+def transpose(an: Analysis, node: onnx.NodeProto) -> None:
+    """Transpose moves the channel axis to where ``perm`` puts it; ids and states stay."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    perm = _attr(node, "perm", None) or list(reversed(range(rank)))
+    perm = attr(node, "perm", None) or list(reversed(range(rank)))
     an.set_out(node.output[0], Labels(list(perm).index(lab.axis), lab.ids, lab.state))
 
 
-def _squeeze_like(an: Analysis, node: onnx.NodeProto) -> None:
-    """Squeeze/Unsqueeze: find where the channel axis lands from the shapes."""
+def squeeze_like(an: Analysis, node: onnx.NodeProto) -> None:
+    """Squeeze/Unsqueeze keep the channels; where the axis lands is read from the shapes
+    (:func:`axis_after_reshape`), and pins when it cannot be."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
-    out_axis = _axis_after_reshape(an.shape(node.input[0]), an.shape(node.output[0]), lab.axis)
+    out_axis = axis_after_reshape(an.shape(node.input[0]), an.shape(node.output[0]), lab.axis)
     if out_axis is None:
         an.pin_inputs(node, "cannot follow the channel axis")
         return
     an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
 
 
-def _axis_after_reshape(
+def axis_after_reshape(
     src: tuple[int, ...] | None, dst: tuple[int, ...] | None, axis: int
 ) -> int | None:
     """Output axis holding input ``axis`` unchanged when only size-1 axes are added/removed."""
@@ -49,9 +50,7 @@ def _axis_after_reshape(
     return None
 
 
-def _merge_map(
-    src: tuple[int, ...], dst: tuple[int, ...], axis: int
-) -> tuple[int, int, int] | None:
+def merge_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int, int] | None:
     """(out_axis, first, last): input axes first..last (containing ``axis``) become out_axis.
 
     Holds when the elements before the block and the block itself line up in row-major order:
@@ -74,7 +73,10 @@ def _merge_map(
     return best
 
 
-def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
+def reshape(an: Analysis, node: onnx.NodeProto) -> None:
+    """Reshape/Flatten that merge the channel axis with neighbours (:func:`merge_map`) spread
+    each id over its block of features; the target shape entry is rewritten. Splitting the
+    channel axis goes to :func:`split_reshape`; a target computed at run time pins."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
@@ -85,20 +87,20 @@ def _reshape(an: Analysis, node: onnx.NodeProto) -> None:
     if node.op_type == "Reshape" and an.array(node.input[1]) is None:
         an.pin_inputs(node, "target shape is computed at run time")
         return
-    found = _merge_map(tuple(src), tuple(dst), lab.axis)
+    found = merge_map(tuple(src), tuple(dst), lab.axis)
     if found is None:
-        _split_reshape(an, node, tuple(src), tuple(dst), lab)
+        split_reshape(an, node, tuple(src), tuple(dst), lab)
         return
     out_axis, first, last = found
     block = src[first : last + 1]
     coords = np.indices(block).reshape(len(block), -1)[lab.axis - first]
     ids, state = lab.ids[coords], lab.state[coords]
     if node.op_type == "Reshape":
-        an.rewrites.append(Rewrite("reshape", node, [ids], {"axis": out_axis}))
+        an.rewrites.append(ReshapeRewrite(node, ids, out_axis))
     an.set_out(node.output[0], Labels(out_axis, ids, state))
 
 
-def _split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int] | None:
+def split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int] | None:
     """(first, last): output axes first..last (two or more) that input ``axis`` splits into."""
     before = int(np.prod(src[:axis], dtype=np.int64))
     for first in range(len(dst)):
@@ -117,7 +119,7 @@ def _split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[i
 _PASS_THROUGH = ("Transpose", "Unsqueeze", "Squeeze", "Identity")
 
 
-def _selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> bool:
+def selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> bool:
     """Whether every path from ``tensor`` soon picks positions of ``axis`` apart (Gather,
     Split or Slice along it) after only Transpose/Unsqueeze/Squeeze/Identity."""
     readers = an.consumers(tensor)
@@ -130,24 +132,25 @@ def _selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> boo
                 axes = an.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
                 along = [int(a) % rank for a in axes.tolist()] if axes is not None else [0]
             else:
-                along = [int(_attr(node, "axis", 0)) % rank]
+                along = [int(attr(node, "axis", 0)) % rank]
             if axis not in along:
                 return False
         elif node.op_type in _PASS_THROUGH:
+            moved: int | None
             if node.op_type == "Transpose":
                 rank = len(an.shape(tensor) or ())
-                perm = list(_attr(node, "perm", None) or reversed(range(rank)))
+                perm = list(attr(node, "perm", None) or reversed(range(rank)))
                 moved = perm.index(axis)
             else:
-                moved = _axis_after_reshape(an.shape(tensor), an.shape(node.output[0]), axis)
-            if moved is None or not _selected_later(an, node.output[0], moved, depth - 1):
+                moved = axis_after_reshape(an.shape(tensor), an.shape(node.output[0]), axis)
+            if moved is None or not selected_later(an, node.output[0], moved, depth - 1):
                 return False
         else:
             return False
     return True
 
 
-def _split_reshape(
+def split_reshape(
     an: Analysis, node: onnx.NodeProto, src: tuple[int, ...], dst: tuple[int, ...], lab: Labels
 ) -> None:
     """A Reshape that splits the channel axis into several (attention heads: D -> (H, d)).
@@ -156,7 +159,7 @@ def _split_reshape(
     axis before the innermost carries them and every position sharing its coordinate becomes
     one channel class: a head, with its q, k and v parts, goes or stays as a whole.
     """
-    found = _split_map(src, dst, lab.axis)
+    found = split_map(src, dst, lab.axis)
     if found is None or node.op_type != "Reshape":
         an.pin_inputs(node, "reshapes the channel axis in a way the analysis cannot follow")
         return
@@ -166,113 +169,113 @@ def _split_reshape(
     for k in range(len(block)):
         moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
         if (moved == moved[:, :1]).all():  # ids constant across the other axes
-            st = np.moveaxis(state, k, 0).reshape(block[k], -1).max(axis=1)
-            an.rewrites.append(Rewrite("reshape", node, [moved[:, 0]], {"axis": first + k}))
+            st = State.join_along(np.moveaxis(state, k, 0).reshape(block[k], -1), axis=1)
+            an.rewrites.append(ReshapeRewrite(node, moved[:, 0], first + k))
             an.set_out(node.output[0], Labels(first + k, moved[:, 0], st))
             return
     k = len(block) - 2  # heads: the axis before the innermost (d) ...
-    if _selected_later(an, node.output[0], first + k):
+    if selected_later(an, node.output[0], first + k):
         k += 1  # ... unless it is picked apart later (q, k, v packed as [3, D]): then D
     moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
     for row in moved:
         an.union(
             np.repeat(row[:1], len(row) - 1),
             row[1:],
-            f"Reshape {_name(node)}: splits channels into blocks with fixed ones",
+            f"Reshape {node_name(node)}: splits channels into blocks with fixed ones",
         )
-    st = np.moveaxis(state, k, 0).reshape(block[k], -1)
-    head_state = np.where((st == ZERO).all(1), ZERO, np.where((st == VAR).any(1), VAR, CONST))
-    an.rewrites.append(Rewrite("reshape", node, [moved[:, 0]], {"axis": first + k}))
+    head_state = State.join_along(np.moveaxis(state, k, 0).reshape(block[k], -1), axis=1)
+    an.rewrites.append(ReshapeRewrite(node, moved[:, 0], first + k))
     an.set_out(node.output[0], Labels(first + k, moved[:, 0], head_state))
 
 
-def _concat(an: Analysis, node: onnx.NodeProto) -> None:
+def concat(an: Analysis, node: onnx.NodeProto) -> None:
+    """Concat along the channel axis appends ids (an unlabelled input adds ``-1`` positions,
+    VAR). When every input carries channels on one other axis, they are united and the state
+    is their :meth:`State.join`; any other mix pins."""
     labelled = [t for t in node.input if t in an.labels]
     if not labelled:
         return
     rank = len(an.shape(node.output[0]) or ())
-    axis = _attr(node, "axis", 0) % max(rank, 1)
+    axis = attr(node, "axis", 0) % max(rank, 1)
     if any(an.labels[t].axis != axis for t in labelled):
         first = an.labels[labelled[0]]
         if all(an.labels[t].axis == first.axis for t in labelled) and len(labelled) == len(
             node.input
         ):
             for t in labelled[1:]:
-                an.union(first.ids, an.labels[t].ids, f"Concat {_name(node)}: joins channels")
-            an.set_out(
-                node.output[0],
-                Labels(
-                    first.axis, first.ids, np.maximum.reduce([an.labels[t].state for t in labelled])
-                ),
-            )
+                an.union(first.ids, an.labels[t].ids, f"Concat {node_name(node)}: joins channels")
+            state = State.join(*(an.labels[t].state for t in labelled))
+            an.set_out(node.output[0], Labels(first.axis, first.ids, state))
         else:
             an.pin_inputs(node, "concatenates along another axis than the channels")
         return
-    ids, state = [], []
+    ids: list[np.ndarray] = []
+    states: list[np.ndarray] = []
     for t in node.input:
         if t in an.labels:
             ids.append(an.labels[t].ids)
-            state.append(an.labels[t].state)
+            states.append(an.labels[t].state)
         else:
             shape = an.shape(t)
             if shape is None:
                 an.pin_inputs(node, f"shape of {t!r} unknown")
                 return
             ids.append(np.full(shape[axis], -1))
-            state.append(np.full(shape[axis], VAR))
-    an.set_out(node.output[0], Labels(axis, np.concatenate(ids), np.concatenate(state)))
+            states.append(np.full(shape[axis], State.VAR))
+    an.set_out(node.output[0], Labels(axis, np.concatenate(ids), np.concatenate(states)))
 
 
-def _split(an: Analysis, node: onnx.NodeProto) -> None:
+def split(an: Analysis, node: onnx.NodeProto) -> None:
+    """Split along another axis keeps the rank: every output has the input's labels. Along
+    the channel axis each output gets its part of the ids, and the split sizes are rewritten."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    axis = _attr(node, "axis", 0) % max(rank, 1)
+    axis = attr(node, "axis", 0) % max(rank, 1)
     if axis != lab.axis:
         for out in node.output:
-            an.set_out(
-                out,
-                Labels(
-                    _axis_after_reshape(an.shape(node.input[0]), an.shape(out), lab.axis)
-                    or lab.axis,
-                    lab.ids,
-                    lab.state,
-                ),
-            )
+            an.set_out(out, Labels(lab.axis, lab.ids, lab.state))
         return
-    sizes = [an.shape(o)[axis] if an.shape(o) else None for o in node.output]
-    if None in sizes or sum(sizes) != len(lab.ids):
+    sizes = []
+    for out in node.output:
+        shape = an.shape(out)
+        if not shape:
+            an.pin_inputs(node, "split sizes unknown")
+            return
+        sizes.append(shape[axis])
+    if sum(sizes) != len(lab.ids):
         an.pin_inputs(node, "split sizes unknown")
         return
     offsets = np.cumsum([0, *sizes])
     parts = [lab.ids[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
     for i, out in enumerate(node.output):
         an.set_out(out, Labels(axis, parts[i], lab.state[offsets[i] : offsets[i + 1]]))
-    an.rewrites.append(Rewrite("split", node, parts, {"axis": axis}))
+    an.rewrites.append(SplitRewrite(node, parts))
 
 
-def _slice(an: Analysis, node: onnx.NodeProto) -> None:
+def slice_(an: Analysis, node: onnx.NodeProto) -> None:
+    """Slice with constant bounds: along other axes it carries the channels; along the
+    channel axis (step 1) the output keeps the sliced ids and the bounds are rewritten.
+    Computed bounds, or a strided slice of the channels, pin."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     consts = [an.array(t) if t else None for t in node.input[1:]]
-    if len(node.input) < 3 or any(
-        c is None for c, t in zip(consts, node.input[1:], strict=True) if t
-    ):
+    given = [c for c, t in zip(consts, node.input[1:], strict=True) if t]
+    starts_c, ends_c = (consts[0], consts[1]) if len(consts) >= 2 else (None, None)
+    if starts_c is None or ends_c is None or any(c is None for c in given):
         an.pin_inputs(node, "slice bounds are not constants")
         return
+    axes_c = consts[2] if len(consts) > 2 else None
+    steps_c = consts[3] if len(consts) > 3 else None
     rank = len(an.shape(node.input[0]) or ())
-    starts, ends = consts[0].tolist(), consts[1].tolist()
-    axes = (
-        consts[2].tolist()
-        if len(consts) > 2 and consts[2] is not None
-        else list(range(len(starts)))
-    )
-    steps = consts[3].tolist() if len(consts) > 3 and consts[3] is not None else [1] * len(starts)
+    starts, ends = starts_c.tolist(), ends_c.tolist()
+    axes = axes_c.tolist() if axes_c is not None else list(range(len(starts)))
+    steps = steps_c.tolist() if steps_c is not None else [1] * len(starts)
     axes = [a % rank for a in axes]
     if lab.axis not in axes:
-        _carry(an, node)
+        carry(an, node)
         return
     k = axes.index(lab.axis)
     if steps[k] != 1:
@@ -281,10 +284,12 @@ def _slice(an: Analysis, node: onnx.NodeProto) -> None:
     n = len(lab.ids)
     start, stop, _ = slice(starts[k], ends[k]).indices(n)
     an.set_out(node.output[0], Labels(lab.axis, lab.ids[start:stop], lab.state[start:stop]))
-    an.rewrites.append(Rewrite("slice", node, [lab.ids], {"k": k, "start": start, "stop": stop}))
+    an.rewrites.append(SliceRewrite(node, lab.ids, k, start, stop))
 
 
-def _gather(an: Analysis, node: onnx.NodeProto) -> None:
+def gather(an: Analysis, node: onnx.NodeProto) -> None:
+    """Gather along another axis carries the channels (the axis shifts by the indices' rank
+    minus one when it comes after); along the channel axis, or with channels as indices, pins."""
     lab = an.labels.get(node.input[0])
     if node.input[1] in an.labels:
         an.pin_inputs(node, "channels used as indices")
@@ -292,7 +297,7 @@ def _gather(an: Analysis, node: onnx.NodeProto) -> None:
     if lab is None:
         return
     rank = len(an.shape(node.input[0]) or ())
-    axis = _attr(node, "axis", 0) % max(rank, 1)
+    axis = attr(node, "axis", 0) % max(rank, 1)
     idx_shape = an.shape(node.input[1])
     if axis == lab.axis or idx_shape is None:
         an.pin_inputs(node, "gathers along the channel axis")
@@ -301,12 +306,16 @@ def _gather(an: Analysis, node: onnx.NodeProto) -> None:
     an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
 
 
-def _pad(an: Analysis, node: onnx.NodeProto) -> None:
+def pad(an: Analysis, node: onnx.NodeProto) -> None:
+    """Pad of other axes carries the channels. Constant 0 padding makes a constant vary at
+    the border (:func:`zero_padded`); a non-zero pad value makes every state VAR; edge and
+    reflect padding keep them. Padding the channel axis, or computed pads, pin."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
-    pads = an.array(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "pads")
-    if pads is None or (len(node.input) > 3 and node.input[3]):
+    pads_input = optional_input(node, 1)
+    pads = an.array(pads_input) if pads_input is not None else attr(node, "pads")
+    if pads is None or optional_input(node, 3) is not None:
         an.pin_inputs(node, "pads are not constant, or pad only some axes")
         return
     pads = np.asarray(pads).tolist()
@@ -314,29 +323,32 @@ def _pad(an: Analysis, node: onnx.NodeProto) -> None:
     if pads[lab.axis] or pads[lab.axis + rank]:
         an.pin_inputs(node, "pads the channel axis")
         return
-    mode = _attr(node, "mode", b"constant")
-    value = an.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if mode in (b"constant", "constant") and (value is None or _scalar(value) == 0.0):
-        _carry(an, node, lambda s: np.where(s == CONST, VAR, s))
+    mode = attr(node, "mode", b"constant")
+    value_input = optional_input(node, 2)
+    value = an.array(value_input) if value_input is not None else None
+    if mode in (b"constant", "constant") and (value is None or scalar(value) == 0.0):
+        carry(an, node, zero_padded)
     elif mode in (b"constant", "constant"):
-        _carry(an, node, lambda s: np.where(s == ZERO, VAR, np.where(s == CONST, VAR, s)))
+        carry(an, node, lambda s: np.full_like(s, State.VAR))
     else:
-        _carry(an, node)
+        carry(an, node)
 
 
-def _resize(an: Analysis, node: onnx.NodeProto) -> None:
+def resize(an: Analysis, node: onnx.NodeProto) -> None:
+    """Resize/Upsample of other axes carries the channels; resizing the channel axis, or
+    output sizes given as an input, pin."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
     src, dst = an.shape(node.input[0]), an.shape(node.output[0])
-    sizes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    sizes = optional_input(node, 3)
     if src is None or dst is None or src[lab.axis] != dst[lab.axis] or sizes:
         an.pin_inputs(node, "resizes the channel axis, or takes output sizes")
         return
-    _carry(an, node)
+    carry(an, node)
 
 
-def _expand(an: Analysis, node: onnx.NodeProto) -> None:
+def expand(an: Analysis, node: onnx.NodeProto) -> None:
     """Expand broadcasts other axes; a shape entry that counts the channels is rewritten."""
     lab = an.labels.get(node.input[0])
     if lab is None:
@@ -352,11 +364,11 @@ def _expand(an: Analysis, node: onnx.NodeProto) -> None:
         an.pin_inputs(node, "expands the channel axis")
         return
     if index >= 0:
-        an.rewrites.append(Rewrite("reshape", node, [lab.ids], {"axis": index}))
+        an.rewrites.append(ReshapeRewrite(node, lab.ids, index))
     an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
 
 
-def _tile(an: Analysis, node: onnx.NodeProto) -> None:
+def tile(an: Analysis, node: onnx.NodeProto) -> None:
     """Tile repeating other axes carries the channels; repeating the channel axis pins them."""
     lab = an.labels.get(node.input[0])
     if lab is None:
@@ -365,8 +377,4 @@ def _tile(an: Analysis, node: onnx.NodeProto) -> None:
     if repeats is None or int(repeats[lab.axis]) != 1:
         an.pin_inputs(node, "repeats the channel axis, or repeats computed at run time")
         return
-    _carry(an, node)
-
-
-def _flatten(an: Analysis, node: onnx.NodeProto) -> None:
-    _reshape(an, node)
+    carry(an, node)
