@@ -32,16 +32,17 @@ class _Unit:
     conv: dict[str, Any] | None = None  # kernel, pads, strides of a Conv (inputs as patches)
     n: int = 0
     srr: float = 0.0
-    sx: np.ndarray | None = None
-    xtx: np.ndarray | None = None
-    xtr: np.ndarray | None = None
-    sr: np.ndarray | None = None
+    # the streaming sums; empty until the first rows arrive
+    sx: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    xtx: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    xtr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    sr: np.ndarray = field(default_factory=lambda: np.zeros(0))
     notes: list[str] = field(default_factory=list)
 
     def add(self, x: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
         """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs."""
         resid = target - current + x @ self.w  # = target - (current bias), per row
-        if self.xtx is None:
+        if not self.n:
             k, m = x.shape[1], resid.shape[1]
             self.sx, self.sr = np.zeros(k), np.zeros(m)
             self.xtx, self.xtr = np.zeros((k, k)), np.zeros((k, m))
@@ -89,7 +90,7 @@ class Refit(Pass):
         # in graph order, each layer fitted on the inputs the layers refitted before it give
         report_units = []
         original = exposed_session(
-            ws.ctx.original, sorted({u.output for u in units}), ws.ctx.providers
+            require_original(ws.ctx, self.name), sorted({u.output for u in units}), ws.ctx.providers
         )
         for unit in units:
             self._stream(ws, [unit], original)

@@ -62,8 +62,8 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    import onnxprune.passes  # noqa: F401 - the package imports the built-ins, which register
-
+    # The built-ins are registered already: importing this module ran onnxprune/passes/__init__,
+    # which imports each of them.
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         origin = f"{ep.dist.name if ep.dist else '?'} ({ep.value})"
         try:

@@ -33,7 +33,7 @@ def conv(an: Analysis, node: onnx.NodeProto) -> None:
     if has_bias and bias is None:
         an.pin_inputs(node, "bias is not a constant")
         return
-    zero_rows = ~w.reshape(cout, -1).any(axis=1)
+    zero_rows = ~np.asarray(w.reshape(cout, -1).any(axis=1))
     bias_zero = np.ones(cout, bool) if bias is None else np.asarray(bias == 0)
     if group == 1:
         if lab is not None:
@@ -163,7 +163,7 @@ def gemm(an: Analysis, node: onnx.NodeProto) -> None:
         if c.ndim >= 1 and c.shape[-1] == n:
             an.member(node, 2, c.ndim - 1, ids, "bias")
             rows = max(1, c.shape[0] if c.ndim == 2 else 1)
-            c_zero = ~np.broadcast_to(c, (rows, n)).any(0)
+            c_zero = ~np.asarray(np.broadcast_to(c, (rows, n)).any(0))
         else:
             c_zero = np.full(n, not np.any(c))
         if attr(node, "beta", 1.0) == 0:
