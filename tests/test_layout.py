@@ -45,7 +45,9 @@ def test_sessions_are_made_in_one_place() -> None:
         _module_name(path)
         for path in MODULES
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Attribute) and node.attr == "InferenceSession"
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "InferenceSession"
     ]
     assert makers == ["onnxprune.runtime"], makers
 
