@@ -169,7 +169,8 @@ def _check_keys(
     if missing:
         raise DataError(
             f"{path}: no array for model input(s) {missing}; the file has {sorted(arrays)}"
-            f"{_near_misses(extra, missing)} (key each array by the model's input name)"
+            f"{_near_misses(extra, missing, named=True)}; key each array by the model's "
+            "input name"
         )
     if extra:
         weights = sorted(set(extra) & {t.name for t in model.graph.initializer})
@@ -181,8 +182,9 @@ def _check_keys(
         )
 
 
-def _near_misses(keys: list[str], names: list[str]) -> str:
-    """`` (did you mean 'labels'?)`` for the keys that resemble one of ``names``."""
+def _near_misses(keys: list[str], names: list[str], *, named: bool = False) -> str:
+    """`` (did you mean 'labels'?)`` for the keys that resemble one of ``names`` (``named``,
+    or several keys: `` (did you mean 'labels' for 'label'?)``)."""
     guesses = []
     for key in keys:
         same_case = [n for n in names if n.lower() == key.lower()]
@@ -191,7 +193,7 @@ def _near_misses(keys: list[str], names: list[str]) -> str:
             guesses.append((key, close[0]))
     if not guesses:
         return ""
-    if len(keys) == 1:
+    if len(keys) == 1 and not named:
         return f" (did you mean {guesses[0][1]!r}?)"
     return " (did you mean " + ", ".join(f"{n!r} for {k!r}" for k, n in guesses) + "?)"
 
@@ -243,15 +245,14 @@ def _cast(what: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
         return cast
     changed = cast != arr
     if changed.any():
-        example = arr[changed].flat[0]
+        example = arr[changed].flat[0].item()
         allowed = (
             "0 or 1 (or booleans)"
             if want.kind == "b"
             else f"integers in [{np.iinfo(want).min}, {np.iinfo(want).max}]"
         )
         raise DataError(
-            f"{what} has values a {want} input cannot take exactly (e.g. {example!r}); "
-            f"give {allowed}"
+            f"{what} has values that change when cast to {want} (e.g. {example!r}); give {allowed}"
         )
     return cast
 
@@ -265,7 +266,7 @@ def _require_finite(what: str, arr: np.ndarray) -> None:
         first = int(np.flatnonzero(bad.reshape(len(arr), -1).any(axis=1))[0])
         raise DataError(
             f"{what} has {int(bad.sum())} NaN or infinite value(s), the first in sample "
-            f"{first}; data must be finite"
+            f"{first}; data must be finite: drop or fix those samples"
         )
 
 
@@ -293,7 +294,7 @@ def _labels(what: str, labels: np.ndarray) -> np.ndarray:
             + ("; map class names to indices" if kind in "US" else "")
         )
     if kind != "b" and len(labels) and labels.min() < 0:
-        raise DataError(f"{what} must be class indices >= 0, not {labels.min()!r}")
+        raise DataError(f"{what} must be class indices >= 0, not {labels.min().item()!r}")
     return labels.astype(np.int64)
 
 

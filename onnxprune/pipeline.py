@@ -76,8 +76,11 @@ def run(
     for p in chain:  # every option error before any work
         p.check_options()
     if ctx is None:
-        if data is not None and not Path(data).is_file():
-            raise DataError(f"{data}: no such data file")  # not only when a pass first reads it
+        if data is not None and not Path(data).is_file():  # not only when a pass first reads it
+            what = (
+                "is a folder, not an .npz data file" if Path(data).is_dir() else "no such data file"
+            )
+            raise DataError(f"{data}: {what}")
         keep = not inplace or any(p.needs_original for p in chain)
         ctx = Context(
             original=(copy.deepcopy(model) if inplace else model) if keep else None,
