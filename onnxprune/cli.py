@@ -148,7 +148,12 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     default=None,
     help="Write the full report as JSON here.",
 )
-@click.option("--seed", type=int, default=None, help="Seed for anything random [default: 0].")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Seed for anything random, an integer >= 0 [default: 0].",
+)
 @click.option(
     "--external-data/--no-external-data",
     default=None,

@@ -15,6 +15,11 @@ class OnnxPruneError(Exception):
     exit_code = 2
 
 
+class ArgumentError(OnnxPruneError, TypeError):
+    """Raised when a Python API function gets an argument of the wrong type or value; the
+    message names the function and the argument (a TypeError too, for API callers)."""
+
+
 class ModelLoadError(OnnxPruneError):
     """Raised when a model file is missing, unreadable, not ONNX, or rejected by onnx.checker."""
 

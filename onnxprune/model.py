@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxprune.errors import ModelLoadError, ModelSaveError, first_line
+from onnxprune.errors import ArgumentError, ModelLoadError, ModelSaveError, first_line
 from onnxprune.graph import iter_graphs, iter_initializers
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
@@ -34,14 +34,24 @@ FLOAT_TYPES = frozenset(
     )
 )
 PROVENANCE_KEY = "onnxprune"
+MODEL_ARGUMENT = "a file path (str or os.PathLike) or an onnx.ModelProto"
 
 
-def load(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model (with its external data) and check it.
+def load(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model (with its external data) and check it; a ModelProto is checked and
+    returned as it is.
 
     Raises:
+        ArgumentError: ``path`` is neither a path (str or os.PathLike) nor a ModelProto.
         ModelLoadError: the file is missing, not an ONNX model, or rejected by onnx.checker.
     """
+    if isinstance(path, onnx.ModelProto):
+        _require_parts(path, "model")
+        if check:
+            check_model(path)
+        return path
+    if not isinstance(path, (str, os.PathLike)):
+        raise wrong_type(path, "onnxprune.load: path", MODEL_ARGUMENT)
     path = Path(path)
     try:
         exists, is_dir = path.exists(), path.is_dir()
@@ -60,11 +70,31 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto
         raise ModelLoadError(
             f"{path}: cannot read model or its external data: {first_line(exc)}"
         ) from exc
-    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
-        raise ModelLoadError(f"{path}: not an ONNX model (no IR version, graph or opset)")
+    _require_parts(model, str(path))
     if check:
         check_model(model, str(path))
     return model
+
+
+def _require_parts(model: onnx.ModelProto, where: str) -> None:
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{where}: not an ONNX model (no IR version, graph or opset)")
+
+
+def wrong_type(value: object, argument: str, expected: str) -> ArgumentError:
+    """The error for an ``argument`` (``"onnxprune.run: model"``) that is not ``expected``:
+    it names what was given, with the fix for the usual mix-ups (bytes, a GraphProto)."""
+    got = "None" if value is None else type(value).__name__
+    if isinstance(value, (str, bytes)) and len(value) <= 40:
+        got += f" {value!r}"
+    hint = ""
+    if isinstance(value, (bytes, bytearray)):
+        hint = "; for a serialised model use onnx.load_model_from_string(data)"
+    elif isinstance(value, onnx.GraphProto):
+        hint = "; wrap a graph with onnx.helper.make_model(graph, opset_imports=[...])"
+    elif isinstance(value, (str, os.PathLike)) and "path" not in expected:
+        hint = "; read a file with onnxprune.load(path) first"
+    return ArgumentError(f"{argument} must be {expected}, got {got}{hint}")
 
 
 def check_model(model: onnx.ModelProto, where: str = "model") -> None:
@@ -144,8 +174,13 @@ def save(
         protect: a path that must not be overwritten (the input model).
 
     Raises:
+        ArgumentError: ``model`` is not a ModelProto, or ``path`` not a str or os.PathLike.
         ModelSaveError: the output equals ``protect`` or cannot be written.
     """
+    if not isinstance(model, onnx.ModelProto):
+        raise wrong_type(model, "onnxprune.save: model", "an onnx.ModelProto")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"onnxprune.save: path must be a str or os.PathLike, got {path!r}")
     path = Path(path)
     if protect is not None and _same_file(path, Path(protect)):
         raise ModelSaveError(f"{path}: refusing to overwrite the input model; choose another -o")

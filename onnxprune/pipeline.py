@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from importlib.metadata import entry_points, packages_distributions
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,27 @@ import onnx
 
 from onnxprune.context import Context
 from onnxprune.cost import summarize
-from onnxprune.errors import DataError, InternalError, OnnxPruneError, PassContractError
-from onnxprune.model import add_provenance
+from onnxprune.errors import (
+    ArgumentError,
+    DataError,
+    InternalError,
+    OnnxPruneError,
+    PassContractError,
+    PassFailedError,
+    first_line,
+)
+from onnxprune.model import MODEL_ARGUMENT, add_provenance, load, wrong_type
 from onnxprune.passes.base import Pass, PassResult
-from onnxprune.passes.registry import parse_pass_spec
+from onnxprune.passes.registry import ENTRY_POINT_GROUP, parse_pass_spec
 from onnxprune.runtime import Device, providers_for
 from onnxprune.version import __version__
 
+PATH_TYPES = (str, os.PathLike)
+
 
 def run(
-    model: onnx.ModelProto,
-    passes: Sequence[Pass | str],
+    model: onnx.ModelProto | str | os.PathLike[str],
+    passes: Sequence[Pass | str] | Pass | str,
     *,
     data: str | os.PathLike[str] | None = None,
     device: Device = "auto",
@@ -35,8 +46,9 @@ def run(
     """Apply ``passes`` in order to a copy of ``model``.
 
     Args:
-        model: the input model; it is not modified unless ``inplace``.
-        passes: Pass instances or ``"name:key=value,..."`` specs.
+        model: the input model, or the path of one (loaded and checked; then ``model_path``
+            defaults to it); a ModelProto is not modified unless ``inplace``.
+        passes: Pass instances or ``"name:key=value,..."`` specs (or a single one).
         data: calibration / test data (.npz) for passes that run the model.
         device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
         seed: seed for anything random.
@@ -50,12 +62,25 @@ def run(
         The new model (with provenance in its metadata) and a JSON-ready report.
 
     Raises:
-        OnnxPruneError: a bad pass spec or option, bad data, or a pass that failed.
+        ArgumentError: an argument of the wrong type (or a negative seed); the message names it.
+        OnnxPruneError: a bad pass spec or option, bad data, or a pass that failed (one from
+            another distribution that crashes is a :class:`PassFailedError` naming it).
     """
-    chain = [parse_pass_spec(p) if isinstance(p, str) else p for p in passes]
+    if not isinstance(model, onnx.ModelProto):
+        if not isinstance(model, PATH_TYPES):
+            raise wrong_type(model, "onnxprune.run: model", MODEL_ARGUMENT)
+        model_path = model if model_path is None else model_path
+        model, inplace = load(model), True  # nobody else holds the loaded model
+    chain = _chain(passes)
+    _check_arguments(data, seed, model_path, ctx, inplace)
+    for p in chain:  # every option error before any work
+        p.check_options()
     if ctx is None:
-        if data is not None and not Path(data).is_file():
-            raise DataError(f"{data}: no such data file")  # not only when a pass first reads it
+        if data is not None and not Path(data).is_file():  # not only when a pass first reads it
+            what = (
+                "is a folder, not an .npz data file" if Path(data).is_dir() else "no such data file"
+            )
+            raise DataError(f"{data}: {what}")
         keep = not inplace or any(p.needs_original for p in chain)
         ctx = Context(
             original=(copy.deepcopy(model) if inplace else model) if keep else None,
@@ -90,12 +115,81 @@ def run(
     return out, report
 
 
+def _chain(passes: Any) -> list[Pass]:
+    """The passes argument as a list of Pass instances (specs parsed).
+
+    Raises:
+        ArgumentError: it is not a Pass, a spec, or a sequence of those.
+    """
+    items = [passes] if isinstance(passes, (Pass, str)) else passes
+    if not isinstance(items, Iterable):
+        raise ArgumentError(
+            "onnxprune.run: passes must be a list of Pass objects or 'name:key=value' specs, "
+            f"got {type(passes).__name__}"
+        )
+    chain = []
+    for index, p in enumerate(items):
+        if isinstance(p, str):
+            chain.append(parse_pass_spec(p))
+        elif isinstance(p, Pass):
+            chain.append(p)
+        elif isinstance(p, type) and issubclass(p, Pass):
+            raise ArgumentError(
+                f"onnxprune.run: passes[{index}] is the class {p.__name__}; give an instance "
+                f"({p.__name__}()) or its name {p.name!r}"
+            )
+        else:
+            raise ArgumentError(
+                f"onnxprune.run: passes[{index}] must be a Pass or a 'name:key=value' spec, "
+                f"got {type(p).__name__} {p!r:.40}"
+            )
+    return chain
+
+
+def _check_arguments(data: Any, seed: Any, model_path: Any, ctx: Any, inplace: Any) -> None:
+    """The keyword arguments of :func:`run` have their types (seed an integer >= 0).
+
+    Raises:
+        ArgumentError: naming the argument, what it must be, and what it got.
+    """
+
+    def require(ok: bool, name: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ArgumentError(f"onnxprune.run: {name} must be {expected}, got {value!r:.60}")
+
+    path = "a path (str or os.PathLike) or None"
+    require(data is None or isinstance(data, PATH_TYPES), "data", data, path)
+    require(
+        model_path is None or isinstance(model_path, PATH_TYPES), "model_path", model_path, path
+    )
+    is_int = isinstance(seed, int) and not isinstance(seed, bool)
+    require(is_int and seed >= 0, "seed", seed, "an integer >= 0")
+    require(ctx is None or isinstance(ctx, Context), "ctx", ctx, "an onnxprune.Context or None")
+    require(isinstance(inplace, bool), "inplace", inplace, "True or False")
+
+
+def _distribution(p: Pass) -> str | None:
+    """The installed distribution, other than onnxprune, that provides ``p``'s class (None
+    for onnxprune's own passes and for classes outside any distribution: scripts, tests)."""
+    top = type(p).__module__.split(".")[0]
+    if top == "onnxprune":
+        return None
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=p.name):
+        if ep.dist is not None and ep.module.split(".")[0] == top:
+            return ep.dist.name
+    names = sorted(set(packages_distributions().get(top, [])) - {"onnxprune"})
+    return ", ".join(names) or None
+
+
 def _apply(
     p: Pass, work: onnx.ModelProto, ctx: Context, before: Sequence[str]
 ) -> tuple[PassResult, dict[str, Any]]:
     """Call one pass (its contract checks included), time it, and build its report section.
 
-    A failure names the pass and ``before``, the passes that ran before it.
+    A failure names the pass and ``before``, the passes that ran before it. A pass that
+    crashes (an exception that is not onnxprune's) is a bug in onnxprune
+    (:class:`InternalError`) unless it comes from another installed distribution: then it is a
+    :class:`PassFailedError` naming that distribution.
     """
     after = ", ".join(before) or "none"
     start = time.perf_counter()
@@ -107,6 +201,12 @@ def _apply(
     except (OnnxPruneError, InternalError):
         raise
     except Exception as exc:
+        dist = _distribution(p)
+        if dist is not None:  # a bug in that pass: exit 2, not onnxprune's exit 3
+            raise PassFailedError(
+                f"pass {p.name} (from dist {dist}) failed: {type(exc).__name__}: "
+                f"{first_line(exc)} (after: {after}); report it to the authors of {dist}"
+            ) from exc
         raise InternalError(
             f"pass {p.name} (after: {after}) crashed: {type(exc).__name__}: {exc}"
         ) from exc

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxprune.errors import RecipeError
+from onnxprune.errors import PassOptionError, RecipeError
 from onnxprune.passes.base import Pass
 from onnxprune.passes.registry import get_pass
 
 RUN_KEYS = {"data", "device", "seed", "output", "report"}
 PATH_KEYS = {"data", "output", "report"}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -41,8 +42,11 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     """Read and check a recipe file.
 
     Raises:
-        RecipeError: missing file, bad TOML, unknown keys, or a pass entry without a name.
-        PassNotFoundError, PassOptionError: as for ``-p``.
+        RecipeError: missing file, bad TOML, unknown keys, a setting of the wrong type (seed
+            not an integer >= 0, device not auto/cpu/cuda, a path not a string), or a pass
+            entry that is not a table or has no name.
+        PassNotFoundError: as for ``-p``.
+        PassOptionError: as for ``-p``, with the file and the entry's number.
     """
     path = Path(path)
     try:
@@ -61,13 +65,34 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         )
     recipe = Recipe()
     for key, value in doc.items():
+        _check_setting(path, key, value)
         recipe.settings[key] = (path.parent / value) if key in PATH_KEYS else value
-    if not isinstance(entries, list):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise RecipeError(f"{path}: 'pass' must be an array of tables ([[pass]])")
     for i, entry in enumerate(entries, 1):
         options = dict(entry)
         name = options.pop("name", None)
         if not isinstance(name, str):
             raise RecipeError(f'{path}: [[pass]] number {i} has no name = "..."')
-        recipe.passes.append(get_pass(name).from_options(options))
+        try:
+            recipe.passes.append(get_pass(name).from_options(options))
+        except PassOptionError as exc:
+            raise PassOptionError(f"{path}: [[pass]] number {i}: {exc}") from exc
     return recipe
+
+
+def _check_setting(path: Path, key: str, value: Any) -> None:
+    """A run setting has the type the command line gives it.
+
+    Raises:
+        RecipeError: naming the file, the key, the value and what is allowed.
+    """
+    if key in PATH_KEYS:
+        ok, allowed = isinstance(value, str) and value.strip() != "", "a path (a string)"
+    elif key == "device":
+        ok, allowed = value in DEVICES, f"one of {', '.join(DEVICES)}"
+    else:  # seed
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        allowed = "an integer >= 0"
+    if not ok:
+        raise RecipeError(f"{path}: {key} = {value!r}: expected {allowed}")

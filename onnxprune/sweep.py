@@ -21,7 +21,7 @@ import onnx
 from onnxprune.cost import summarize
 from onnxprune.errors import PassOptionError
 from onnxprune.model import save
-from onnxprune.passes.base import Pass, coerce
+from onnxprune.passes.base import Pass, check_value, coerce, with_range
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.runtime import Device
@@ -35,7 +35,8 @@ def parse_values(text: str) -> list[float]:
     """``START:STOP:STEP`` (stop included, within float tolerance) or ``V1,V2,...``.
 
     Raises:
-        ValueError: malformed text, a step that is not positive, or too many points.
+        ValueError: malformed text, a value that is NaN or infinite, a step that is not
+            positive, or too many points.
     """
     text = text.strip()
     if ":" in text:
@@ -46,6 +47,8 @@ def parse_values(text: str) -> list[float]:
             start, stop, step = (float(p) for p in parts)
         except ValueError:
             raise ValueError(f"{text!r}: START, STOP and STEP must be numbers") from None
+        if not all(map(math.isfinite, (start, stop, step))):
+            raise ValueError(f"{text!r}: START, STOP and STEP must be finite numbers")
         if not step > 0:
             raise ValueError(f"{text!r}: STEP must be > 0")
         if stop < start:
@@ -62,6 +65,9 @@ def parse_values(text: str) -> list[float]:
         ) from None
     if not values:
         raise ValueError("no values")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{text!r}: {bad[0]:g} is not a finite number")
     if len(values) > MAX_POINTS:
         raise ValueError(f"{len(values)} points; at most {MAX_POINTS}")
     return values
@@ -81,11 +87,15 @@ def apply_value(chain: Sequence[Pass], key: str, value: float) -> list[Pass]:
             out.append(p)
             continue
         hits += 1
+        spec = next(f for f in dataclasses.fields(p) if f.name == field)
         try:
             typed = coerce(value, typing.get_type_hints(type(p))[field])
+            check_value(spec, typed)
             out.append(dataclasses.replace(p, **{field: typed}))
         except (TypeError, ValueError) as exc:
-            raise PassOptionError(f"pass {p.name}: {field}={value:g}: {exc}") from exc
+            raise PassOptionError(
+                f"pass {p.name}: {field}={value:g}: {with_range(exc, spec)}"
+            ) from exc
     if not hits:
         raise PassOptionError(
             f"--sweep-key {key}: no pass in the chain has an option {field!r} "

@@ -6,7 +6,10 @@ A pass is a dataclass whose fields are its options (typed, with defaults); it ov
 and checks what ``run`` returned; the pipeline calls passes that way, and so may anyone else.
 ``-p NAME:key=value,...`` on the command line, a recipe file and ``Pass.from_options`` all go
 through the same typed conversion, so an unknown key or a bad value is one clear error naming
-the pass, the key and what is allowed.
+the pass, the key and what is allowed. An option may declare its range
+(``option(0.5, "...", low=0, below=1)``) or that it is a regular expression (``regex=True``);
+a float option must be finite unless it says ``finite=False``. Those rules hold for options
+from the command line, a recipe or a sweep, and again when the pass is called.
 
 Example::
 
@@ -23,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -87,11 +91,13 @@ class Pass:
         """Run ``requires`` -> ``run`` -> ``ensures`` on ``model``, which the pass may change.
 
         Raises:
+            PassOptionError: an option breaks its declared range (:meth:`check_options`).
             PreconditionError: ``requires`` failed.
             PassFailedError: ``run`` refused the model, returned something other than a
                 PassResult, or broke its ``in_place`` declaration.
             PostconditionError: ``ensures`` failed on the result.
         """
+        self.check_options()
         try:
             self.requires(model, ctx)
         except PassContractError:
@@ -146,7 +152,8 @@ class Pass:
 
     @classmethod
     def option_specs(cls) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, help) of each option, for ``--list-passes``."""
+        """(name, type, default, help) of each option, for ``--list-passes``; the help ends with
+        the option's range when it declares one."""
         hints = typing.get_type_hints(cls)
         specs = []
         for f in dataclasses.fields(cls):
@@ -155,7 +162,11 @@ class Pass:
                 if f.default is not dataclasses.MISSING
                 else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             )
-            specs.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+            help_text = f.metadata.get("help", "")
+            bounds: Bounds = f.metadata.get("bounds", _UNBOUNDED)
+            if bounds.bounded():
+                help_text += f" [{bounds.describe(f.name)}]"
+            specs.append((f.name, _type_name(hints[f.name]), default, help_text))
         return specs
 
     @classmethod
@@ -163,10 +174,11 @@ class Pass:
         """Build the pass from raw options (strings from the CLI, or typed TOML values).
 
         Raises:
-            PassOptionError: an unknown key, or a value that does not fit the option's type.
+            PassOptionError: an unknown key, or a value that does not fit the option's type,
+                range or regex.
         """
         hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, raw in options.items():
             norm = key.replace("-", "_")
@@ -177,12 +189,30 @@ class Pass:
                 )
             try:
                 kwargs[norm] = coerce(raw, hints[norm])
+                check_value(fields[norm], kwargs[norm])
             except ValueError as exc:
-                raise PassOptionError(f"pass {cls.name}: option {key}={raw!r}: {exc}") from exc
+                raise PassOptionError(
+                    f"pass {cls.name}: option {key}={raw!r}: {with_range(exc, fields[norm])}"
+                ) from exc
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
             raise PassOptionError(f"pass {cls.name}: {exc}") from exc
+
+    def check_options(self) -> None:
+        """Every option holds a value its declaration allows (range, finite, regex).
+
+        Raises:
+            PassOptionError: naming the pass, the option, the value and what is allowed.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                check_value(f, value)
+            except ValueError as exc:
+                raise PassOptionError(
+                    f"pass {self.name}: option {f.name}={value!r}: {with_range(exc, f)}"
+                ) from exc
 
     def options(self) -> dict[str, Any]:
         """The options as set, JSON-ready (for reports and provenance)."""
@@ -205,11 +235,98 @@ def require_original(ctx: Context, pass_name: str) -> onnx.ModelProto:
     return ctx.original
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse/click naming
-    """A dataclass field with help text for ``--list-passes``."""
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a numeric option allows: ``low``/``high`` inclusive, ``above``/``below``
+    exclusive (None: unbounded); NaN and infinity only when ``finite`` is False."""
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    finite: bool = True
+
+    def bounded(self) -> bool:
+        """Whether any limit is set."""
+        return any(b is not None for b in (self.low, self.high, self.above, self.below))
+
+    def contains(self, value: float) -> bool:
+        """``value`` lies within every limit."""
+        return not (
+            (self.low is not None and not value >= self.low)
+            or (self.high is not None and not value <= self.high)
+            or (self.above is not None and not value > self.above)
+            or (self.below is not None and not value < self.below)
+        )
+
+    def describe(self, name: str) -> str:
+        """The range as ``0 <= name < 1``, ``name >= 1`` or ``name > 0`` (when bounded)."""
+        low = (self.low, "<=") if self.low is not None else (self.above, "<")
+        high = (self.high, "<=") if self.high is not None else (self.below, "<")
+        if high[0] is None:
+            return f"{name} {'>=' if low[1] == '<=' else '>'} {low[0]:g}"
+        text = f"{name} {high[1]} {high[0]:g}"
+        return f"{low[0]:g} {low[1]} {text}" if low[0] is not None else text
+
+
+_UNBOUNDED = Bounds()
+
+
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - mirrors argparse/click naming
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    finite: bool = True,
+    regex: bool = False,
+) -> Any:
+    """A dataclass field with help text for ``--list-passes`` and the values it allows.
+
+    ``low``/``high`` are inclusive limits, ``above``/``below`` exclusive ones (for a number, or
+    each number of a list); a float must be finite unless ``finite=False``; ``regex=True``
+    makes a string option a regular expression that must compile.
+    """
+    bounds = Bounds(low, high, above, below, finite)
+    metadata = {"help": help, "bounds": bounds, "regex": regex}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def check_value(f: dataclasses.Field, value: Any) -> None:
+    """``value`` fits option ``f``'s declaration: every number finite (unless declared
+    otherwise) and within its bounds, a regex option a valid pattern. None passes.
+
+    Raises:
+        ValueError: what is wrong (:func:`with_range` adds the allowed range).
+    """
+    bounds: Bounds = f.metadata.get("bounds", _UNBOUNDED)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            if bounds.bounded() and item is not None:
+                raise ValueError("expected a number")
+            continue
+        if isinstance(item, float) and bounds.finite and not math.isfinite(item):
+            raise ValueError("expected a finite number")
+        if not bounds.contains(item):
+            raise ValueError("out of range")
+    if f.metadata.get("regex") and isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+
+
+def with_range(exc: Exception, f: dataclasses.Field) -> str:
+    """``exc``'s message, followed by the range option ``f`` allows when it declares one."""
+    bounds: Bounds = f.metadata.get("bounds", _UNBOUNDED)
+    if bounds.bounded():
+        return f"{exc}; allowed: {bounds.describe(f.name)}"
+    return str(exc)
 
 
 def coerce(raw: Any, tp: Any) -> Any:
@@ -268,6 +385,8 @@ def coerce(raw: Any, tp: Any) -> Any:
         except (TypeError, ValueError):
             raise ValueError("expected a number") from None
     if tp is str:
+        if isinstance(raw, (list, tuple, dict, set)):
+            raise ValueError(f"expected a single value, not a {type(raw).__name__}")
         return str(raw)
     raise ValueError(f"unsupported option type {tp}")
 

@@ -40,7 +40,7 @@ class Cleanup(Pass):
     name: ClassVar[str] = "cleanup"
     in_place: ClassVar[bool] = False  # onnx-graphsurgeon exports a new model
     fold_constants: bool = option(True, "evaluate constant subgraphs and store their values")
-    fold_limit_mb: float = option(64.0, "do not fold into a tensor larger than this (MiB)")
+    fold_limit_mb: float = option(64.0, "do not fold into a tensor larger than this (MiB)", low=0)
     keep_initializer_inputs: bool = option(False, "keep initializers that are also graph inputs")
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:

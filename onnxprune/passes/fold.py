@@ -95,8 +95,10 @@ class Fold(Pass):
 
     name: ClassVar[str] = "fold"
     constants: bool = option(True, "also remove constant non-zero channels into the next bias")
-    tolerance: float = option(1e-5, "relative spread allowed for a constant channel in the probe")
-    max_rounds: int = option(4, "repeat analysis and removal at most this often")
+    tolerance: float = option(
+        1e-5, "relative spread allowed for a constant channel in the probe", low=0
+    )
+    max_rounds: int = option(4, "repeat analysis and removal at most this often", low=1)
     verify: bool = option(True, "run the model before and after on a sample and fail if it differs")
 
     def __post_init__(self) -> None:

@@ -57,10 +57,10 @@ class Magnitude(Pass):
     """
 
     name: ClassVar[str] = "magnitude"
-    sparsity: float = option(0.5, "share of weights to zero (unstructured)")
+    sparsity: float = option(0.5, "share of weights to zero (unstructured)", low=0, below=1)
     pattern: str = option("unstructured", "unstructured, or N:M such as 2:4")
     method: Literal["magnitude", "wanda"] = option("magnitude", "score by |w|, or |w| x ||x||")
-    skip: str = option("", "regex of node or weight names to leave dense")
+    skip: str = option("", "regex of node or weight names to leave dense", regex=True)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:

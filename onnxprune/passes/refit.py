@@ -73,9 +73,9 @@ class Refit(Pass):
 
     name: ClassVar[str] = "refit"
     needs_original: ClassVar[bool] = True
-    ridge: float = option(0.1, "ridge strength, relative to the mean input energy")
-    max_batches: int = option(64, "calibration batches to stream (at most)")
-    max_rows: int = option(4096, "rows (positions) sampled per batch and layer")
+    ridge: float = option(0.1, "ridge strength, relative to the mean input energy", low=0)
+    max_batches: int = option(64, "calibration batches to stream (at most)", low=1)
+    max_rows: int = option(4096, "rows (positions) sampled per batch and layer", low=1)
 
     def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
         """The context holds the original model (the targets of the fit)."""

@@ -44,7 +44,7 @@ class Stats(Pass):
     compensate: Literal["auto", "on", "off"] = option(
         "auto", "move pruned channels' mean into the next bias (auto: when --data is given)"
     )
-    protect: str = option("", "regex of node/initializer names whose groups stay whole")
+    protect: str = option("", "regex of node/initializer names whose groups stay whole", regex=True)
 
     def __post_init__(self) -> None:
         get_criterion(self.metric, f"pass {self.name}")

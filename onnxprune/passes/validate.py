@@ -69,16 +69,22 @@ class Validate(Pass):
 
     name: ClassVar[str] = "validate"
     needs_original: ClassVar[bool] = True
-    max_accuracy_drop: float | None = option(None, "gate: largest allowed accuracy drop (0-1)")
-    min_cosine: float | None = option(None, "gate: smallest allowed mean cosine of each output")
-    max_latency_ratio: float | None = option(
-        None, "gate: largest allowed pruned/original median latency"
+    max_accuracy_drop: float | None = option(
+        None, "gate: largest allowed accuracy drop (0-1)", low=0, high=1
     )
-    runs: int = option(30, "timed runs per model (0: no latency)")
-    warmup: int = option(5, "untimed runs per model before timing")
-    threads: int = option(0, "onnxruntime intra-op threads (0: onnxruntime's default)")
-    latency_batch: int = option(1, "samples per timed run (a fixed-batch model uses its own)")
-    samples: int = option(0, "compare on at most this many samples (0: all)")
+    min_cosine: float | None = option(
+        None, "gate: smallest allowed mean cosine of each output", low=-1, high=1
+    )
+    max_latency_ratio: float | None = option(
+        None, "gate: largest allowed pruned/original median latency", above=0
+    )
+    runs: int = option(30, "timed runs per model (0: no latency)", low=0)
+    warmup: int = option(5, "untimed runs per model before timing", low=0)
+    threads: int = option(0, "onnxruntime intra-op threads (0: onnxruntime's default)", low=0)
+    latency_batch: int = option(
+        1, "samples per timed run (a fixed-batch model uses its own)", low=1
+    )
+    samples: int = option(0, "compare on at most this many samples (0: all)", low=0)
     label_output: str | None = option(
         None, "output scored against the labels [default: first classifier-like]"
     )

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 SELECT_LIMIT = 512 << 20  # select=auto compares whole-model copies only below this size
 SELECT_SAMPLES = 512  # calibration samples used to compare choices
+QUORUM = 2  # votes a channel needs when no quorum is given (or every voter, when fewer)
 
 
 def _score(
@@ -71,7 +72,9 @@ class Vote(Pass):
     Rules:
         1. In every prunable group each criterion ranks the free channels and votes for the
            lowest ``sparsity`` share (rounded so kept counts are multiples of ``round_to``).
-        2. ``mode=vote``: channels with at least ``quorum`` votes go, most votes first;
+        2. ``mode=vote``: channels with at least ``quorum`` votes go, most votes first
+           (default :data:`QUORUM`; a quorum above the number of voters is refused, and one
+           above the voters that did not abstain in a group is lowered to them);
            ``mode=average``: the lowest mean of rank-normalised scores go.
         3. With calibration data, each voter's choice is checked by how much of the consumers'
            outputs it loses (``check``: after a least-squares refit, or after bias compensation);
@@ -88,17 +91,25 @@ class Vote(Pass):
 
     name: ClassVar[str] = "vote"
     criteria: tuple[str, ...] = option(("l1", "flap", "wanda"), "criteria that vote (a+b+c)")
-    sparsity: float = option(0.5, "share of each group's channels to prune")
-    quorum: int = option(2, "votes a channel needs to be pruned (mode=vote)")
+    sparsity: float = option(0.5, "share of each group's channels to prune", low=0, below=1)
+    quorum: int | None = option(
+        None,
+        "votes a channel needs to be pruned (mode=vote), at most the number of voters "
+        "[default: 2, or every voter when fewer]",
+        low=1,
+    )
     mode: Literal["vote", "average"] = option("vote", "quorum vote, or mean of normalised ranks")
     scope: Literal["local", "global"] = option("local", "prune per group, or rank across groups")
-    floor: float = option(0.1, "scope=global: keep at least this share of every group")
+    floor: float = option(
+        0.1, "scope=global: keep at least this share of every group", low=0, high=1
+    )
     round_to: int = option(
         0,
         "keep channel counts a multiple of this; 0: what suits the runtime here (16 on "
         "AVX-512 CPUs, else 8)",
+        low=0,
     )
-    protect: str = option("", "regex of node/initializer names whose groups stay whole")
+    protect: str = option("", "regex of node/initializer names whose groups stay whole", regex=True)
     ensemble: tuple[str, ...] = option((), "other models of the same architecture that vote too")
     compensate: Literal["auto", "on", "off"] = option(
         "auto", "move pruned channels' mean into the next bias (auto: when --data is given)"
@@ -119,14 +130,22 @@ class Vote(Pass):
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError("sparsity must be in [0, 1)")
-        if self.quorum < 1:
-            raise ValueError("quorum must be at least 1")
         if self.round_to < 0:
             raise ValueError("round_to must be 0 (auto) or at least 1")
         if not self.criteria:
             raise ValueError("criteria must name at least one criterion")
         for c in self.criteria:
             get_criterion(c, f"pass {self.name}")
+        voters = self.voters()
+        if self.quorum is not None and not 1 <= self.quorum <= voters:
+            raise ValueError(
+                f"quorum={self.quorum} but there are {voters} voter(s) ({len(self.criteria)} "
+                f"criteria x {1 + len(self.ensemble)} model(s)); allowed: 1 <= quorum <= {voters}"
+            )
+
+    def voters(self) -> int:
+        """How many vote: every criterion on the model and on each ensemble member."""
+        return len(self.criteria) * (1 + len(self.ensemble))
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
@@ -311,7 +330,8 @@ class Vote(Pass):
         votes = np.zeros(len(classes), dtype=np.int64)
         for s in active.values():
             votes[np.argsort(s, kind="stable")[:k]] += 1
-        quorum = min(self.quorum, len(active))
+        # voters that abstained (no data) or were dropped (rule 3) lower the quorum
+        quorum = min(self.quorum if self.quorum is not None else QUORUM, len(active))
         order = np.lexsort((mean_rank, -votes))
         if not self.fill:
             order = order[votes[order] >= quorum]
