@@ -95,7 +95,8 @@ class ChannelStats:
     m2: np.ndarray = field(default_factory=lambda: np.empty(0))  # empty: derive from the sums
 
     def __post_init__(self) -> None:
-        if self.m2.shape != np.shape(self.sum):  # built from sums only: derive it (less accurate, never negative)
+        if self.m2.shape != np.shape(self.sum):
+            # built from sums only: derive it (less accurate, never negative)
             with np.errstate(invalid="ignore", divide="ignore"):
                 m2 = self.sumsq - self.sum * self.sum / self.count if self.count else 0.0
             self.m2 = np.maximum(np.zeros_like(self.sum) + m2, 0.0)
