@@ -98,6 +98,13 @@ def _in_place(path: Path) -> bool:
     return not stat.S_ISREG(mode) or _through_fd_link(path)
 
 
+def _is_char_device(path: Path) -> bool:
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _through_fd_link(path: Path) -> bool:
     """Whether ``path`` or a symlink it leads through names a file descriptor."""
     p = os.path.abspath(path)
@@ -132,7 +139,7 @@ class OutputPlan:
     inputs: list[_Input] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     folders: list[_Folder] = field(default_factory=list)
-    _stages: dict[Path | None, Path] = field(default_factory=dict)  # output folder -> staging
+    _stages: dict[str, Path] = field(default_factory=dict)  # output folder -> staging folder
     _mode: int = 0o644  # a new file's mode under the user's umask (read off a reserved file)
 
     # --- what the run reads and writes ---------------------------------------------------------
@@ -197,6 +204,8 @@ class OutputPlan:
         for t in self.targets:
             ident = _identity(t.real)
             self._check_inputs(t, ident)
+            if t.in_place and _is_char_device(t.real):
+                continue  # /dev/null, a tty: several outputs may share it
             other = seen.get(t.real) or (ids.get(ident) if ident else None)
             if other is not None:
                 raise ModelSaveError(
@@ -276,10 +285,10 @@ class OutputPlan:
             raise ModelSaveError(f"{where}: {exc.strerror or exc}") from exc
 
     def _stage_for(self, t: Target) -> Path:
-        """The staging folder beside ``t`` (in the temp folder for a FIFO or device)."""
-        key = None if t.in_place else t.real.parent
+        """The staging folder beside ``t`` (its own, in the temp folder, for a FIFO or device)."""
+        key = f"in place {id(t)}" if t.in_place else str(t.real.parent)
         if key not in self._stages:
-            folder = tempfile.gettempdir() if key is None else key
+            folder = tempfile.gettempdir() if t.in_place else t.real.parent
             self._stages[key] = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
         return self._stages[key]
 

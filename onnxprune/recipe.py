@@ -61,7 +61,8 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         )
     recipe = Recipe()
     for key, value in doc.items():
-        recipe.settings[key] = (path.parent / value) if key in PATH_KEYS else value
+        resolve = key in PATH_KEYS and value != "-"  # report = "-": stdout, as for --report -
+        recipe.settings[key] = (path.parent / value) if resolve else value
     if not isinstance(entries, list):
         raise RecipeError(f"{path}: 'pass' must be an array of tables ([[pass]])")
     for i, entry in enumerate(entries, 1):

@@ -19,7 +19,7 @@ import pytest
 from conftest import invoke as cli
 
 import onnxprune
-from onnxprune import outputs
+from onnxprune import outputs, sweep
 from onnxprune.errors import ModelSaveError
 from onnxprune.outputs import OutputPlan
 
@@ -259,6 +259,16 @@ def test_report_dash_is_json_on_stdout_alone(cnn, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "o.onnx"]  # no file "-"
 
 
+def test_recipe_report_dash_is_stdout(cnn, tmp_path, monkeypatch):
+    (tmp_path / "r").mkdir()
+    recipe = tmp_path / "r" / "r.toml"
+    recipe.write_text('report = "-"\noutput = "o.onnx"\n[[pass]]\nname = "cleanup"\n')
+    result = cli(cnn, "--recipe", recipe)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output"] == str(tmp_path / "r" / "o.onnx")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["o.onnx", "r.toml"]
+
+
 def test_report_dev_stdout_in_process(cnn, tmp_path):
     result = cli(cnn, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--report", "/dev/stdout")
     assert result.exit_code == 0, result.stderr
@@ -315,6 +325,11 @@ def test_what_is_written_in_place(tmp_path):
         assert plan.add_output("--report", "/dev/null", "report").in_place
     with pytest.raises(ModelSaveError, match="external data needs a regular file"):
         plan.add_model("-o", tmp_path / "fifo", external_data=True)
+    if Path("/dev/null").exists():  # two outputs may both go to a character device
+        plan = OutputPlan()
+        plan.add_model("-o", "/dev/null", external_data=None)
+        plan.add_output("--report", "/dev/null", "report")
+        plan.check()
 
 
 def test_a_symlinked_output_is_written_through(cnn, tmp_path):
@@ -379,3 +394,47 @@ def test_plan_refuses_an_output_that_is_a_folder_or_in_a_file(tmp_path):
     with pytest.raises(ModelSaveError, match="is a file, not a folder"):
         plan.check()
     assert outputs.is_stdout("-") and not outputs.is_stdout(tmp_path / "f")
+
+
+def test_sweep_report_dash_and_a_bad_plot_suffix(tmp_path, monkeypatch):
+    src = Path(shutil.copy(MODELS / "tf/mlp.onnx", tmp_path / "mlp.onnx"))
+    monkeypatch.chdir(tmp_path)
+    args = [src, "-p", "cleanup", "--sweep", "8,16", "--sweep-key", "fold_limit_mb"]
+    result = cli(*args, "--report", "-")
+    assert result.exit_code == 0, result.stderr
+    assert [p["value"] for p in json.loads(result.stdout)["points"]] == [8.0, 16.0]
+    assert "sweep of fold_limit_mb" in result.stderr
+    one_line_error(cli(*args, "--plot", "p.txt"), "--plot p.txt: matplotlib cannot write .txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
+
+
+def test_run_sweep_saves_all_points_or_none(tmp_path, monkeypatch):
+    src = Path(shutil.copy(MODELS / "tf/mlp.onnx", tmp_path / "mlp.onnx"))
+    model, chain = onnxprune.load(src), [onnxprune.get_pass("cleanup")()]
+    calls = []
+    real_run = sweep.run
+
+    def fails_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise onnxprune.OnnxPruneError("pass cleanup: boom")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run", fails_second)
+    with pytest.raises(onnxprune.OnnxPruneError, match="boom"):
+        sweep.run_sweep(
+            model, chain, [8, 16], "fold_limit_mb", model_path=src, save_to=tmp_path / "pts"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
+    monkeypatch.undo()
+    report = sweep.run_sweep(
+        model, chain, [8, 16], "fold_limit_mb", model_path=src, save_to=tmp_path / "pts"
+    )
+    assert [Path(p["output"]).name for p in report["points"]] == [
+        "mlp.fold_limit_mb-8.onnx",
+        "mlp.fold_limit_mb-16.onnx",
+    ]
+    assert sorted(p.name for p in (tmp_path / "pts").iterdir()) == [
+        "mlp.fold_limit_mb-16.onnx",
+        "mlp.fold_limit_mb-8.onnx",
+    ]
