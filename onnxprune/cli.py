@@ -22,8 +22,9 @@ from rich.console import Console, RenderableType
 
 from onnxprune.analysis.inspect import channel_groups
 from onnxprune.cost import summarize
-from onnxprune.errors import ModelSaveError, OnnxPruneError, ValidationFailed
-from onnxprune.model import load, save
+from onnxprune.errors import OnnxPruneError, ValidationFailed
+from onnxprune.model import load, model_data_files, write_model
+from onnxprune.outputs import OutputPlan, Target, is_stdout
 from onnxprune.passes.base import Pass
 from onnxprune.passes.registry import (
     available_passes,
@@ -33,17 +34,18 @@ from onnxprune.passes.registry import (
 )
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
-from onnxprune.plot import require_matplotlib, write_plot
+from onnxprune.plot import plot_file, write_plot
 from onnxprune.recipe import load_recipe
 from onnxprune.report import (
     groups_table,
+    report_json,
     run_view,
     summary_table,
     sweep_progress,
     sweep_view,
     write_json,
 )
-from onnxprune.sweep import parse_values, run_sweep
+from onnxprune.sweep import add_points, parse_values, run_sweep
 from onnxprune.validation.gates import failed_gates, gate_message
 from onnxprune.version import __version__
 
@@ -85,6 +87,12 @@ class Job:
     report: Path | None
     output: Path | None
     external_data: bool | None
+    recipe: Path | None = None
+
+    @property
+    def report_to_stdout(self) -> bool:
+        """``--report -`` (or /dev/stdout): the JSON alone goes to stdout, the tables to stderr."""
+        return self.report is not None and is_stdout(self.report)
 
 
 def _sweep_values(
@@ -146,7 +154,7 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     "report_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Write the full report as JSON here.",
+    help="Write the full report as JSON here ('-': to stdout, the tables then go to stderr).",
 )
 @click.option(
     "--seed",
@@ -230,6 +238,7 @@ def main(
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     out = Console(quiet=quiet)
+    to_stdout = False
     start = time.perf_counter()
     gates = {
         "max_accuracy_drop": max_accuracy_drop,
@@ -250,6 +259,9 @@ def main(
         job = _job(
             model, pass_specs, output, recipe, data, device, report_path, seed, external_data
         )
+        to_stdout = job.report_to_stdout
+        if to_stdout:
+            out = Console(quiet=quiet, stderr=True)
         if sweep is not None:
             _sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
@@ -269,7 +281,8 @@ def main(
         raise CliError(msg, INTERNAL_EXIT) from exc
     if not quiet:
         click.echo(
-            f"PASSED | {time.perf_counter() - start:.2f} s | onnxprune {' '.join(sys.argv[1:])}"
+            f"PASSED | {time.perf_counter() - start:.2f} s | onnxprune {' '.join(sys.argv[1:])}",
+            err=to_stdout,
         )
 
 
@@ -303,18 +316,43 @@ def _job(
         report=Path(report) if report is not None else None,
         output=Path(out) if out is not None else None,
         external_data=external_data,
+        recipe=recipe_path,
     )
+
+
+def _plan(job: Job) -> tuple[OutputPlan, Target | None]:
+    """The run's inputs (model, --data, recipe) and its report file; the caller adds the rest."""
+    plan = OutputPlan()
+    plan.add_input("the input model", job.model)
+    plan.add_input("the --data file", job.data)
+    plan.add_input("the recipe", job.recipe)
+    report = None
+    if job.report is not None and not job.report_to_stdout:
+        report = plan.add_output("--report", job.report, "report")
+    return plan, report
+
+
+def _load(plan: OutputPlan, job: Job) -> onnx.ModelProto:
+    """Load the model once every output path is checked; its external data joins the inputs."""
+    plan.check()
+    model = load(job.model)
+    for f in model_data_files(job.model):
+        plan.add_input("the input model's external data", f)
+    return model
 
 
 def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
     chain = with_gates(job.chain, **gates)
-    model = load(job.model)
     if not chain:
+        model = load(job.model)
         out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
         return
     target = job.output if job.output is not None else default_output(job.model)
-    with out.status(f"running {', '.join(p.name for p in chain)}"):
+    plan, report_file = _plan(job)
+    model_file = plan.add_model("-o", target, job.external_data)
+    model = _load(plan, job)
+    with plan, out.status(f"running {', '.join(p.name for p in chain)}"):
         new, report = run(
             model,
             chain,
@@ -324,18 +362,20 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
             model_path=job.model,
             inplace=True,
         )
-    save(new, target, external_data=job.external_data, protect=job.model)
-    report["output"] = str(target)
+        plan.write(model_file, lambda file: write_model(new, file, job.external_data))
+        report["output"] = str(target)
+        if report_file is not None:
+            plan.write(report_file, lambda file: file.write_text(report_json(report)))
     _show(out, run_view(report, f"{job.model} -> {target}", job.device))
-    if job.report is not None:
-        write_json(report, job.report)
+    if job.report_to_stdout:
+        write_json(report, "-")
     failed = failed_gates(report)
     if failed:
         raise ValidationFailed(gate_message(failed))
 
 
 def _show(out: Console, view: list[RenderableType]) -> None:
-    """Print a run's or a sweep's view on stdout (stderr keeps the one error line)."""
+    """Print a run's or a sweep's view on ``out`` (stderr keeps the one error line)."""
     for item in view:
         out.print(item)
 
@@ -348,22 +388,17 @@ def _sweep(
     key: str,
     plot_path: Path | None,
 ) -> None:
-    if plot_path is not None:
-        require_matplotlib()
+    plan, report_file = _plan(job)
+    plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
     if job.output is not None:
         if job.output.suffix == ".onnx" or job.output.is_file():
             raise click.UsageError(
                 f"with --sweep, -o is a folder for each point's model, not {job.output}"
             )
-        try:
-            job.output.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise ModelSaveError(
-                f"{job.output}: cannot create the folder: {exc.strerror or exc}"
-            ) from exc
+        add_points(plan, "-o", job.output, job.model, key, values, job.external_data)
     chain = with_gates(job.chain, always=True, **gates)
-    model = load(job.model)
-    with sweep_progress(out) as progress:
+    model = _load(plan, job)
+    with plan, sweep_progress(out) as progress:
         task = progress.add_task(f"sweep {key}", total=len(values))
         report = run_sweep(
             model,
@@ -377,13 +412,18 @@ def _sweep(
             save_to=job.output,
             external_data=job.external_data,
             on_point=lambda *_: progress.advance(task),
+            plan=plan,
         )
+        if plot is not None:
+            plan.write(plot, lambda file: write_plot(report, file))
+            report["plot"] = str(plot.path)
+        if report_file is not None:
+            plan.write(report_file, lambda file: file.write_text(report_json(report)))
     _show(out, sweep_view(report, job.device))
-    if plot_path is not None:
-        report["plot"] = str(write_plot(report, plot_path))
-        out.print(f"plot: {plot_path}")
-    if job.report is not None:
-        write_json(report, job.report)
+    if plot is not None:
+        out.print(f"plot: {plot.path}")
+    if job.report_to_stdout:
+        write_json(report, "-")
 
 
 def _inspect(out: Console, model_path: Path) -> None:

@@ -1,26 +1,28 @@
-"""Model I/O: load with checks, save atomically (external data past 2 GB), provenance.
+"""Model I/O: load with checks, save safely (external data past 2 GB), provenance.
 
-Passes work on plain ``onnx.ModelProto`` objects; this module is the only place that touches
-files. Everything a user can get wrong (missing file, not ONNX, checker failure, output equal to
-input, unwritable folder) becomes a one-line :class:`~onnxprune.errors.OnnxPruneError`.
+Passes work on plain ``onnx.ModelProto`` objects; this module is the only place that reads or
+writes model files (through :mod:`onnxprune.outputs`). Everything a user can get wrong (missing
+file, not ONNX, checker failure, output equal to an input or to its external data, unwritable
+folder) becomes a one-line :class:`~onnxprune.errors.OnnxPruneError`. :func:`load` remembers
+the external-data files each model it loads reads, so that :func:`save` never overwrites them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from onnxprune.errors import ArgumentError, ModelLoadError, ModelSaveError, first_line
+from onnxprune.errors import ArgumentError, ModelLoadError, first_line
 from onnxprune.graph import iter_graphs, iter_initializers
+from onnxprune.outputs import OutputPlan, real_path
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -35,6 +37,10 @@ FLOAT_TYPES = frozenset(
 )
 PROVENANCE_KEY = "onnxprune"
 MODEL_ARGUMENT = "a file path (str or os.PathLike) or an onnx.ModelProto"
+
+# The external-data files of every model loaded in this process, by the model file's real path,
+# with the file's (mtime, size) when loaded: a model file changed since is read again.
+_LOADED: dict[Path, tuple[tuple[int, int], tuple[Path, ...]]] = {}
 
 
 def load(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
@@ -62,7 +68,9 @@ def load(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) 
     if is_dir:
         raise ModelLoadError(f"{path}: is a folder, not an ONNX model file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        files = external_data_files(model, os.path.dirname(path))
+        onnx.load_external_data_for_model(model, os.path.dirname(path))
     except DecodeError as exc:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -71,6 +79,7 @@ def load(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) 
             f"{path}: cannot read model or its external data: {first_line(exc)}"
         ) from exc
     _require_parts(model, str(path))
+    _remember(path, files)
     if check:
         check_model(model, str(path))
     return model
@@ -162,89 +171,125 @@ def save(
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
-    protect: str | os.PathLike[str] | None = None,
+    protect: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically: a temp file in the target folder, then rename.
+    """Write ``model`` to ``path`` safely: staged beside it, then renamed into place.
+
+    Never overwrites ``protect``, its external-data files, or the external-data files of any
+    model :func:`load` read in this process (unless ``path`` is that model itself).
 
     Args:
         model: the model to write.
         path: the output file.
         external_data: store tensors in ``<name>.data`` beside the model; ``None`` decides by
             size (over about 2 GB must be external).
-        protect: a path that must not be overwritten (the input model).
+        protect: the input model (or several paths) that must not be overwritten.
 
     Raises:
         ArgumentError: ``model`` is not a ModelProto, or ``path`` not a str or os.PathLike.
-        ModelSaveError: the output equals ``protect`` or cannot be written.
+        ModelSaveError: the output is a protected file or cannot be written.
     """
     if not isinstance(model, onnx.ModelProto):
         raise wrong_type(model, "onnxprune.save: model", "an onnx.ModelProto")
     if not isinstance(path, (str, os.PathLike)):
         raise ArgumentError(f"onnxprune.save: path must be a str or os.PathLike, got {path!r}")
     path = Path(path)
-    if protect is not None and _same_file(path, Path(protect)):
-        raise ModelSaveError(f"{path}: refusing to overwrite the input model; choose another -o")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        folder_ok, is_dir = folder.is_dir(), path.is_dir()
-    except OSError as exc:  # e.g. a name too long for the file system
-        raise ModelSaveError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
-    if not folder_ok:
-        raise ModelSaveError(f"{path}: output folder {folder} does not exist")
-    if is_dir:
-        raise ModelSaveError(f"{path}: is a folder; give a file name for the output model")
-    if external_data is None:
-        external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
-    except OSError as exc:
-        raise ModelSaveError(f"{path}: cannot write to {folder}: {exc.strerror}") from exc
-    try:
-        tmp = tmpdir / path.name
-        data_name = f"{path.name}.data"
-        if external_data:
-            unset = [t for t in _all_tensors(model.graph) if not t.HasField("data_location")]
-            onnx.save_model(
-                model,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            # save_model converted the in-memory tensors to external references; load them back
-            # (and clear the data_location it set) so the caller's model is unchanged.
-            onnx.load_external_data_for_model(model, str(tmpdir))
-            for t in unset:
-                t.ClearField("data_location")
-            if (tmpdir / data_name).exists():  # not written when every tensor is under 1 KiB
-                os.replace(tmpdir / data_name, folder / data_name)
-        else:
-            onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ModelSaveError(f"{path}: cannot write the model: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    plan = OutputPlan()
+    if protect is not None:
+        paths = [protect] if isinstance(protect, (str, os.PathLike)) else list(protect)
+        for p in paths:
+            plan.add_input("the input model", p)
+            for f in model_data_files(p):
+                plan.add_input("the input model's external data", f)
+    for reader, files in loaded_data_files().items():
+        if reader != real_path(path):
+            for f in files:
+                plan.add_input(f"the external data of {reader}", f)
+    target = plan.add_model("", path, external_data)
+    with plan:
+        plan.write(target, lambda file: write_model(model, file, external_data))
+    _LOADED.pop(real_path(path), None)  # what it read before is no longer what it reads
     return path
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and attribute tensors (Constant values...) of every graph."""
-    for g in iter_graphs(graph):
+def write_model(model: onnx.ModelProto, file: Path, external_data: bool | None = None) -> None:
+    """Write ``model`` to ``file`` (a staged path), tensors in ``<file>.data`` when external.
+
+    The caller's model is left as it was. :func:`save` and the CLI's plan call this.
+    """
+    if external_data is None:
+        external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        onnx.save_model(model, str(file))
+        return
+    unset = [t for t in _all_tensors(model) if not t.HasField("data_location")]
+    onnx.save_model(
+        model,
+        str(file),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{file.name}.data",
+        size_threshold=1024,
+    )
+    # save_model converted the in-memory tensors to external references; load them back (and
+    # clear the data_location it set) so the caller's model is unchanged.
+    onnx.load_external_data_for_model(model, str(file.parent))
+    for t in unset:
+        t.ClearField("data_location")
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors (Constant values...) of every graph and function."""
+    graphs = list(iter_graphs(model.graph))
+    for g in graphs:
         yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
+    for node in [n for g in graphs for n in g.node] + [n for f in model.functions for n in f.node]:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def external_data_files(model: onnx.ModelProto, base_dir: str | os.PathLike[str]) -> list[Path]:
+    """The files ``model``'s tensors read (their ``external_data`` locations, from ``base_dir``)."""
+    files: dict[Path, None] = {}
+    for t in _all_tensors(model):
+        if uses_external_data(t):
+            files[Path(base_dir) / ExternalDataInfo(t).location] = None
+    return list(files)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        st = os.stat(path)
     except OSError:
-        return a.resolve() == b.resolve()
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _remember(path: Path, files: list[Path]) -> None:
+    stamp = _stamp(path)
+    if stamp is not None:
+        _LOADED[real_path(path)] = (stamp, tuple(files))
+
+
+def loaded_data_files() -> dict[Path, tuple[Path, ...]]:
+    """The external-data files of the models loaded in this process (and unchanged since)."""
+    return {m: files for m, (stamp, files) in _LOADED.items() if files and _stamp(m) == stamp}
+
+
+def model_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external-data files the model file ``path`` reads (as :func:`load` found them, or
+    read now without the weights); none when it cannot be read."""
+    path = Path(path)
+    known = _LOADED.get(real_path(path))
+    if known is not None and known[0] == _stamp(path):
+        return list(known[1])
+    try:
+        light = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError, DecodeError):
+        return []
+    return external_data_files(light, os.path.dirname(path))
 
 
 def add_provenance(model: onnx.ModelProto, entry: dict[str, Any]) -> None:

@@ -29,6 +29,28 @@ def require_matplotlib() -> None:
         raise MissingDependency(f"--plot needs matplotlib: {PLOT_INSTALL}") from None
 
 
+def plot_file(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`write_plot` writes for ``path`` (``.png`` added when it has no suffix).
+
+    Raises:
+        MissingDependency: matplotlib is not installed.
+        ModelSaveError: matplotlib cannot write the format the suffix names.
+    """
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.suffix:
+        return Path(f"{path}.png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ModelSaveError(
+            f"--plot {path}: matplotlib cannot write {path.suffix} files; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
+
+
 def _gate_lines(ax: Any, ratios: Any, report: Mapping[str, Any], metric: str) -> None:
     """Dashed lines at the gate limits of the first point's validate pass."""
     if not report["points"]:

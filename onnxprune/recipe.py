@@ -66,7 +66,8 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     recipe = Recipe()
     for key, value in doc.items():
         _check_setting(path, key, value)
-        recipe.settings[key] = (path.parent / value) if key in PATH_KEYS else value
+        resolve = key in PATH_KEYS and value != "-"  # report = "-": stdout, as for --report -
+        recipe.settings[key] = (path.parent / value) if resolve else value
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise RecipeError(f"{path}: 'pass' must be an array of tables ([[pass]])")
     for i, entry in enumerate(entries, 1):

@@ -1,14 +1,15 @@
 """What a run shows: every terminal table of a run, a sweep or ``--inspect``, and the JSON file.
 
 The tables read the JSON-ready report (:func:`onnxprune.run`'s, a validate section, a sweep's),
-never the passes, so what the terminal shows is what ``--report`` writes (atomically).
+never the passes, so what the terminal shows is what ``--report`` writes (safely, through
+:mod:`onnxprune.outputs`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from onnxprune.errors import ModelSaveError
+from onnxprune.outputs import is_stdout, write_file
 from onnxprune.runtime import CPU
 from onnxprune.validation.gates import validate_sections
 
@@ -257,16 +258,20 @@ def sweep_progress(console: Console) -> Progress:
     )
 
 
+def report_json(report: Mapping[str, Any]) -> str:
+    """The report as the JSON text ``--report`` writes (with its schema version)."""
+    return json.dumps({"schema": REPORT_SCHEMA_VERSION, **report}, indent=2, default=str) + "\n"
+
+
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``report`` (with its schema version) atomically to ``path``."""
-    path = Path(path)
-    data = json.dumps({"schema": REPORT_SCHEMA_VERSION, **report}, indent=2, default=str) + "\n"
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ModelSaveError(f"{path}: cannot write the report: {exc.strerror or exc}") from exc
-    return path
+    """Write ``report`` as JSON to ``path`` safely; ``-`` (or stdout's own file) is stdout.
+
+    Raises:
+        ModelSaveError: the file cannot be written.
+    """
+    text = report_json(report)
+    if is_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return Path(path)
+    return write_file(path, "report", text.encode())

@@ -8,7 +8,9 @@ report with one entry per point, each with its table row (:func:`point_row`); th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import typing
@@ -20,7 +22,8 @@ import onnx
 
 from onnxprune.cost import summarize
 from onnxprune.errors import PassOptionError
-from onnxprune.model import save
+from onnxprune.model import model_data_files, write_model
+from onnxprune.outputs import OutputPlan, Target
 from onnxprune.passes.base import Pass, check_value, coerce, with_range
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
@@ -104,10 +107,33 @@ def apply_value(chain: Sequence[Pass], key: str, value: float) -> list[Pass]:
     return out
 
 
-def _point_file(folder: Path, model_path: Path | None, key: str, value: float) -> Path:
-    stem = model_path.name if model_path else "model"
+def point_file(
+    folder: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None,
+    key: str,
+    value: float,
+) -> Path:
+    """Where a point's model goes: ``FOLDER/NAME.KEY-VALUE.onnx``."""
+    stem = Path(model_path).name if model_path else "model"
     stem = stem[: -len(".onnx")] if stem.endswith(".onnx") else stem
-    return folder / f"{stem}.{key}-{value:g}.onnx"
+    return Path(folder) / f"{stem}.{key}-{value:g}.onnx"
+
+
+def add_points(
+    plan: OutputPlan,
+    option: str,
+    folder: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None,
+    key: str,
+    values: Sequence[float],
+    external_data: bool | None,
+) -> list[Target]:
+    """Add the sweep folder and every point's model (and its .data) to ``plan``."""
+    plan.add_folder(option, folder)
+    return [
+        plan.add_model(option, point_file(folder, model_path, key, v), external_data)
+        for v in values
+    ]
 
 
 def point_row(value: float, passes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -149,6 +175,7 @@ def run_sweep(
     save_to: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,
     on_point: Callable[[float, dict[str, Any]], None] | None = None,
+    plan: OutputPlan | None = None,
 ) -> dict[str, Any]:
     """Run ``chain`` (validate appended if missing) once per value of option ``key``.
 
@@ -158,15 +185,19 @@ def run_sweep(
         values: the values, in order.
         key: the option to sweep.
         data, device, seed, model_path: as for :func:`onnxprune.run`.
-        save_to: a folder to save each point's model in (``NAME.KEY-VALUE.onnx``), or None.
+        save_to: a folder to save each point's model in (``NAME.KEY-VALUE.onnx``), or None;
+            the models are staged and moved into place together at the end (none on failure).
         external_data: as for :func:`onnxprune.save`.
         on_point: called after each point with its value and entry (for progress).
+        plan: an open plan that holds the points (:func:`add_points`) and that the caller
+            commits; without one, the sweep makes and commits its own.
 
     Returns:
         The sweep report: ``before``, ``sweep`` (key, values, passes) and ``points``.
 
     Raises:
         OnnxPruneError: as for :func:`onnxprune.run`, or a key no pass has.
+        ModelSaveError: a point's model would overwrite an input, or cannot be written.
     """
     chain = with_gates(chain, always=True)
     chains = [apply_value(chain, key, v) for v in values]  # all option errors before any work
@@ -179,23 +210,34 @@ def run_sweep(
         "points": [],
         "plot": None,
     }
-    for value, passes in zip(values, chains, strict=True):
-        new, rep = run(model, passes, data=data, device=device, seed=seed, model_path=model_path)
-        report["providers"] = rep["providers"]
-        output = None
-        if save_to is not None:
-            target = _point_file(
-                Path(save_to), Path(model_path) if model_path else None, key, value
+    own = None
+    if save_to is not None and plan is None:
+        plan = own = OutputPlan()
+        own.add_input("the input model", model_path)
+        for f in model_data_files(model_path) if model_path else []:
+            own.add_input("the input model's external data", f)
+        add_points(own, "save_to", save_to, model_path, key, values, external_data)
+    with own if own is not None else contextlib.nullcontext():
+        for value, passes in zip(values, chains, strict=True):
+            new, rep = run(
+                model, passes, data=data, device=device, seed=seed, model_path=model_path
             )
-            output = save(new, target, external_data=external_data, protect=model_path)
-        entry = {
-            "value": value,
-            "output": str(output) if output else None,
-            "after": rep["after"],
-            "passes": rep["passes"],
-            "row": point_row(value, rep["passes"]),
-        }
-        report["points"].append(entry)
-        if on_point is not None:
-            on_point(value, entry)
+            report["providers"] = rep["providers"]
+            output = None
+            if save_to is not None and plan is not None:
+                output = point_file(save_to, model_path, key, value)
+                plan.write(
+                    plan.target(output),
+                    functools.partial(write_model, new, external_data=external_data),
+                )
+            entry = {
+                "value": value,
+                "output": str(output) if output else None,
+                "after": rep["after"],
+                "passes": rep["passes"],
+                "row": point_row(value, rep["passes"]),
+            }
+            report["points"].append(entry)
+            if on_point is not None:
+                on_point(value, entry)
     return report
