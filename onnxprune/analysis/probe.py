@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxprune.context import Context
 from onnxprune.cost import infer_shapes
 from onnxprune.data import Dataset, fixed_batch, synthesize
 from onnxprune.errors import DataError, PassFailedError, first_line
@@ -64,6 +65,13 @@ def probe(
         shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
         return Probe(shapes, values, inputs=feeds)
     return Probe(shapes, {}, error)
+
+
+def probe_run(model: onnx.ModelProto, ctx: Context) -> Probe:
+    """:func:`probe` on the run's own data when it has real data (``--data``), else on inputs
+    synthesised with the run's seed: every onnxruntime run of a chain sees the user's data."""
+    data = ctx.data(model)
+    return probe(model, ctx.seed, ctx.providers, data=None if data.synthetic else data)
 
 
 def _inputs(

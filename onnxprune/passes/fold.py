@@ -22,7 +22,7 @@ from onnxprune.analysis.labels import (
     SplitRewrite,
     State,
 )
-from onnxprune.analysis.probe import Probe, probe, shrink_shapes
+from onnxprune.analysis.probe import Probe, probe_run, shrink_shapes
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse, outer_names_read_by_subgraphs
 from onnxprune.cost import count_parameters
@@ -113,7 +113,7 @@ class Fold(Pass):
         lifted = prepare_for_pruning(model.graph)
         removed_total = 0
         rounds = []
-        first = pr = probe(model, ctx.seed, ctx.providers)
+        first = pr = probe_run(model, ctx)
         an = analyse(model, pr.shapes)
         for round_index in range(self.max_rounds):
             if round_index:
@@ -121,7 +121,7 @@ class Fold(Pass):
                 # only when some channel may now be constant (a cascade), which is rare
                 an = analyse(model, pr.shapes)
                 if _may_be_constant(an):
-                    pr = probe(model, ctx.seed, ctx.providers)
+                    pr = probe_run(model, ctx)
                     an = analyse(model, pr.shapes)
             plan = self.plan(an, pr)
             rounds.append(_round_report(an, plan))
@@ -133,7 +133,7 @@ class Fold(Pass):
             if all(o in shapes for n in model.graph.node for o in n.output if o):
                 pr = Probe(shapes, {}, pr.error)
             else:  # fold inserted nodes (a bias Add after a MatMul): shapes from a real run
-                pr = probe(model, ctx.seed, ctx.providers)
+                pr = probe_run(model, ctx)
         del an  # its cached weight arrays are not needed for the verification run
         report: dict[str, Any] = {
             "channels_removed": removed_total,

@@ -17,7 +17,7 @@ import onnx
 
 from onnxprune.analysis.groups import chosen_positions, classes_of
 from onnxprune.analysis.labels import ChannelGroup, Sink
-from onnxprune.analysis.probe import probe
+from onnxprune.analysis.probe import probe_run
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
@@ -43,7 +43,7 @@ class Workspace:
         """Prepare ``model`` in place and analyse it; ``protect`` is a regex of node or
         initializer names whose groups must stay whole."""
         prepare_for_pruning(model.graph)
-        an = analyse(model, probe(model, ctx.seed, ctx.providers).shapes)
+        an = analyse(model, probe_run(model, ctx).shapes)
         ws = cls(model, an, an.groups(), ctx)
         if protect:
             pattern = re.compile(protect)
@@ -167,7 +167,7 @@ def zero_and_compensate(
     zeroed = zero_classes(target, ws.an, classes)
     done = 0
     if compensate:
-        after = probe(target, ws.ctx.seed, ws.ctx.providers).values
+        after = probe_run(target, ws.ctx).values
         roots = ws.an.roots()
         chosen = np.array(sorted(classes))
         for sink in ws.an.sinks:
