@@ -1,6 +1,8 @@
 """The ``onnxprune`` command: a thin layer over :func:`onnxprune.run`.
 
 Exit codes: 0 ok; 1 a validation gate failed; 2 bad usage or bad input; 3 a bug in onnxprune.
+A run ends with one line on stdout (:func:`onnxprune.report.final_line`): PASSED only when gates
+were checked and held, FAILED naming every failed gate (and exit 1), else DONE.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from onnxprune.pipeline import run
 from onnxprune.plot import require_matplotlib, write_plot
 from onnxprune.recipe import load_recipe
 from onnxprune.report import (
+    final_line,
     groups_table,
     run_view,
     summary_table,
@@ -44,7 +47,7 @@ from onnxprune.report import (
     write_json,
 )
 from onnxprune.sweep import parse_values, run_sweep
-from onnxprune.validation.gates import failed_gates, gate_message
+from onnxprune.validation.gates import failed_gates, gate_message, verdict
 from onnxprune.version import __version__
 
 INTERNAL_EXIT = 3
@@ -246,9 +249,9 @@ def main(
             model, pass_specs, output, recipe, data, device, report_path, seed, external_data
         )
         if sweep is not None:
-            _sweep(out, job, gates, sweep, sweep_key, plot_path)
+            report = _sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
-            _prune(out, job, gates)
+            report = _prune(out, job, gates)
     except OnnxPruneError as exc:
         if verbose:
             traceback.print_exc()
@@ -262,10 +265,18 @@ def main(
         if not verbose:
             msg += "; rerun with -v for the traceback"
         raise CliError(msg, INTERNAL_EXIT) from exc
+    _finish(report, time.perf_counter() - start, quiet)
+
+
+def _finish(report: dict[str, Any] | None, seconds: float, quiet: bool) -> None:
+    """The final line (PASSED, FAILED or DONE: :func:`verdict`); exit 1 on a failed gate."""
+    said = verdict(report) if report is not None else "DONE (summary only, no gates checked)"
     if not quiet:
-        click.echo(
-            f"PASSED | {time.perf_counter() - start:.2f} s | onnxprune {' '.join(sys.argv[1:])}"
-        )
+        click.echo(final_line(said, seconds, sys.argv[1:]))
+    failed = failed_gates(report) if report is not None and "points" not in report else []
+    if failed:
+        exc = ValidationFailed(gate_message(failed))
+        raise CliError(str(exc), exc.exit_code)
 
 
 def _job(
@@ -301,13 +312,14 @@ def _job(
     )
 
 
-def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
+def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, Any] | None:
+    """Run the chain, write the model and the report; the report (None: summary only)."""
     chain = with_gates(job.chain, **gates)
     model = load(job.model)
     if not chain:
         out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
-        return
+        return None
     target = job.output if job.output is not None else default_output(job.model)
     with out.status(f"running {', '.join(p.name for p in chain)}"):
         new, report = run(
@@ -324,9 +336,7 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
     _show(out, run_view(report, f"{job.model} -> {target}", job.device))
     if job.report is not None:
         write_json(report, job.report)
-    failed = failed_gates(report)
-    if failed:
-        raise ValidationFailed(gate_message(failed))
+    return report
 
 
 def _show(out: Console, view: list[RenderableType]) -> None:
@@ -342,7 +352,7 @@ def _sweep(
     values: list[float],
     key: str,
     plot_path: Path | None,
-) -> None:
+) -> dict[str, Any]:
     if plot_path is not None:
         require_matplotlib()
     if job.output is not None:
@@ -379,6 +389,7 @@ def _sweep(
         out.print(f"plot: {plot_path}")
     if job.report is not None:
         write_json(report, job.report)
+    return report
 
 
 def _inspect(out: Console, model_path: Path) -> None:
