@@ -177,8 +177,7 @@ def validate_tables(section: Mapping[str, Any]) -> list[Table]:
     if section["gates"]:
         title = "validate: gates"
         if section.get("gate_defaults"):
-            title += " (defaults; set limits with validate:max_accuracy_drop=... or turn off "
-            title += "with validate:gates=off)"
+            title += " (defaults; a limit or validate:gates=off changes them)"
         t = Table(title=title)
         for col in ("gate", "output", "value", "limit", "result"):
             t.add_column(col, justify="right")

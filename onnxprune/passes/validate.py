@@ -29,7 +29,7 @@ from onnxprune.validation.compare import (
     is_classifier_like,
 )
 from onnxprune.validation.gates import gate
-from onnxprune.validation.latency import CONFIDENCE, compare_latency
+from onnxprune.validation.latency import CONFIDENCE, compare_latency, within_limit
 from onnxprune.validation.pair import (
     check_inputs,
     cost_section,
@@ -67,9 +67,10 @@ class Validate(Pass):
         6. Gates are recorded, never raised, each as {name, output, value, limit, passed}:
            ``finite`` per output (new NaN/Inf), ``min_cosine`` per output,
            ``max_accuracy_drop``, ``max_latency_ratio`` (fails only when the ratio's whole
-           interval lies above the limit). With no limit set, the defaults hold: an accuracy
-           drop of at most 0.01 when the data has labels and a classifier-like output, else a
-           mean cosine of at least 0.99 for every output. ``gates=off`` checks none.
+           interval lies more than 5% above the limit). With no limit set, the defaults hold:
+           an accuracy drop of at most 0.01 when the data has labels and a classifier-like
+           output, else a mean cosine of at least 0.99 for every output. ``gates=off``
+           checks none.
         7. Errors (not gates): a missing or reshaped output (:class:`OutputMismatch`), an input
            the pruned model lacks or refuses (:class:`InputMismatch`), both exit code 1.
     """
@@ -278,7 +279,7 @@ def _gates(
     ratio = limits["max_latency_ratio"]
     if ratio is not None and latency is not None:
         low = latency["interval"][0] if latency["interval"] else latency["ratio"]
-        g = gate("max_latency_ratio", None, latency["ratio"], ratio, low <= ratio)
+        g = gate("max_latency_ratio", None, latency["ratio"], ratio, within_limit(low, ratio))
         g["interval"] = latency["interval"]
         gates.append(g)
     return gates

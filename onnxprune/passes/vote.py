@@ -278,7 +278,7 @@ class Vote(Pass):
             "target": k,
             "producers": [s.node for s in g.spaces],
         }
-        reasons = [hold_reason(g, free)]
+        reasons = [hold_reason(g, free) if free < asked else None]
         if k < round_count(g.channels, free, self.sparsity, 1):
             reasons.append(rounding_reason(g.channels, k, multiple, step, width))
         if k < asked:

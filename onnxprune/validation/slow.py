@@ -17,10 +17,10 @@ from typing import Any
 import onnx
 
 from onnxprune.runtime import CPU, channel_multiple
-from onnxprune.validation.latency import CONFIDENCE, LatencyComparison
+from onnxprune.validation.latency import CONFIDENCE, MARGIN, LatencyComparison
 
 SHORT_RUN_MS = 0.2
-SLOW_MARGIN = 0.05  # flag "slower" past this share, and only beyond run-to-run noise
+SLOW_MARGIN = MARGIN  # flag "slower" past this share, and only beyond run-to-run noise
 
 
 def _conv_channels(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
