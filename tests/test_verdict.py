@@ -186,3 +186,13 @@ def test_with_gates_turns_a_recipes_gates_off_back_on() -> None:
     assert with_gates([Validate(gates="off")])[0].gates == "off"
     with pytest.raises(ValueError, match="contradicts"):
         Validate(gates="off", max_latency_ratio=2.0)
+
+
+def test_a_sweep_without_gates_claims_no_pass_in_its_table() -> None:
+    result = cli(
+        MODEL, "-p", "vote:round_to=1", "-p", "validate:runs=0,gates=off", "--data", DATA,
+        "--sweep", "0.1,0.2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("not checked") == 2 and " pass " not in result.stdout
+    assert last_line(result).startswith("DONE (sweep: gates held at 0 of 2 points)")
