@@ -1,6 +1,8 @@
 """The ``onnxprune`` command: a thin layer over :func:`onnxprune.run`.
 
 Exit codes: 0 ok; 1 a validation gate failed; 2 bad usage or bad input; 3 a bug in onnxprune.
+A run ends with one line on stdout (:func:`onnxprune.report.final_line`): PASSED only when gates
+were checked and held, FAILED naming every failed gate (and exit 1), else DONE.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from onnxprune.pipeline import run
 from onnxprune.plot import plot_file, write_plot
 from onnxprune.recipe import load_recipe
 from onnxprune.report import (
+    final_line,
     groups_table,
     report_json,
     run_view,
@@ -46,7 +49,7 @@ from onnxprune.report import (
     write_json,
 )
 from onnxprune.sweep import add_points, parse_values, run_sweep
-from onnxprune.validation.gates import failed_gates, gate_message
+from onnxprune.validation.gates import failed_gates, gate_message, verdict
 from onnxprune.version import __version__
 
 INTERNAL_EXIT = 3
@@ -263,9 +266,9 @@ def main(
         if to_stdout:
             out = Console(quiet=quiet, stderr=True)
         if sweep is not None:
-            _sweep(out, job, gates, sweep, sweep_key, plot_path)
+            report = _sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
-            _prune(out, job, gates)
+            report = _prune(out, job, gates)
     except OnnxPruneError as exc:
         if verbose:
             traceback.print_exc()
@@ -279,11 +282,19 @@ def main(
         if not verbose:
             msg += "; rerun with -v for the traceback"
         raise CliError(msg, INTERNAL_EXIT) from exc
+    _finish(report, time.perf_counter() - start, quiet, to_stdout)
+
+
+def _finish(report: dict[str, Any] | None, seconds: float, quiet: bool, to_stderr: bool) -> None:
+    """The final line (PASSED, FAILED or DONE: :func:`verdict`; on stderr when the report
+    takes stdout); exit 1 on a failed gate."""
+    said = verdict(report) if report is not None else "DONE (summary only, no gates checked)"
     if not quiet:
-        click.echo(
-            f"PASSED | {time.perf_counter() - start:.2f} s | onnxprune {' '.join(sys.argv[1:])}",
-            err=to_stdout,
-        )
+        click.echo(final_line(said, seconds, sys.argv[1:]), err=to_stderr)
+    failed = failed_gates(report) if report is not None and "points" not in report else []
+    if failed:
+        exc = ValidationFailed(gate_message(failed))
+        raise CliError(str(exc), exc.exit_code)
 
 
 def _job(
@@ -341,13 +352,14 @@ def _load(plan: OutputPlan, job: Job) -> onnx.ModelProto:
     return model
 
 
-def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
+def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, Any] | None:
+    """Run the chain, write the model and the report; the report (None: summary only)."""
     chain = with_gates(job.chain, **gates)
     if not chain:
         model = load(job.model)
         out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
-        return
+        return None
     target = job.output if job.output is not None else default_output(job.model)
     plan, report_file = _plan(job)
     model_file = plan.add_model("-o", target, job.external_data)
@@ -369,9 +381,7 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> None:
     _show(out, run_view(report, f"{job.model} -> {target}", job.device))
     if job.report_to_stdout:
         write_json(report, "-")
-    failed = failed_gates(report)
-    if failed:
-        raise ValidationFailed(gate_message(failed))
+    return report
 
 
 def _show(out: Console, view: list[RenderableType]) -> None:
@@ -387,7 +397,7 @@ def _sweep(
     values: list[float],
     key: str,
     plot_path: Path | None,
-) -> None:
+) -> dict[str, Any]:
     plan, report_file = _plan(job)
     plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
     if job.output is not None:
@@ -424,6 +434,7 @@ def _sweep(
         out.print(f"plot: {plot.path}")
     if job.report_to_stdout:
         write_json(report, "-")
+    return report
 
 
 def _inspect(out: Console, model_path: Path) -> None:

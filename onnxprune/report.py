@@ -2,7 +2,9 @@
 
 The tables read the JSON-ready report (:func:`onnxprune.run`'s, a validate section, a sweep's),
 never the passes, so what the terminal shows is what ``--report`` writes (safely, through
-:mod:`onnxprune.outputs`).
+:mod:`onnxprune.outputs`). A pass that did less than asked says why in its section's
+``shortfall`` rows (:func:`shortfall_table`) and ``warnings``; the run ends with one line,
+:func:`final_line`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from rich.text import Text
 
 from onnxprune.outputs import is_stdout, write_file
 from onnxprune.runtime import CPU
-from onnxprune.validation.gates import validate_sections
+from onnxprune.validation.gates import checked_gates, validate_sections
 
 if TYPE_CHECKING:
     from onnxprune.analysis.labels import ChannelGroup
 
 REPORT_SCHEMA_VERSION = 1
+SHORTFALL_ROWS = 20  # rows of a shortfall table on the terminal (the report has them all)
+SHORTFALL_TITLES = {"vote": "less than asked", "fold": "zero or constant channels kept"}
 _ROWS = (
     ("nodes", "nodes"),
     ("parameters", "parameters"),
@@ -78,12 +82,31 @@ def passes_table(sections: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="passes")
     for col in ("pass", "modified", "seconds", "details"):
         table.add_column(col)
-    skip = {"pass", "options", "modified", "seconds"}
+    # a validate section's verdict is its gates table's and the final line's to tell
+    skip = {"pass", "options", "modified", "seconds", "passed", "gate_defaults"}
     for s in sections:
         details = ", ".join(
             f"{k}={v}" for k, v in s.items() if k not in skip and not isinstance(v, (list, dict))
         )
         table.add_row(s["pass"], "yes" if s["modified"] else "no", f"{s['seconds']:.3f}", details)
+    return table
+
+
+def shortfall_table(section: Mapping[str, Any]) -> Table:
+    """A pass's ``shortfall`` rows: per group what it was asked, what it did, and why not more.
+
+    Columns are the rows' keys (vote: group, layers, asked, pruned, reason; fold: group, layers,
+    kept, reason); a row without a group (a layer no group covers) shows ``-``.
+    """
+    rows = section["shortfall"]
+    name = section["pass"]
+    table = Table(title=f"{name}: {SHORTFALL_TITLES.get(name, 'less than asked')}")
+    for col in rows[0]:
+        table.add_column("why" if col == "reason" else col, overflow="fold")
+    for row in rows[:SHORTFALL_ROWS]:
+        table.add_row(*("-" if v is None else str(v) for v in row.values()))
+    if len(rows) > SHORTFALL_ROWS:
+        table.caption = f"and {len(rows) - SHORTFALL_ROWS} more rows in the --report file"
     return table
 
 
@@ -149,13 +172,21 @@ def validate_tables(section: Mapping[str, Any]) -> list[Table]:
             f"{lat['provider']}, threads {lat['threads'] or 'default'}, batch "
             f"{lat['batch']}, {lat['runs']} interleaved runs after {lat['warmup']} warm-up"
         )
+        if lat.get("interval"):
+            lo, hi = lat["interval"]
+            t.caption += f"; ratio {lat['confidence']:.0%} interval {lo:.3f}-{hi:.3f}"
     tables.append(t)
     if section["gates"]:
-        t = Table(title="validate: gates")
+        title = "validate: gates"
+        if section.get("gate_defaults"):
+            title += " (defaults; a limit or validate:gates=off changes them)"
+        t = Table(title=title)
         for col in ("gate", "output", "value", "limit", "result"):
             t.add_column(col, justify="right")
         for g in section["gates"]:
             value = g["value"] if isinstance(g["value"], int) else _cell(g["value"])
+            if g.get("interval"):
+                value = f"{value} ({_cell(g['interval'][0])}-{_cell(g['interval'][1])})"
             t.add_row(
                 g["name"],
                 g["output"] or "",
@@ -178,14 +209,15 @@ def sweep_table(report: Mapping[str, Any]) -> Table:
     table = Table(title=title)
     for col in (key, "parameters", "MACs ratio", metric, "latency ratio", "gates"):
         table.add_column(col, justify="right")
-    for r in rows:
+    for point, r in zip(report["points"], rows, strict=True):
+        verdict = "pass" if r["gates_passed"] else "[bold red]FAIL[/]"
         table.add_row(
             f"{r['value']:g}",
             f"{r['parameters']:,}",
             _cell(r["macs_ratio"], ".3f"),
             _cell(r["score"], ".4f"),
             _cell(r["latency_ratio"], ".3f"),
-            "pass" if r["gates_passed"] else "[bold red]FAIL[/]",
+            verdict if checked_gates(point) else "not checked",
         )
     return table
 
@@ -217,12 +249,17 @@ def providers_line(providers: Sequence[str], device: str) -> str:
 
 
 def warnings(sections: Sequence[Mapping[str, Any]], prefix: str = "") -> list[Text]:
-    """The validate sections' warnings (a slower pruned model...), loud and not highlighted."""
-    return [
-        Text.from_markup(f"[bold red]WARNING:[/] {prefix}{w}")
-        for s in validate_sections({"passes": sections})
-        for w in s["warnings"]
-    ]
+    """Every section's warnings (a slower pruned model, a vote that pruned nothing...), loud.
+
+    Built from plain text, so brackets in a warning are never read as markup.
+    """
+    out = []
+    for s in sections:
+        for w in s.get("warnings", []):
+            line = Text("WARNING:", style="bold red")
+            line.append(f" {prefix}{w}")
+            out.append(line)
+    return out
 
 
 def run_view(report: Mapping[str, Any], title: str, device: str) -> list[RenderableType]:
@@ -231,6 +268,7 @@ def run_view(report: Mapping[str, Any], title: str, device: str) -> list[Rendera
         summary_table(report["before"], report["after"], title=title),
         passes_table(report["passes"]),
     ]
+    view += [shortfall_table(s) for s in report["passes"] if s.get("shortfall")]
     for section in validate_sections(report):
         view += validate_tables(section)
     view.append(providers_line(report["providers"], device))
@@ -244,6 +282,15 @@ def sweep_view(report: Mapping[str, Any], device: str) -> list[RenderableType]:
     for point in report["points"]:
         view += warnings(point["passes"], f"{key}={point['value']:g}: ")
     return view
+
+
+def final_line(verdict: str, seconds: float, argv: Sequence[str]) -> str:
+    """The last line of a run: ``PASSED (5 gates held) | 1.23 s | onnxprune model.onnx ...``.
+
+    ``verdict`` is :func:`onnxprune.validation.gates.verdict`'s: PASSED only when gates were
+    checked and held, FAILED naming every failed gate, else DONE saying what was not checked.
+    """
+    return f"{verdict} | {seconds:.2f} s | onnxprune {' '.join(argv)}"
 
 
 def sweep_progress(console: Console) -> Progress:

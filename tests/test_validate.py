@@ -317,7 +317,9 @@ def test_synthetic_data_scores_against_the_original():
     assert section["classification"]["labels"] is False
     assert section["classification"]["original"]["accuracy"] == 1.0
     assert section["latency"] is None
-    assert [g["name"] for g in section["gates"]] == ["finite"]
+    # no labels and no limit set: the default cosine gate (issue 9: no PASSED on a collapse)
+    assert [g["name"] for g in section["gates"]] == ["finite", "min_cosine"]
+    assert section["gates"][1]["limit"] == 0.99 and section["gate_defaults"]
 
 
 def test_damaged_model_fails_gates_without_raising():

@@ -52,6 +52,8 @@ class Plan:
         roots: the class of every channel id (``Analysis.roots``).
         removed: the classes that go.
         blocked: class -> why it stays, for the report.
+        held: class -> why it stays, for the zero or constant classes only (what fold was
+            there to remove): the report's ``shortfall``.
         values: (sink index, position in the sink's labels) -> the constant value that a
             removed channel had there, to move into that consumer's bias.
     """
@@ -59,6 +61,7 @@ class Plan:
     roots: np.ndarray
     removed: set[ClassId] = field(default_factory=set)
     blocked: dict[ClassId, str] = field(default_factory=dict)
+    held: dict[ClassId, str] = field(default_factory=dict)
     values: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def keep(self, ids: np.ndarray) -> np.ndarray:
@@ -88,7 +91,9 @@ class Fold(Pass):
         3. Pinned channels (graph outputs, unknown ops, subgraphs, LayerNorm over the hidden
            size...) stay; so does the last channel of any tensor.
         4. Rounds repeat until nothing changes (at most ``max_rounds``): removing one layer's
-           channels can make the next layer's channels constant.
+           channels can make the next layer's channels constant. Zero or constant channels
+           that stay are listed per group, with the reason, in ``shortfall`` (``kept_zero``
+           counts them).
         5. Postcondition (``verify``): when channels went, the folded model gives the input
            model's outputs on a synthetic batch.
     """
@@ -143,6 +148,8 @@ class Fold(Pass):
             "parameters_after": count_parameters(model),
             "groups": rounds[0]["groups"] if rounds else [],
             "blocked": _merge_blocked(rounds),
+            "kept_zero": sum(r["kept"] for r in rounds[-1]["shortfall"]) if rounds else 0,
+            "shortfall": rounds[-1]["shortfall"] if rounds else [],
         }
         if first.error:
             report["probe_error"] = first.error
@@ -164,8 +171,11 @@ class Fold(Pass):
         candidates = classes_of(roots, an.spaces)
         bad: dict[ClassId, str] = {}
         constant: set[ClassId] = set()
+        variable: set[ClassId] = set()  # read as a variable somewhere
         for k, sink in enumerate(an.sinks):
             self._judge_sink(k, sink, roots, pr, plan, bad, constant)
+            ids = sink.labels.ids[(sink.labels.ids >= 0) & (sink.labels.state == State.VAR)]
+            variable.update(ClassId(int(r)) for r in np.unique(roots[ids]))
         # a class that no weighted consumer reads but that is not pinned is dead: it may go too
         for r in candidates:
             if r in pinned:
@@ -180,6 +190,8 @@ class Fold(Pass):
         for r in last_channel_classes(an, plan.removed):
             plan.removed.discard(r)
             plan.blocked[r] = "last channel of its tensor is kept"
+        for r in constant - variable - plan.removed:
+            plan.held[r] = plan.blocked.get(r) or pinned.get(r) or "kept"
         return plan
 
     def _judge_sink(
@@ -399,8 +411,9 @@ def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
 
 
 def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
-    """Per group: its description, how many channels go and why the others stay."""
-    groups = []
+    """Per group: its description, how many channels go and why the others stay; and one
+    shortfall row per group whose zero or constant channels stay, with the reasons."""
+    groups, shortfall = [], []
     for g in an.groups():
         classes = classes_of(plan.roots, g.spaces)
         removed = len(classes & plan.removed)
@@ -413,7 +426,19 @@ def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
                 "blocked": dict(blocked),
             }
         )
-    return {"groups": groups, "removed": len(plan.removed)}
+        held = Counter(plan.held[r] for r in classes if r in plan.held)
+        if held:
+            shortfall.append(
+                {
+                    "group": g.index,
+                    "layers": ", ".join(s.node for s in g.spaces),
+                    "kept": sum(held.values()),
+                    "reason": "; ".join(
+                        f"{why} ({n})" if len(held) > 1 else why for why, n in held.most_common()
+                    ),
+                }
+            )
+    return {"groups": groups, "removed": len(plan.removed), "shortfall": shortfall}
 
 
 def _merge_blocked(rounds: list[dict[str, Any]]) -> dict[str, int]:

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -29,7 +29,7 @@ from onnxprune.validation.compare import (
     is_classifier_like,
 )
 from onnxprune.validation.gates import gate
-from onnxprune.validation.latency import compare_latency
+from onnxprune.validation.latency import CONFIDENCE, compare_latency, within_limit
 from onnxprune.validation.pair import (
     check_inputs,
     cost_section,
@@ -41,6 +41,10 @@ from onnxprune.validation.slow import is_slower, slow_causes, slow_message
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
+
+DEFAULT_ACCURACY_DROP = 0.01  # with labels: at most one point of accuracy lost
+DEFAULT_COSINE = 0.99  # without labels: every output's mean cosine at least this
+LIMITS = ("max_accuracy_drop", "min_cosine", "max_latency_ratio")
 
 
 @register_pass
@@ -57,12 +61,16 @@ class Validate(Pass):
            or against the original's predictions when there are none.
         4. Cost: parameters, MACs per op type (symbolic dims taken from the timed batch), bytes.
         5. Latency (``runs`` > 0): both models on one batch of ``latency_batch`` samples,
-           ``warmup`` rounds, then interleaved runs (``latency.interleaved``); median and p90.
-           A pruned model slower by more than 5% (beyond the median-to-p90 noise) is flagged
-           with its likely cause.
-        6. Gates are recorded, never raised: ``finite`` per output (new NaN/Inf: always),
-           ``min_cosine`` per output, ``max_accuracy_drop`` and ``max_latency_ratio`` when set,
-           each as {name, output, value, limit, passed}.
+           ``warmup`` rounds, then interleaved runs (``latency.interleaved``); median, p90 and
+           a 99% bootstrap interval of the ratio. A pruned model whose whole interval lies
+           more than 5% above 1 is flagged as slower, with its likely cause.
+        6. Gates are recorded, never raised, each as {name, output, value, limit, passed}:
+           ``finite`` per output (new NaN/Inf), ``min_cosine`` per output,
+           ``max_accuracy_drop``, ``max_latency_ratio`` (fails only when the ratio's whole
+           interval lies more than 5% above the limit). With no limit set, the defaults hold:
+           an accuracy drop of at most 0.01 when the data has labels and a classifier-like
+           output, else a mean cosine of at least 0.99 for every output. ``gates=off``
+           checks none.
         7. Errors (not gates): a missing or reshaped output (:class:`OutputMismatch`), an input
            the pruned model lacks or refuses (:class:`InputMismatch`), both exit code 1.
     """
@@ -77,6 +85,11 @@ class Validate(Pass):
     )
     max_latency_ratio: float | None = option(
         None, "gate: largest allowed pruned/original median latency", above=0
+    )
+    gates: Literal["auto", "off"] = option(
+        "auto",
+        "auto: the limits set, or without any the defaults (accuracy drop <= 0.01 with "
+        "labels, else cosine >= 0.99); off: check no gate",
     )
     runs: int = option(30, "timed runs per model (0: no latency)", low=0)
     warmup: int = option(5, "untimed runs per model before timing", low=0)
@@ -102,6 +115,21 @@ class Validate(Pass):
             raise ValueError("latency_batch must be at least 1")
         if self.max_latency_ratio is not None and self.runs < 1:
             raise ValueError("max_latency_ratio needs runs >= 1")
+        set_limits = [k for k in LIMITS if getattr(self, k) is not None]
+        if self.gates == "off" and set_limits:
+            raise ValueError(f"gates=off contradicts {set_limits[0]}: drop one of them")
+
+    def limits(self, scored: bool) -> dict[str, float | None]:
+        """The gate limits in force: as set, else the defaults (``scored``: the data has labels
+        and the model a classifier-like output), none with ``gates=off``."""
+        if self.gates == "off":
+            return dict.fromkeys(LIMITS)
+        given = {k: getattr(self, k) for k in LIMITS}
+        if any(v is not None for v in given.values()):
+            return given
+        default = "max_accuracy_drop" if scored else "min_cosine"
+        value = DEFAULT_ACCURACY_DROP if scored else DEFAULT_COSINE
+        return {**given, default: value}
 
     def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
         """The context holds the original model (what the pruned one is compared with)."""
@@ -117,11 +145,17 @@ class Validate(Pass):
         ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=False)
         new_sess = _pruned_session(model, ctx.providers, self.threads)
         ref, new, count = run_pair(ref_sess, new_sess, original, data)
-        outputs = [
-            compare_output(n, ref[n], new[n], min_cosine=self.min_cosine) for n in ref
-        ]  # rule 2
         labels = data.labels[:count] if data.labels is not None else None
-        classification = self._classify(ref, new, labels)  # rule 3
+        scored = self._label_output(ref)
+        limits = self.limits(labels is not None and scored is not None)
+        outputs = [
+            compare_output(n, ref[n], new[n], min_cosine=limits["min_cosine"]) for n in ref
+        ]  # rule 2
+        classification = None  # rule 3
+        if scored is not None:
+            classification = compare_classification(
+                scored, ref[scored], new[scored], labels, limits["max_accuracy_drop"]
+            )
         feed = latency_feed(original, data, self.latency_batch)
         cost = cost_section(original, model, symbolic_dims([original, model], feed))  # rule 4
         warnings: list[str] = []
@@ -129,10 +163,18 @@ class Validate(Pass):
             warnings.append("labels ignored: no classifier-like output ([N, C] scores)")
         latency = None
         if self.runs:  # rule 5
-            latency = self._latency(ref_sess, new_sess, feed, original, model)
+            latency = self._latency(
+                ref_sess, new_sess, feed, original, model, limits["max_latency_ratio"]
+            )
             if latency["slower"]:
                 warnings.append(slow_message(latency))
-        gates = self._gates(outputs, classification, latency)  # rule 6
+        gates = [] if self.gates == "off" else _gates(outputs, classification, latency, limits)
+        if self.gates == "off":
+            warnings += [
+                f"output {o.name!r} has {o.nonfinite} new NaN/Inf values (gates=off: not checked)"
+                for o in outputs
+                if o.nonfinite
+            ]
         report = {
             "data": {
                 "source": data.source,
@@ -146,17 +188,20 @@ class Validate(Pass):
             "cost": cost,
             "latency": latency,
             "gates": gates,
+            "gate_defaults": self.gates == "auto" and all(getattr(self, k) is None for k in LIMITS),
             "passed": all(g["passed"] for g in gates),
             "warnings": warnings,
         }
         return PassResult(model, modified=False, report=report)
 
-    def _classify(
-        self,
-        ref: Mapping[str, np.ndarray],
-        new: Mapping[str, np.ndarray],
-        labels: np.ndarray | None,
-    ) -> ClassificationComparison | None:
+    def _label_output(self, ref: Mapping[str, np.ndarray]) -> str | None:
+        """The output scored by rule 3: ``label_output``, else the first classifier-like one.
+
+        Raises:
+            PassOptionError: ``label_output`` is not an output.
+            UnsupportedModelError: it is not classifier-like, or ``max_accuracy_drop`` is set
+                and no output is.
+        """
         name = self.label_output
         if name is not None:
             if name not in ref:
@@ -169,17 +214,15 @@ class Validate(Pass):
                     f"validate: output {name!r} {list(ref[name].shape)} "
                     "is not classifier-like ([N, C] scores)"
                 )
-        else:
-            name = next((n for n, a in ref.items() if is_classifier_like(a)), None)
-        if name is None:
-            if self.max_accuracy_drop is not None:
-                shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in ref.items())
-                raise UnsupportedModelError(
-                    f"validate: max_accuracy_drop needs a classifier-like output ([N, C] "
-                    f"scores); the outputs are {shapes}; use min_cosine instead"
-                )
-            return None
-        return compare_classification(name, ref[name], new[name], labels, self.max_accuracy_drop)
+            return name
+        name = next((n for n, a in ref.items() if is_classifier_like(a)), None)
+        if name is None and self.max_accuracy_drop is not None:
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in ref.items())
+            raise UnsupportedModelError(
+                f"validate: max_accuracy_drop needs a classifier-like output ([N, C] "
+                f"scores); the outputs are {shapes}; use min_cosine instead"
+            )
+        return name
 
     def _latency(
         self,
@@ -188,13 +231,14 @@ class Validate(Pass):
         feed: Mapping[str, np.ndarray],
         original: onnx.ModelProto,
         model: onnx.ModelProto,
+        max_ratio: float | None,
     ) -> dict[str, Any]:
         cmp = compare_latency(
             runnable(ref_sess, feed),
             runnable(new_sess, feed),
             self.runs,
             self.warmup,
-            max_ratio=self.max_latency_ratio,
+            max_ratio=max_ratio,
         )
         provider = new_sess.get_providers()[0]
         return {
@@ -207,42 +251,44 @@ class Validate(Pass):
             "original": cmp.original.to_dict(),
             "pruned": cmp.pruned.to_dict(),
             "ratio": cmp.ratio,
+            "interval": list(cmp.interval) if cmp.interval is not None else None,
+            "confidence": CONFIDENCE,
             "slower": (slower := is_slower(cmp)),
             "causes": slow_causes(original, model, provider, cmp) if slower else [],
         }
 
-    def _gates(
-        self,
-        outputs: Sequence[OutputComparison],
-        classification: ClassificationComparison | None,
-        latency: Mapping[str, Any] | None,
-    ) -> list[dict[str, Any]]:
-        gates = [gate("finite", o.name, o.nonfinite, 0, o.nonfinite == 0) for o in outputs]
-        if self.min_cosine is not None:
-            for o in outputs:
-                ok = o.cosine == o.cosine and o.cosine >= self.min_cosine  # NaN fails
-                gates.append(gate("min_cosine", o.name, o.to_dict()["cosine"], self.min_cosine, ok))
-        if self.max_accuracy_drop is not None and classification is not None:
-            gates.append(
-                gate(
-                    "max_accuracy_drop",
-                    classification.output,
-                    classification.drop,
-                    self.max_accuracy_drop,
-                    bool(classification),
-                )
+
+def _gates(
+    outputs: Sequence[OutputComparison],
+    classification: ClassificationComparison | None,
+    latency: Mapping[str, Any] | None,
+    limits: Mapping[str, float | None],
+) -> list[dict[str, Any]]:
+    """Rule 6: the gates of the limits in force, ``finite`` always."""
+    gates = [gate("finite", o.name, o.nonfinite, 0, o.nonfinite == 0) for o in outputs]
+    cos = limits["min_cosine"]
+    if cos is not None:
+        for o in outputs:
+            ok = o.cosine == o.cosine and o.cosine >= cos  # NaN fails
+            gates.append(gate("min_cosine", o.name, o.to_dict()["cosine"], cos, ok))
+    drop = limits["max_accuracy_drop"]
+    if drop is not None and classification is not None:
+        gates.append(
+            gate(
+                "max_accuracy_drop",
+                classification.output,
+                classification.drop,
+                drop,
+                bool(classification),
             )
-        if self.max_latency_ratio is not None and latency is not None:
-            gates.append(
-                gate(
-                    "max_latency_ratio",
-                    None,
-                    latency["ratio"],
-                    self.max_latency_ratio,
-                    latency["ratio"] <= self.max_latency_ratio,
-                )
-            )
-        return gates
+        )
+    ratio = limits["max_latency_ratio"]
+    if ratio is not None and latency is not None:
+        low = latency["interval"][0] if latency["interval"] else latency["ratio"]
+        g = gate("max_latency_ratio", None, latency["ratio"], ratio, within_limit(low, ratio))
+        g["interval"] = latency["interval"]
+        gates.append(g)
+    return gates
 
 
 def _pruned_session(
@@ -259,12 +305,15 @@ def with_gates(
 ) -> list[Pass]:
     """``chain`` with gate ``limits`` set on its last validate pass (appended when missing).
 
-    A validate pass is appended when limits are given, or when ``always`` is true.
+    A validate pass is appended when limits are given, or when ``always`` is true. Limits given
+    here win over the pass's own ``gates=off``.
 
     Raises:
         PassOptionError: a limit out of range.
     """
-    given = {k: v for k, v in limits.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in limits.items() if v is not None}
+    if given:
+        given["gates"] = "auto"  # a limit on the command line turns a recipe's gates=off back on
     out = list(chain)
     index = next((i for i in range(len(out) - 1, -1, -1) if isinstance(out[i], Validate)), None)
     try:

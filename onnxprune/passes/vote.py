@@ -17,9 +17,19 @@ from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
 from onnxprune.pruning.decision import GroupDecision
+from onnxprune.pruning.shortfall import (
+    LAST_CHANNEL,
+    asked_count,
+    hold_reason,
+    join_reasons,
+    rounding_reason,
+    shortfall_rows,
+    uncovered_layers,
+)
 from onnxprune.pruning.workspace import (
     Workspace,
     allowed_count,
+    class_multiples,
     reconstruction_error,
     round_count,
     zero_and_compensate,
@@ -71,7 +81,9 @@ class Vote(Pass):
 
     Rules:
         1. In every prunable group each criterion ranks the free channels and votes for the
-           lowest ``sparsity`` share (rounded so kept counts are multiples of ``round_to``).
+           lowest ``sparsity`` share (rounded so kept counts are multiples of ``round_to``;
+           a class several channels wide, such as an attention head, counts its channels:
+           ``workspace.class_multiples``).
         2. ``mode=vote``: channels with at least ``quorum`` votes go, most votes first
            (default :data:`QUORUM`; a quorum above the number of voters is refused, and one
            above the voters that did not abstain in a group is lowered to them);
@@ -87,6 +99,10 @@ class Vote(Pass):
         5. Pruned channels are zeroed in every member of their group; with data, their mean
            contribution moves into the next layer's bias (``compensate``). Then ``fold``
            removes them for real.
+        6. Every group that gives less than ``sparsity`` asks says why: a row in ``shortfall``
+           (group, layers, asked, pruned, reason), pinned and protected groups included, and
+           ``asked``/``reason`` in its ``groups`` section when it was voted on; layers no group
+           covers get a row too (``shortfall.uncovered_layers``).
     """
 
     name: ClassVar[str] = "vote"
@@ -151,6 +167,7 @@ class Vote(Pass):
         """Vote, zero the chosen classes, compensate biases; report per group."""
         ws = Workspace.open(model, ctx, self.protect)
         multiple = self.round_to or channel_multiple(ctx.providers)
+        multiples = class_multiples(ws.an, ws.groups, multiple)
         criteria = [get_criterion(c) for c in self.criteria]
         data = ctx.data(model)
         has_data = not data.synthetic
@@ -163,9 +180,11 @@ class Vote(Pass):
         chosen: set[int] = set()
         decisions: list[GroupDecision] = []
         plans = []
+        held: list[dict[str, Any]] = []  # sections of the groups with no free channel
         for g in ws.groups:
             classes = ws.free_classes(g)
             if not len(classes):
+                held.append(self._held(g, ws))
                 continue
             voters = [
                 Voter(
@@ -178,10 +197,10 @@ class Vote(Pass):
             ]
             plans.append((g, classes, voters))
         if self.scope == "global":
-            chosen, decisions = self._global(ws, plans, multiple)
+            chosen, decisions = self._global(ws, plans, multiple, multiples)
         else:
             for g, classes, voters in plans:
-                decision = self._local(ws, g, classes, voters, check, multiple)
+                decision = self._local(ws, g, classes, voters, check, multiple, multiples[g.index])
                 chosen |= decision.picked
                 decisions.append(decision)
         selection: dict[str, Any] = {}
@@ -193,17 +212,44 @@ class Vote(Pass):
             g = d.group
             mine = classes_of(roots, g.spaces)
             d.section["pruned"] = len(mine & chosen)
+            if d.section["pruned"] < len(d.picked):
+                d.section["reason"] = join_reasons([d.section.get("reason"), LAST_CHANNEL])
         applied = zero_and_compensate(ws, chosen, compensate)
+        sections = [d.section for d in decisions]  # the groups voted on; held ones: shortfall
+        every = sorted(sections + held, key=lambda s: s["group"])
+        uncovered = uncovered_layers(ws.model, ws.an, ws.groups, self.sparsity)
+        asked = sum(s["asked"] for s in every) + sum(r["asked"] or 0 for r in uncovered)
         report: dict[str, Any] = {
             "channels_pruned": len(chosen),
-            "groups": [d.section for d in decisions],
+            "channels_asked": asked,
+            "groups": sections,
+            "shortfall": shortfall_rows(every) + uncovered,
             "compensated": compensate,
             "round_to": multiple,
             "data": data.source,
             **selection,
             **applied,
         }
+        if asked and not chosen:
+            report["warnings"] = [
+                f"vote pruned none of the {asked} channels asked for; the 'vote: less than "
+                "asked' table says why, group by group"
+            ]
         return PassResult(ws.model, bool(chosen), report)
+
+    def _held(self, g: Any, ws: Workspace) -> dict[str, Any]:
+        """A group with no free channel, as a section: nothing pruned, and why (for the
+        shortfall rows only: ``groups`` lists the groups voted on)."""
+        return {
+            "group": g.index,
+            "channels": g.channels,
+            "free": 0,
+            "asked": asked_count(g.channels, self.sparsity),
+            "target": 0,
+            "producers": [sp.node for sp in g.spaces],
+            "pruned": 0,
+            "reason": hold_reason(g, 0, self.protect if g.index in ws.protected else ""),
+        }
 
     def _ensemble(self, ws: Workspace) -> list[tuple[str, Any, dict]]:
         out = []
@@ -237,15 +283,25 @@ class Vote(Pass):
         voters: list[Voter],
         check: str,
         multiple: int,
+        per: tuple[int, int],
     ) -> GroupDecision:
-        k = round_count(g.channels, len(classes), self.sparsity, multiple)
+        step, width = per  # classes pruned at a time, channels per class
+        free = len(classes)
+        k = round_count(g.channels, free, self.sparsity, step)
+        asked = asked_count(g.channels, self.sparsity)
         section: dict[str, Any] = {
             "group": g.index,
             "channels": g.channels,
-            "free": len(classes),
+            "free": free,
+            "asked": asked,
             "target": k,
             "producers": [s.node for s in g.spaces],
         }
+        reasons = [hold_reason(g, free) if free < asked else None]
+        if k < round_count(g.channels, free, self.sparsity, 1):
+            reasons.append(rounding_reason(g.channels, k, multiple, step, width))
+        if k < asked:
+            section["reason"] = join_reasons(reasons)
         if k == 0:
             section["pruned"] = 0
             return GroupDecision(g, section)
@@ -254,6 +310,9 @@ class Vote(Pass):
         section["abstained"] = sorted(set(scores) - set(active))
         if not active:
             section["pruned"] = 0
+            section["reason"] = join_reasons(
+                [*reasons, f"no criterion could score it ({', '.join(sorted(scores))} abstained)"]
+            )
             return GroupDecision(g, section)
         choices = {
             n: set(classes[np.argsort(s, kind="stable")[:k]].tolist()) for n, s in active.items()
@@ -265,7 +324,15 @@ class Vote(Pass):
             section["voter_errors"] = {n: round(e, 6) for n, e in errors.items()}
             section["dropped"] = sorted(set(active) - set(kept))
             active = kept
-        picked = self._combine(classes, active, k, g.channels, multiple)
+        picked = self._combine(classes, active, k, g.channels, step)
+        if len(picked) < k:  # fill=false: fewer reached the quorum
+            section["reason"] = join_reasons(
+                [
+                    *reasons,
+                    f"{len(picked)} channels reached the quorum of "
+                    f"{min(self.quorum, len(active))} votes (fill=false)",
+                ]
+            )
         if check != "off" and len(choices) > 1:
             err = reconstruction_error(ws, picked, check)
             best_name = min(section["voter_errors"], key=section["voter_errors"].get)
@@ -339,7 +406,7 @@ class Vote(Pass):
         return set(classes[order[:count]].tolist())
 
     def _global(
-        self, ws: Workspace, plans: list, multiple: int
+        self, ws: Workspace, plans: list, multiple: int, multiples: dict[int, tuple[int, int]]
     ) -> tuple[set[int], list[GroupDecision]]:
         pooled = []  # (normalised score, group index, class)
         for g, classes, voters in plans:
@@ -364,14 +431,18 @@ class Vote(Pass):
         decisions = []
         for g, _classes, _voters in plans:
             mine = taken.get(g.index, [])
-            count = allowed_count(g.channels, len(mine), multiple)
+            step, width = multiples[g.index]
+            count = allowed_count(g.channels, len(mine), step)
             picked = set(mine[:count])
             chosen |= picked
             section = {
                 "group": g.index,
                 "channels": g.channels,
+                "asked": len(mine),  # the global ranking's share of this group
                 "pruned": count,
                 "producers": [s.node for s in g.spaces],
             }
+            if count < len(mine):
+                section["reason"] = rounding_reason(g.channels, count, multiple, step, width)
             decisions.append(GroupDecision(g, section, picked))
         return chosen, decisions

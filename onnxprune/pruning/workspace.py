@@ -9,6 +9,7 @@ bias for the mean contribution the pruned channels had.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -95,6 +96,42 @@ def round_count(total: int, free: int, sparsity: float, round_to: int) -> int:
     while k > 0 and (total - k) % r:
         k -= 1
     return k
+
+
+def class_multiples(
+    an: Analysis, groups: list[ChannelGroup], round_to: int
+) -> dict[int, tuple[int, int]]:
+    """Group index -> (classes to prune at a time, channels per class) under ``round_to``.
+
+    ``round_to`` counts channels of the tensors the runtime sees: producer outputs (spaces) and
+    weighted consumer inputs (sinks). A class that spans ``w`` channels in every such tensor (an
+    attention head of size ``w``, one group of a grouped convolution) keeps those counts
+    multiples of ``round_to`` when the kept classes are a multiple of ``round_to / gcd(round_to,
+    w)``, the least common multiple over the tensors: a 4-head group of head size 8 can lose
+    heads one at a time at ``round_to`` 8, two at a time at 16. A class of uneven width counts
+    as one channel (classes at a time = ``round_to``).
+    """
+    r = max(1, round_to)
+    roots = an.roots()
+    owner = {int(c): g.index for g in groups for c in classes_of(roots, g.spaces)}
+    widths: dict[int, set[int]] = {g.index: set() for g in groups}
+    tensors = [roots[s.start : s.start + s.size] for s in an.spaces]
+    tensors += [roots[sink.labels.ids[sink.labels.ids >= 0]] for sink in an.sinks]
+    for arr in tensors:
+        values, counts = np.unique(arr, return_counts=True)
+        seen: dict[int, set[int]] = {}
+        for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+            if v in owner:
+                seen.setdefault(owner[v], set()).add(c)
+        for index, cs in seen.items():
+            widths[index].add(cs.pop() if len(cs) == 1 else 0)  # 0: uneven widths
+    out = {}
+    for index, ws in widths.items():
+        if not ws or 0 in ws or ws == {1}:
+            out[index] = (r, 1)
+        else:
+            out[index] = (math.lcm(*(r // math.gcd(r, w) for w in ws)), min(ws))
+    return out
 
 
 def allowed_count(total: int, k: int, round_to: int) -> int:

@@ -1,7 +1,10 @@
 """Why a pruned model runs slower: one rule for "slower", and the causes known to cause it.
 
-A pruned model is *slower* when its median latency is more than ``SLOW_MARGIN`` above the
-original's and the gap is beyond run-to-run noise (:attr:`LatencyComparison.within_noise`).
+A pruned model is *slower* when the confidence interval of its median latency ratio (a
+bootstrap over the interleaved rounds, :func:`~onnxprune.validation.latency.ratio_interval`)
+lies wholly above ``1 + SLOW_MARGIN``: a real slowdown is flagged every time, a model as fast
+as the original never. Without timings (statistics only) the rule falls back to the medians
+and their median-to-p90 spread (:attr:`LatencyComparison.within_noise`).
 Known causes: on the CPU provider, Convs whose channel counts lost their alignment to the NCHWc
 block (:func:`unaligned_convs`); and runs so short that onnxruntime's per-node overhead dominates.
 """
@@ -14,10 +17,10 @@ from typing import Any
 import onnx
 
 from onnxprune.runtime import CPU, channel_multiple
-from onnxprune.validation.latency import LatencyComparison
+from onnxprune.validation.latency import CONFIDENCE, MARGIN, LatencyComparison
 
 SHORT_RUN_MS = 0.2
-SLOW_MARGIN = 0.05  # flag "slower" past this share, and only beyond run-to-run noise
+SLOW_MARGIN = MARGIN  # flag "slower" past this share, and only beyond run-to-run noise
 
 
 def _conv_channels(model: onnx.ModelProto) -> list[tuple[str, int, int]]:
@@ -55,7 +58,10 @@ def unaligned_convs(original: onnx.ModelProto, model: onnx.ModelProto) -> list[s
 
 
 def is_slower(cmp: LatencyComparison) -> bool:
-    """Pruned median more than ``SLOW_MARGIN`` above the original's, and beyond the noise."""
+    """The whole interval of the ratio above ``1 + SLOW_MARGIN`` (without one: the ratio, and
+    beyond the median-to-p90 noise)."""
+    if cmp.interval is not None:
+        return cmp.interval[0] > 1 + SLOW_MARGIN
     return cmp.ratio > 1 + SLOW_MARGIN and not cmp.within_noise
 
 
@@ -81,12 +87,21 @@ def slow_causes(
     return causes
 
 
+def interval_text(latency: Mapping[str, Any]) -> str:
+    """``, 99% interval 2.41-2.63`` from a latency section (empty when it has none)."""
+    ci = latency.get("interval")
+    if not ci:
+        return ""
+    return f", {latency.get('confidence', CONFIDENCE):.0%} interval {ci[0]:.2f}-{ci[1]:.2f}"
+
+
 def slow_message(latency: Mapping[str, Any]) -> str:
     """One line: how much slower the pruned model runs, and why when known."""
     o, p = latency["original"], latency["pruned"]
     msg = (
         f"the pruned model is SLOWER than the original: median {p['median_ms']:.3f} ms vs "
-        f"{o['median_ms']:.3f} ms (ratio {latency['ratio']:.2f}) on {latency['provider']}"
+        f"{o['median_ms']:.3f} ms (ratio {latency['ratio']:.2f}{interval_text(latency)}) on "
+        f"{latency['provider']}"
     )
     if latency["causes"]:
         msg += "; likely cause: " + "; ".join(latency["causes"])
