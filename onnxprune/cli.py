@@ -8,6 +8,7 @@ were checked and held, FAILED naming every failed gate (and exit 1), else DONE.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import time
@@ -52,6 +53,7 @@ from onnxprune.sweep import add_points, parse_values, run_sweep
 from onnxprune.validation.gates import failed_gates, gate_message, verdict
 from onnxprune.version import __version__
 
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE
 INTERNAL_EXIT = 3
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -275,6 +277,8 @@ def main(
         raise CliError(str(exc), exc.exit_code) from exc
     except (click.ClickException, click.exceptions.Exit):
         raise
+    except BrokenPipeError:
+        _closed_stdout()
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if verbose:
             traceback.print_exc()
@@ -283,6 +287,15 @@ def main(
             msg += "; rerun with -v for the traceback"
         raise CliError(msg, INTERNAL_EXIT) from exc
     _finish(report, time.perf_counter() - start, quiet, to_stdout)
+
+
+def _closed_stdout() -> None:
+    """The reader of stdout went away (``onnxprune --list-passes | head``): end quietly with
+    the shell's status for SIGPIPE, as coreutils do, and keep Python from complaining again
+    when it flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(BROKEN_PIPE_EXIT)
 
 
 def _finish(report: dict[str, Any] | None, seconds: float, quiet: bool, to_stderr: bool) -> None:

@@ -396,3 +396,26 @@ def test_console_script(model, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("Error: half.onnx")
     assert "Traceback" not in bad.stderr
+
+
+def test_a_closed_stdout_ends_quietly_with_the_sigpipe_status() -> None:
+    """`onnxprune --list-passes | head -0`: no 'internal error', exit 141 as coreutils."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "onnxprune", "--list-passes"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    err = done.stderr.decode()
+    assert done.returncode == 141, err
+    assert "internal error" not in err and "Traceback" not in err
