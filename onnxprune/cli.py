@@ -14,7 +14,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,19 +25,16 @@ from rich.console import Console, RenderableType
 from onnxprune.analysis.inspect import channel_groups
 from onnxprune.cost import summarize
 from onnxprune.errors import OnnxPruneError, ValidationFailed
-from onnxprune.model import load, model_data_files, write_model
-from onnxprune.outputs import OutputPlan, Target, is_stdout
-from onnxprune.passes.base import Pass
+from onnxprune.job import Job, build_job, default_output, load_checked, plan_files
+from onnxprune.model import load, write_model
 from onnxprune.passes.registry import (
     available_passes,
-    parse_pass_spec,
     pass_origin,
     unavailable_passes,
 )
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.plot import plot_file, write_plot
-from onnxprune.recipe import load_recipe
 from onnxprune.report import (
     final_line,
     groups_table,
@@ -63,7 +59,7 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click's is a class default
 
 
 def _version_message() -> str:
@@ -72,32 +68,6 @@ def _version_message() -> str:
         f"onnxprune {__version__} from {here} (Python {platform.python_version()}, "
         f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
     )
-
-
-def default_output(model: Path) -> Path:
-    """``dir/name.onnx`` -> ``dir/name.pruned.onnx`` (never the input itself)."""
-    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
-    return model.with_name(f"{stem}.pruned.onnx")
-
-
-@dataclass
-class Job:
-    """What one run needs, with the recipe's settings merged under the command line's."""
-
-    model: Path
-    chain: list[Pass]
-    data: Path | None
-    device: str
-    seed: int
-    report: Path | None
-    output: Path | None
-    external_data: bool | None
-    recipe: Path | None = None
-
-    @property
-    def report_to_stdout(self) -> bool:
-        """``--report -`` (or /dev/stdout): the JSON alone goes to stdout, the tables to stderr."""
-        return self.report is not None and is_stdout(self.report)
 
 
 def _sweep_values(
@@ -261,12 +231,13 @@ def main(
             return
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
-        job = _job(
+        job = build_job(
             model, pass_specs, output, recipe, data, device, report_path, seed, external_data
         )
         to_stdout = job.report_to_stdout
         if to_stdout:
             out = Console(quiet=quiet, stderr=True)
+        report: dict[str, Any] | None
         if sweep is not None:
             report = _sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
@@ -310,73 +281,18 @@ def _finish(report: dict[str, Any] | None, seconds: float, quiet: bool, to_stder
         raise CliError(str(exc), exc.exit_code)
 
 
-def _job(
-    model_path: Path,
-    pass_specs: tuple[str, ...],
-    output: Path | None,
-    recipe_path: Path | None,
-    data: Path | None,
-    device: str | None,
-    report_path: Path | None,
-    seed: int | None,
-    external_data: bool | None,
-) -> Job:
-    """Merge the recipe (if any) and the command line; ``-p`` passes run after the recipe's."""
-    settings: dict[str, Any] = {}
-    chain: list[Pass] = []
-    if recipe_path is not None:
-        recipe = load_recipe(recipe_path)
-        settings, chain = recipe.settings, list(recipe.passes)
-    chain += [parse_pass_spec(spec) for spec in pass_specs]
-    data = data if data is not None else settings.get("data")
-    out = output or settings.get("output")
-    report = report_path or settings.get("report")
-    return Job(
-        model=model_path,
-        chain=chain,
-        data=Path(data) if data is not None else None,
-        device=device or settings.get("device", "auto"),
-        seed=seed if seed is not None else int(settings.get("seed", 0)),
-        report=Path(report) if report is not None else None,
-        output=Path(out) if out is not None else None,
-        external_data=external_data,
-        recipe=recipe_path,
-    )
-
-
-def _plan(job: Job) -> tuple[OutputPlan, Target | None]:
-    """The run's inputs (model, --data, recipe) and its report file; the caller adds the rest."""
-    plan = OutputPlan()
-    plan.add_input("the input model", job.model)
-    plan.add_input("the --data file", job.data)
-    plan.add_input("the recipe", job.recipe)
-    report = None
-    if job.report is not None and not job.report_to_stdout:
-        report = plan.add_output("--report", job.report, "report")
-    return plan, report
-
-
-def _load(plan: OutputPlan, job: Job) -> onnx.ModelProto:
-    """Load the model once every output path is checked; its external data joins the inputs."""
-    plan.check()
-    model = load(job.model)
-    for f in model_data_files(job.model):
-        plan.add_input("the input model's external data", f)
-    return model
-
-
 def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, Any] | None:
     """Run the chain, write the model and the report; the report (None: summary only)."""
-    chain = with_gates(job.chain, **gates)
+    chain = with_gates(job.chain, **gates)  # type: ignore[arg-type]  # limits only
     if not chain:
         model = load(job.model)
         out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
         return None
     target = job.output if job.output is not None else default_output(job.model)
-    plan, report_file = _plan(job)
+    plan, report_file = plan_files(job)
     model_file = plan.add_model("-o", target, job.external_data)
-    model = _load(plan, job)
+    model = load_checked(plan, job)
     with plan, out.status(f"running {', '.join(p.name for p in chain)}"):
         new, report = run(
             model,
@@ -411,7 +327,7 @@ def _sweep(
     key: str,
     plot_path: Path | None,
 ) -> dict[str, Any]:
-    plan, report_file = _plan(job)
+    plan, report_file = plan_files(job)
     plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
     if job.output is not None:
         if job.output.suffix == ".onnx" or job.output.is_file():
@@ -420,7 +336,7 @@ def _sweep(
             )
         add_points(plan, "-o", job.output, job.model, key, values, job.external_data)
     chain = with_gates(job.chain, always=True, **gates)
-    model = _load(plan, job)
+    model = load_checked(plan, job)
     with plan, sweep_progress(out) as progress:
         task = progress.add_task(f"sweep {key}", total=len(values))
         report = run_sweep(

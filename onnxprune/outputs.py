@@ -410,11 +410,13 @@ def _replace(t: Target, new_mode: int) -> _Done:
         os.replace(t.staged, t.real)
         return _Done(t.real, created=True, backup=None)
     os.chmod(t.staged, stat.S_IMODE(old.st_mode))
-    backup: Path | None = t.staged.with_name(f".backup.{t.staged.name}")
+    backup: Path | None = None
+    candidate = t.staged.with_name(f".backup.{t.staged.name}")
     try:
-        os.link(t.real, backup)
+        os.link(t.real, candidate)
+        backup = candidate
     except OSError:
-        backup = None  # a file system without hard links: the old file cannot come back
+        pass  # a file system without hard links: the old file cannot come back
     os.replace(t.staged, t.real)
     return _Done(t.real, created=False, backup=backup)
 

@@ -47,7 +47,7 @@ def last_channel_classes(an: Analysis, chosen: Iterable[int]) -> set[ClassId]:
     return kept
 
 
-def keep_one_per_tensor(an: Analysis, chosen: Iterable[int]) -> set[ClassId]:
+def keep_one_per_tensor(an: Analysis, chosen: Iterable[int]) -> set[int]:
     """``chosen`` less :func:`last_channel_classes`: a choice that never empties a tensor."""
     wanted = {ClassId(int(c)) for c in chosen}
-    return wanted - last_channel_classes(an, wanted)
+    return set(wanted - last_channel_classes(an, wanted))

@@ -16,7 +16,7 @@ from onnxprune.model import load, model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
-from onnxprune.pruning.decision import GroupDecision
+from onnxprune.pruning.decision import GroupDecision, choice_score
 from onnxprune.pruning.shortfall import (
     LAST_CHANNEL,
     asked_count,
@@ -44,25 +44,6 @@ if TYPE_CHECKING:
 SELECT_LIMIT = 512 << 20  # select=auto compares whole-model copies only below this size
 SELECT_SAMPLES = 512  # calibration samples used to compare choices
 QUORUM = 2  # votes a channel needs when no quorum is given (or every voter, when fewer)
-
-
-def _score(
-    reference: list[np.ndarray], got: list[np.ndarray], labels: np.ndarray | None
-) -> tuple[float, float]:
-    """(minus accuracy against the labels, or 0; relative squared output error): lower wins."""
-    err = float(
-        np.mean(
-            [
-                np.mean((g.astype(np.float64) - r) ** 2)
-                / (np.mean(r.astype(np.float64) ** 2) + 1e-12)
-                for r, g in zip(reference, got, strict=True)
-            ]
-        )
-    )
-    first = got[0]
-    if labels is not None and first.ndim == 2 and len(first) == len(labels):
-        return -float((first.argmax(1) == labels).mean()), err
-    return 0.0, err
 
 
 @dataclass
@@ -330,7 +311,7 @@ class Vote(Pass):
                 [
                     *reasons,
                     f"{len(picked)} channels reached the quorum of "
-                    f"{min(self.quorum, len(active))} votes (fill=false)",
+                    f"{self._quorum(len(active))} votes (fill=false)",
                 ]
             )
         if check != "off" and len(choices) > 1:
@@ -369,7 +350,7 @@ class Vote(Pass):
             trial = copy.deepcopy(ws.model)
             zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
             got = list(outputs(trial, data, ws.ctx.providers).values())
-            scores[name] = _score(reference, got, labels)
+            scores[name] = choice_score(reference, got, labels)
         best = min(scores, key=lambda n: (scores[n][0], scores[n][1], n != "vote"))
         report = {
             "selected": best,
@@ -382,6 +363,11 @@ class Vote(Pass):
             },
         }
         return candidates[best], report
+
+    def _quorum(self, voters: int) -> int:
+        """Votes a channel needs among ``voters`` that voted: the ``quorum`` option (default
+        :data:`QUORUM`), lowered to the voters there are."""
+        return min(self.quorum if self.quorum is not None else QUORUM, voters)
 
     def _combine(
         self,
@@ -398,7 +384,7 @@ class Vote(Pass):
         for s in active.values():
             votes[np.argsort(s, kind="stable")[:k]] += 1
         # voters that abstained (no data) or were dropped (rule 3) lower the quorum
-        quorum = min(self.quorum if self.quorum is not None else QUORUM, len(active))
+        quorum = self._quorum(len(active))
         order = np.lexsort((mean_rank, -votes))
         if not self.fill:
             order = order[votes[order] >= quorum]

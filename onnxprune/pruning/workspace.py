@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,7 +187,10 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
 
 
 def zero_and_compensate(
-    ws: Workspace, classes: set[int], compensate: bool, model: onnx.ModelProto | None = None
+    ws: Workspace,
+    classes: Collection[int],
+    compensate: bool,
+    model: onnx.ModelProto | None = None,
 ) -> dict[str, int]:
     """Zero ``classes`` in ``model`` (default: the workspace's own, or a copy of it); with
     ``compensate``, move their mean contribution into the biases.

@@ -15,11 +15,10 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.analysis.groups import chosen_positions, keep_one_per_tensor, unpinned_classes
-from onnxprune.analysis.labels import ClassId
 from onnxprune.analysis.state import Analysis
 
 
-def random_classes(an: Analysis, share: float, seed: int = 0) -> set[ClassId]:
+def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
     """A random ``share`` of the unpinned classes of every group (never a whole tensor)."""
     rng = np.random.default_rng(seed)
     chosen = {r for r in unpinned_classes(an) if rng.random() < share}
