@@ -112,7 +112,7 @@ def session(
         PassFailedError: onnxruntime refuses the model (the message is its first line).
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors come back as exceptions: no raw log lines on stderr
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:

@@ -15,7 +15,7 @@ import onnx
 
 from onnxprune.cost import infer_shapes
 from onnxprune.data import fixed_batch, synthesize
-from onnxprune.errors import PassFailedError
+from onnxprune.errors import DataError, PassFailedError
 from onnxprune.runtime import CPU, run_model, session
 
 
@@ -50,13 +50,17 @@ def probe(model: onnx.ModelProto, seed: int = 0, providers: list[str] | None = N
     # two samples show a constant channel is constant across samples; some exports bake in
     # batch 1 even where the input says otherwise, so try 1 as well
     for samples in dict.fromkeys([fixed_batch(model) or 2, 1]):
-        feeds = synthesize(model, samples, seed).inputs
+        try:
+            feeds = synthesize(model, samples, seed).inputs
+        except DataError as exc:  # no synthetic input fits: shapes from inference only
+            return Probe(shapes, {}, str(exc))
         try:
             values = run_model(sess, feeds)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             error = f"onnxruntime could not run the model: {str(exc).strip().splitlines()[0]}"
             continue
-        shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
+        # sequences and absent optionals have no tensor shape
+        shapes.update({k: v.shape for k, v in values.items() if isinstance(v, np.ndarray)})
         return Probe(shapes, values, inputs=feeds)
     return Probe(shapes, {}, error)
 

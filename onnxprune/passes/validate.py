@@ -13,7 +13,14 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.cost import summarize
-from onnxprune.data import Dataset, feeds_for, fixed_batch, input_specs
+from onnxprune.data import (
+    Dataset,
+    feeds_for,
+    fixed_batch,
+    input_specs,
+    sample_count,
+    take_samples,
+)
 from onnxprune.errors import (
     DataError,
     PassFailedError,
@@ -194,7 +201,7 @@ class Validate(Pass):
             "provider": provider,
             "threads": self.threads,
             "cpu_count": os.cpu_count(),
-            "batch": len(next(iter(feed.values()))) if feed else 0,
+            "batch": sample_count(feed),
             "runs": self.runs,
             "warmup": self.warmup,
             "original": cmp.original.to_dict(),
@@ -342,7 +349,7 @@ def run_pair(
         for n, r, p in zip(names, ref_out, new_out, strict=True):
             ref_parts[n].append(np.asarray(r))
             new_parts[n].append(np.asarray(p))
-        count += len(next(iter(feed.values()))) if feed else 1
+        count += sample_count(feed) if feed else 1
     if not count:
         raise DataError(
             f"validate: {data.source} has no complete batch of "
@@ -364,7 +371,7 @@ def _join(parts: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
 def latency_feed(model: onnx.ModelProto, data: Dataset, batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` samples of ``data`` (the model's own batch size when it is fixed)."""
     size = fixed_batch(model) or batch
-    return {k: v[:size] for k, v in data.inputs.items()}
+    return {k: take_samples(v, 0, size) for k, v in data.inputs.items()}
 
 
 def symbolic_dims(
@@ -375,7 +382,9 @@ def symbolic_dims(
     for m in models:
         for name, (declared, _) in input_specs(m).items():
             if name in feed:
-                for d, size in zip(declared, feed[name].shape, strict=False):
+                value = feed[name]  # a sequence input: the shape of its tensors
+                value = value[0] if isinstance(value, list) and value else value
+                for d, size in zip(declared, np.shape(value), strict=False):
                     if isinstance(d, str):
                         dims[d] = int(size)
     return dims

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -290,7 +291,14 @@ def _feed_for(model_inputs: Mapping[str, np.dtype], batch: Mapping[str, np.ndarr
     missing = sorted(set(model_inputs) - set(batch))
     if missing:
         raise DataError(f"the data has no array for model input(s) {missing}")
-    return {name: np.asarray(batch[name], dtype) for name, dtype in model_inputs.items()}
+    return {name: _cast(batch[name], dtype) for name, dtype in model_inputs.items()}
+
+
+def _cast(value: Any, dtype: np.dtype) -> Any:
+    """One input cast to its declared dtype (each tensor of a sequence input)."""
+    if isinstance(value, list):
+        return [np.asarray(v, dtype) for v in value]
+    return np.asarray(value, dtype)
 
 
 @dataclass
