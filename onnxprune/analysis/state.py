@@ -30,6 +30,11 @@ from onnx import numpy_helper
 from onnxprune.analysis.labels import ChannelGroup, Labels, Member, Rewrite, Sink, Space, UnionFind
 from onnxprune.graph import node_name
 
+NOTHING_TO_PRUNE = (
+    "nothing to prune: no channel groups (no Conv, ConvTranspose, Gemm or MatMul with a "
+    "constant weight)"
+)
+
 
 class Analysis:
     """Channel analysis of one model's main graph (see the module docstring).

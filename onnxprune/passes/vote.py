@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
-from onnxprune.data import feeds_for
+from onnxprune.analysis.state import NOTHING_TO_PRUNE
+from onnxprune.data import feeds_for, sample_count
 from onnxprune.errors import PassOptionError
 from onnxprune.graph import get_init, prepare_for_pruning
 from onnxprune.model import load, model_nbytes
@@ -139,6 +140,9 @@ class Vote(Pass):
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
         ws = Workspace.open(model, ctx, self.protect)
+        if not ws.groups:  # nothing to vote on: no statistics to gather either
+            report = {"channels_pruned": 0, "groups": [], "note": NOTHING_TO_PRUNE}
+            return PassResult(ws.model, False, report)
         multiple = self.round_to or channel_multiple(ctx.providers)
         criteria = [get_criterion(c) for c in self.criteria]
         has_data = ctx.data_path is not None
@@ -285,9 +289,7 @@ class Vote(Pass):
         feeds = list(feeds_for(ws.model, data, limit=SELECT_SAMPLES))
         reference = _outputs(ws.model, feeds, ws.ctx.providers)
         labels = (
-            data.labels[: sum(len(next(iter(f.values()))) for f in feeds)]
-            if data.labels is not None
-            else None
+            data.labels[: sum(sample_count(f) for f in feeds)] if data.labels is not None else None
         )
         scores = {}
         for name, classes in candidates.items():
