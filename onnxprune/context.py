@@ -8,9 +8,10 @@ from typing import Any
 
 import onnx
 
-from onnxprune.data import Dataset, load_data
+from onnxprune.data import Dataset
 from onnxprune.errors import InternalError
 from onnxprune.runtime import CPU
+from onnxprune.synthesis import load_data
 
 
 @dataclass
@@ -36,13 +37,13 @@ class Context:
     _data: Dataset | None = None
 
     def data(self, model: onnx.ModelProto | None = None) -> Dataset:
-        """The run's data set, one for every pass: read by :func:`onnxprune.data.load_data` on
+        """The run's data set, one for every pass: read by :func:`onnxprune.synthesis.load_data` on
         first use, against ``model`` (``original`` when None; passes keep its inputs).
 
         Its ``synthetic`` flag says whether the data is real (``data_path``) or synthesised.
 
         Raises:
-            DataError: as :func:`onnxprune.data.load_data`.
+            DataError: as :func:`onnxprune.synthesis.load_data`.
         """
         if self._data is None:
             target = model if model is not None else self.original

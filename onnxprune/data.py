@@ -1,10 +1,10 @@
 """Input data for onnxruntime runs: ``--data FILE.npz`` or inputs synthesised from the model.
 
 An .npz holds one array per model input (keyed by the input's name, samples along axis 0) and
-optionally ``labels``. Without one, :data:`SYNTH_SAMPLES` inputs are synthesised from the
-declared shapes and dtypes: axis 0 holds the samples, and other symbolic dimensions become
-:data:`SYNTH_DIM`. :attr:`Dataset.synthetic` is the one answer to "is this real
-data?". How data is cut into batches for a model is :mod:`onnxprune.runner`'s job.
+optionally ``labels``; a rank-0 input has no samples axis, and every batch gets it whole.
+Without a file, :mod:`onnxprune.synthesis` makes inputs that fit the model.
+:attr:`Dataset.synthetic` is the one answer to "is this real data?". How data is cut into
+batches for a model is :mod:`onnxprune.runner`'s job.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import difflib
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,8 +24,6 @@ import onnx
 from onnxprune.errors import DataError, first_line
 from onnxprune.graph import graph_input_names
 
-SYNTH_DIM = 16
-SYNTH_SAMPLES = 32
 LABELS = "labels"
 
 
@@ -38,51 +37,53 @@ class Dataset:
     synthetic: bool = False
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+        return sample_count(self.inputs)
 
     def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield feeds of at most ``size`` samples each, in order."""
         for start in range(0, len(self), size):
-            yield {k: v[start : start + size] for k, v in self.inputs.items()}
+            yield {k: take_samples(v, start, start + size) for k, v in self.inputs.items()}
 
     def head(self, samples: int) -> Dataset:
         """The first ``samples`` samples (labels too), from the same source."""
         labels = self.labels[:samples] if self.labels is not None else None
-        inputs = {k: v[:samples] for k, v in self.inputs.items()}
+        inputs = {k: take_samples(v, 0, samples) for k, v in self.inputs.items()}
         return Dataset(inputs, labels, self.source, self.synthetic)
 
 
-def load_data(
-    path: str | os.PathLike[str] | None,
-    model: onnx.ModelProto,
-    *,
-    samples: int = SYNTH_SAMPLES,
-    seed: int = 0,
-) -> Dataset:
-    """The .npz at ``path`` checked against ``model`` (:func:`load_npz`), or, when ``path`` is
-    None, ``samples`` inputs synthesised from ``model`` with ``seed`` (:func:`synthesize`).
+def sample_count(feed: Mapping[str, Any]) -> int:
+    """Samples in ``feed``: the length of its first input that has a samples axis (rank-0
+    inputs have none; a sequence input counts its first tensor's)."""
+    for v in feed.values():
+        first = v[0] if isinstance(v, list) and v else v
+        if np.ndim(first):
+            return len(first)
+    return 1 if feed else 0
 
-    Raises:
-        DataError: as :func:`load_npz`, or an input dtype that cannot be synthesised.
-    """
-    if path is not None:
-        return load_npz(path, model)
-    return synthesize(model, samples, seed)
+
+def take_samples(value: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of one input's value (a rank-0 input whole; for a sequence input,
+    of each of its tensors)."""
+    if isinstance(value, list):
+        return [take_samples(v, start, stop) for v in value]
+    return value[start:stop] if np.ndim(value) else value
 
 
 def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str | None], np.dtype]]:
-    """Declared shape (ints, dim names or None) and numpy dtype of each real model input."""
+    """Declared shape (ints, dim names or None) and numpy dtype of each real model input (of the
+    element, for a sequence or optional input; inputs of other types are left out)."""
     real = set(graph_input_names(model.graph))
     specs = {}
     for vi in model.graph.input:
         if vi.name not in real:
             continue
-        t = vi.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-        dims: list[int | str | None] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-        ]
-        specs[vi.name] = (dims, dtype)
+        _, t = unwrap_type(vi.type)
+        if t is None or t.elem_type == onnx.TensorProto.UNDEFINED:
+            continue
+        specs[vi.name] = (
+            declared_dims(t),
+            np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
+        )
     return specs
 
 
@@ -116,7 +117,7 @@ def load_npz(path: str | os.PathLike[str], model: onnx.ModelProto) -> Dataset:
     }
     if labels is not None:
         labels = _labels(f"{path}: {LABELS}", labels)
-    counts = {name: len(a) for name, a in inputs.items()}
+    counts = {name: len(a) for name, a in inputs.items() if a.ndim}  # rank 0: no samples
     if labels is not None:
         counts[LABELS] = len(labels)
     if len(set(counts.values())) > 1:
@@ -203,6 +204,8 @@ def _input_array(
 ) -> np.ndarray:
     """Rule 3 for one input (``what`` names the file and the input); the array, cast."""
     if arr.ndim == 0:
+        if dims == []:  # a rank-0 input: one value for every sample
+            return _cast(what, arr, np.dtype(dtype))
         raise DataError(f"{what} is a single value; samples go along axis 0 (shape [N, ...])")
     wrong_rank = bool(dims) and arr.ndim != len(dims)
     fixed = [] if wrong_rank else list(zip(arr.shape[1:], dims[1:], strict=False))
@@ -298,29 +301,6 @@ def _labels(what: str, labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def synthesize(model: onnx.ModelProto, samples: int = 8, seed: int = 0) -> Dataset:
-    """Random inputs from the declared shapes: floats ~ N(0, 1), integers in [0, 10), bools."""
-    rng = np.random.default_rng(seed)
-    inputs = {}
-    for name, (dims, dtype) in input_specs(model).items():
-        shape = [
-            samples if i == 0 else (d if isinstance(d, int) and d > 0 else SYNTH_DIM)
-            for i, d in enumerate(dims)
-        ]
-        if not dims:
-            shape = []
-        if np.issubdtype(dtype, np.floating):
-            arr = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            arr = rng.integers(0, 2, shape).astype(bool)
-        elif np.issubdtype(dtype, np.integer):
-            arr = rng.integers(0, 10, shape).astype(dtype)
-        else:
-            raise DataError(f"input {name!r}: cannot synthesise dtype {dtype}; pass --data")
-        inputs[name] = arr
-    return Dataset(inputs, None, "synthetic", synthetic=True)
-
-
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The batch size the model is declared with on axis 0 of every input, if fixed."""
     sizes = {dims[0] for dims, _ in input_specs(model).values() if dims}
@@ -328,3 +308,20 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
         (size,) = sizes
         return size if isinstance(size, int) and size > 0 else None
     return None
+
+
+def unwrap_type(tp: onnx.TypeProto) -> tuple[str, onnx.TypeProto.Tensor | None]:
+    """(``tensor``, ``sequence``, ``optional`` or another kind; the tensor type inside, if any)."""
+    kind = tp.WhichOneof("value") or "untyped"
+    if kind == "tensor_type":
+        return "tensor", tp.tensor_type
+    if kind in ("sequence_type", "optional_type"):
+        inner = getattr(tp, kind).elem_type
+        if inner.WhichOneof("value") == "tensor_type":
+            return kind.split("_")[0], inner.tensor_type
+    return kind.removesuffix("_type"), None
+
+
+def declared_dims(t: onnx.TypeProto.Tensor) -> list[int | str | None]:
+    """Each declared dim: its size, its name, or None."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]

@@ -217,6 +217,26 @@ def unlist_initializer_inputs(graph: onnx.GraphProto) -> int:
     return removed
 
 
+IR_UNLISTED_INITIALIZERS = 4
+
+
+def allow_unlisted_initializers(model: onnx.ModelProto) -> bool:
+    """Raise the IR version to 4 when some graph has an initializer it does not list as an input.
+
+    IR < 4 requires every initializer to be a graph input as well; IR 4 drops that rule and
+    changes nothing else (IR versions and opsets are independent), so the raised model is valid
+    for any opset. Returns whether the version was raised.
+    """
+    if model.ir_version >= IR_UNLISTED_INITIALIZERS:
+        return False
+    for g in iter_graphs(model.graph):
+        listed = {i.name for i in g.input}
+        if any(t.name not in listed for t in g.initializer):
+            model.ir_version = IR_UNLISTED_INITIALIZERS
+            return True
+    return False
+
+
 def prepare_for_pruning(graph: onnx.GraphProto) -> int:
     """Make every weight of the main graph a plain constant that passes may slice: Constant
     nodes become initializers, and initializers stop being listed as graph inputs. Returns how

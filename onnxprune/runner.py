@@ -23,12 +23,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.data import Dataset, fixed_batch, input_specs
+from onnxprune.data import Dataset, fixed_batch, input_specs, take_samples
 from onnxprune.errors import DataError, RunFailed, first_line
 from onnxprune.runtime import CPU, session
 
@@ -205,8 +206,16 @@ def _feeds(model: onnx.ModelProto, data: Dataset, p: Plan) -> Iterator[Values]:
     for start in range(0, p.count * p.size, p.size):
         stop = min(start + p.size, p.samples)
         yield {
-            name: np.asarray(data.inputs[name][start:stop], dtype) for name, dtype in dtypes.items()
+            name: _cast(take_samples(data.inputs[name], start, stop), dtype)
+            for name, dtype in dtypes.items()
         }
+
+
+def _cast(value: Any, dtype: np.dtype) -> Any:
+    """One input cast to its declared dtype (each tensor of a sequence input)."""
+    if isinstance(value, list):
+        return [np.asarray(v, dtype) for v in value]
+    return np.asarray(value, dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def session(
     threads: int = 0,
     optimize: bool = True,
     share_weights: bool | None = None,
-    log_level: int = 3,
+    log_level: int = 4,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``model`` (a ModelProto or serialised bytes): the one place
     onnxprune creates them.
@@ -107,7 +107,8 @@ def session(
             file that it maps into memory, instead of serialising them (saves two copies of
             the weights); ``None`` decides by size. Weight prepacking is then off: meant for
             analysis runs, not timing.
-        log_level: onnxruntime's log severity (3: errors only, 4: fatal only).
+        log_level: onnxruntime's log severity (4, the default: fatal only; errors come back
+            as exceptions, so no raw log line reaches stderr).
 
     Raises:
         PassFailedError: onnxruntime refuses the model (the message is its first line).

@@ -26,10 +26,10 @@ import onnxprune
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.cost import summarize
-from onnxprune.data import synthesize
 from onnxprune.graph import lift_constants
 from onnxprune.pruning.zero import random_classes, zero_classes
 from onnxprune.runtime import session
+from onnxprune.synthesis import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 

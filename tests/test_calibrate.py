@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.context import Context
-from onnxprune.data import Dataset, load_npz, synthesize
+from onnxprune.data import Dataset, load_npz
 from onnxprune.errors import DataError
 from onnxprune.pruning.calibrate import (
     SYNTHETIC_WARNING,
@@ -36,6 +36,7 @@ from onnxprune.pruning.calibrate import (
 )
 from onnxprune.runner import expose
 from onnxprune.runtime import session
+from onnxprune.synthesis import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from onnxprune import runtime
 from onnxprune.analysis.probe import probe
 from onnxprune.context import Context
-from onnxprune.data import SYNTH_SAMPLES, Dataset, load_data
+from onnxprune.data import Dataset
 from onnxprune.errors import DataError, PassFailedError, RunFailed
 from onnxprune.runner import (
     DEFAULT_BATCH,
@@ -32,6 +32,7 @@ from onnxprune.runner import (
     stream,
 )
 from onnxprune.runtime import session
+from onnxprune.synthesis import SYNTH_SAMPLES, load_data
 from onnxprune.validation.latency import compare_latency
 
 RNG = np.random.default_rng(0)

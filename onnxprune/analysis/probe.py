@@ -16,10 +16,11 @@ import onnx
 
 from onnxprune.context import Context
 from onnxprune.cost import infer_shapes
-from onnxprune.data import Dataset, fixed_batch, synthesize
+from onnxprune.data import Dataset, fixed_batch
 from onnxprune.errors import DataError, PassFailedError, first_line
 from onnxprune.runner import batches, exposed_session, run_model
 from onnxprune.runtime import CPU
+from onnxprune.synthesis import synthesize
 
 
 @dataclass
@@ -54,6 +55,10 @@ def probe(
     # batch 1 even where the input says otherwise, so try 1 as well
     for samples in dict.fromkeys([fixed_batch(model) or 2, 1]):
         try:
+            feeds = synthesize(model, samples, seed).inputs
+        except DataError as exc:  # no synthetic input fits: shapes from inference only
+            return Probe(shapes, {}, str(exc))
+        try:
             feeds = _inputs(model, samples, seed, data)
             values = run_model(sess, feeds)
         except DataError as exc:
@@ -62,16 +67,18 @@ def probe(
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
             error = f"onnxruntime could not run the model: {first_line(exc)}"
             continue
-        shapes.update({k: tuple(np.shape(v)) for k, v in values.items()})
+        # sequences and absent optionals have no tensor shape
+        shapes.update({k: v.shape for k, v in values.items() if isinstance(v, np.ndarray)})
         return Probe(shapes, values, inputs=feeds)
     return Probe(shapes, {}, error)
 
 
 def probe_run(model: onnx.ModelProto, ctx: Context) -> Probe:
-    """:func:`probe` on the run's own data when it has real data (``--data``), else on inputs
-    synthesised with the run's seed: every onnxruntime run of a chain sees the user's data."""
-    data = ctx.data(model)
-    return probe(model, ctx.seed, ctx.providers, data=None if data.synthetic else data)
+    """:func:`probe` on the run's own data when it has a data file (``--data``), else on inputs
+    synthesised with the run's seed (a model no synthetic input fits is then probed for shapes
+    only, with the reason): every onnxruntime run of a chain sees the user's data."""
+    data = ctx.data(model) if ctx.data_path is not None else None
+    return probe(model, ctx.seed, ctx.providers, data=data)
 
 
 def _inputs(

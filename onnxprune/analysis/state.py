@@ -42,6 +42,11 @@ from onnxprune.analysis.labels import (
 )
 from onnxprune.graph import node_name
 
+NOTHING_TO_PRUNE = (
+    "nothing to prune: no channel groups (no Conv, ConvTranspose, Gemm or MatMul with a "
+    "constant weight)"
+)
+
 
 class Analysis:
     """Channel analysis of one model's main graph (see the module docstring).

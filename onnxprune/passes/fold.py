@@ -23,12 +23,12 @@ from onnxprune.analysis.labels import (
     State,
 )
 from onnxprune.analysis.probe import Probe, probe_run, shrink_shapes
-from onnxprune.analysis.state import Analysis
+from onnxprune.analysis.state import NOTHING_TO_PRUNE, Analysis
 from onnxprune.analysis.walk import analyse, outer_names_read_by_subgraphs
 from onnxprune.cost import count_parameters
-from onnxprune.errors import InternalError
 from onnxprune.graph import (
     add_output_bias,
+    allow_unlisted_initializers,
     get_init,
     prepare_for_pruning,
     remove_attr,
@@ -38,10 +38,12 @@ from onnxprune.graph import (
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
-from onnxprune.runner import run_model
+from onnxprune.validation.selfcheck import Reference, plain_reference, verify_same
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
+
+IR_RAISED = "IR version raised to 4 (IR < 4 lists every initializer as a graph input)"
 
 
 @dataclass
@@ -75,7 +77,7 @@ class Plan:
 class FoldResult(PassResult):
     """Fold's result, with the input model's outputs on the probe inputs for :meth:`Fold.ensures`."""
 
-    reference: Probe | None = field(default=None, repr=False, compare=False)
+    reference: Reference | None = field(default=None, repr=False, compare=False)
 
 
 @register_pass
@@ -95,7 +97,10 @@ class Fold(Pass):
            that stay are listed per group, with the reason, in ``shortfall`` (``kept_zero``
            counts them).
         5. Postcondition (``verify``): when channels went, the folded model gives the input
-           model's outputs on a synthetic batch.
+           model's outputs on a synthetic batch, both run the same plain way, within a tolerance
+           that follows each output's dtype (:mod:`onnxprune.validation.selfcheck`).
+        6. An IR < 4 model whose initializers stop being listed as inputs gets IR version 4;
+           ``note`` says so, and says when there is nothing to prune (no channel groups).
     """
 
     name: ClassVar[str] = "fold"
@@ -116,10 +121,13 @@ class Fold(Pass):
         """Fold ``model`` in place; report per group what went and what could not."""
         params_before = count_parameters(model)
         lifted = prepare_for_pruning(model.graph)
+        raised = allow_unlisted_initializers(model)
         removed_total = 0
         rounds = []
+        reference = None
         first = pr = probe_run(model, ctx)
         an = analyse(model, pr.shapes)
+        nothing = "" if an.spaces else NOTHING_TO_PRUNE
         for round_index in range(self.max_rounds):
             if round_index:
                 # shapes after the last round are known without a run; a new probe is needed
@@ -132,6 +140,8 @@ class Fold(Pass):
             rounds.append(_round_report(an, plan))
             if not plan.removed:
                 break
+            if self.verify and reference is None:  # the input model, before the first cut
+                reference = plain_reference(model, first, ctx.providers)
             changes = _shape_changes(an, plan)
             removed_total += apply_plan(model, an, plan)
             shapes = shrink_shapes(pr.shapes, changes)
@@ -153,8 +163,11 @@ class Fold(Pass):
         }
         if first.error:
             report["probe_error"] = first.error
-        reference = first if self.verify and removed_total else None
-        return FoldResult(model, removed_total > 0 or lifted > 0, report, reference)
+        notes = [n for n in (nothing, IR_RAISED if raised else "") if n]
+        if notes:
+            report["note"] = "; ".join(notes)
+        modified = removed_total > 0 or lifted > 0 or raised
+        return FoldResult(model, modified, report, reference)
 
     def ensures(self, result: PassResult, ctx: Context) -> None:
         """onnx.checker passes, and (rule 5) the outputs are those of the input model."""
@@ -243,39 +256,6 @@ class Fold(Pass):
                     )
                     continue
             plan.values[(k, j)] = v
-
-
-def verify_same(before: Probe, after: onnx.ModelProto) -> str:
-    """Run the folded model on the probe's inputs; raise InternalError if outputs differ.
-
-    ``before`` holds the input model's outputs on those inputs (from its probe run), so no
-    copy of the input model is kept. Returns a one-line description of the check.
-    """
-    if not before.values:
-        return "not checked: onnxruntime cannot run the input model"
-    names = [o.name for o in after.graph.output]
-    try:
-        got = run_model(after, before.inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure here is a bug in fold
-        raise InternalError(f"fold produced a model onnxruntime cannot run: {exc}") from exc
-    worst = 0.0
-    for name in names:
-        r, g = before.values[name], got[name]
-        if r.shape != g.shape:
-            raise InternalError(
-                f"fold changed the shape of output {name!r}: {r.shape} -> {g.shape}"
-            )
-        if np.issubdtype(r.dtype, np.floating):
-            scale = float(np.abs(r).max()) if r.size else 0.0
-            err = float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0
-            if err > 1e-4 * (1.0 + scale):
-                raise InternalError(
-                    f"fold changed output {name!r} by {err:.3g} (scale {scale:.3g})"
-                )
-            worst = max(worst, err / (1.0 + scale))
-        elif not np.array_equal(r, g):
-            raise InternalError(f"fold changed output {name!r}")
-    return f"outputs equal on a synthetic batch (max relative error {worst:.2g})"
 
 
 def _may_be_constant(an: Analysis) -> bool:

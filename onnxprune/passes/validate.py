@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxprune.data import sample_count
 from onnxprune.errors import (
     PassFailedError,
     PassOptionError,
@@ -245,7 +246,7 @@ class Validate(Pass):
             "provider": provider,
             "threads": self.threads,
             "cpu_count": os.cpu_count(),
-            "batch": len(next(iter(feed.values()))) if feed else 0,
+            "batch": sample_count(feed),
             "runs": self.runs,
             "warmup": self.warmup,
             "original": cmp.original.to_dict(),

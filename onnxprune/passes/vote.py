@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
+from onnxprune.analysis.state import NOTHING_TO_PRUNE
 from onnxprune.errors import PassOptionError
 from onnxprune.graph import get_init, prepare_for_pruning
 from onnxprune.model import load, model_nbytes
@@ -147,6 +148,9 @@ class Vote(Pass):
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
         ws = Workspace.open(model, ctx, self.protect)
+        if not ws.groups:  # nothing to vote on: no statistics to gather either
+            nothing = {"channels_pruned": 0, "groups": [], "note": NOTHING_TO_PRUNE}
+            return PassResult(ws.model, False, nothing)
         multiple = self.round_to or channel_multiple(ctx.providers)
         multiples = class_multiples(ws.an, ws.groups, multiple)
         criteria = [get_criterion(c) for c in self.criteria]

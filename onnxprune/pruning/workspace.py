@@ -23,7 +23,13 @@ from onnxprune.analysis.probe import probe_run
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
-from onnxprune.graph import add_output_bias, attr, get_init, prepare_for_pruning
+from onnxprune.graph import (
+    add_output_bias,
+    allow_unlisted_initializers,
+    attr,
+    get_init,
+    prepare_for_pruning,
+)
 from onnxprune.pruning.calibrate import ChannelStats, activation_stats, collect_rows
 from onnxprune.pruning.zero import zero_classes
 
@@ -45,6 +51,7 @@ class Workspace:
         """Prepare ``model`` in place and analyse it; ``protect`` is a regex of node or
         initializer names whose groups must stay whole."""
         prepare_for_pruning(model.graph)
+        allow_unlisted_initializers(model)  # an IR < 4 model lists them all as inputs
         an = analyse(model, probe_run(model, ctx).shapes)
         ws = cls(model, an, an.groups(), ctx)
         if protect:

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.cost import summarize
-from onnxprune.data import Dataset, fixed_batch, input_specs
+from onnxprune.data import Dataset, fixed_batch, input_specs, sample_count, take_samples
 from onnxprune.errors import DataError, InputMismatch, OutputMismatch, RunFailed
 from onnxprune.runner import plan, run_batches
 
@@ -93,7 +93,7 @@ def run_pair(
             for n in names:
                 ref_parts[n].append(np.asarray(ref_out[n]))
                 new_parts[n].append(np.asarray(new_out[n]))
-            count += len(next(iter(feed.values()))) if feed else 1
+            count += sample_count(feed) if feed else 1
     except RunFailed as exc:
         if exc.index == 0:
             raise DataError(
@@ -119,7 +119,7 @@ def _join(parts: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
 def latency_feed(model: onnx.ModelProto, data: Dataset, batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` samples of ``data`` (the model's own batch size when it is fixed)."""
     size = fixed_batch(model) or batch
-    return {k: v[:size] for k, v in data.inputs.items()}
+    return {k: take_samples(v, 0, size) for k, v in data.inputs.items()}
 
 
 def symbolic_dims(
@@ -130,7 +130,9 @@ def symbolic_dims(
     for m in models:
         for name, (declared, _) in input_specs(m).items():
             if name in feed:
-                for d, size in zip(declared, feed[name].shape, strict=False):
+                value = feed[name]  # a sequence input: the shape of its tensors
+                value = value[0] if isinstance(value, list) and value else value
+                for d, size in zip(declared, np.shape(value), strict=False):
                     if isinstance(d, str):
                         dims[d] = int(size)
     return dims
