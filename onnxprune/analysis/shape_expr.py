@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, replace
 from functools import reduce
+from typing import cast
 
 import numpy as np
 import onnx
@@ -151,7 +152,7 @@ class Evaluator:
     """Evaluates tensors of one analysis's graph, with a cache (the graph does not change)."""
 
     def __init__(self, an: Analysis) -> None:
-        self.an = an
+        self.an = cast(Analysis, weakref.proxy(an))  # the cache must not keep it alive
         self.producer: dict[str, int] = {
             out: i for i, node in enumerate(an.graph.node) for out in node.output if out
         }

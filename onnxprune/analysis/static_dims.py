@@ -19,6 +19,7 @@ Anything else is not known to be fixed.
 from __future__ import annotations
 
 import weakref
+from typing import cast
 
 import onnx
 
@@ -48,7 +49,7 @@ def fixed_axis(an: Analysis, tensor: str, axis: int) -> bool:
 
 class _Fixed:
     def __init__(self, an: Analysis) -> None:
-        self.an = an
+        self.an = cast(Analysis, weakref.proxy(an))  # the cache must not keep it alive
         self.producer = {o: n for n in an.graph.node for o in n.output if o}
         self.inputs = {i.name: i for i in an.graph.input}
         self.cache: dict[tuple[str, int], bool] = {}
