@@ -21,6 +21,7 @@ from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.shape_expr import Dim, value
 from onnxprune.analysis.state import Analysis
+from onnxprune.analysis.static_dims import fixed_axis
 from onnxprune.analysis.walk import analyse
 from onnxprune.graph import prepare_for_pruning
 from onnxprune.runner import run_model
@@ -299,3 +300,13 @@ def test_expand_to_a_shape_read_at_run_time_follows_the_channels() -> None:
         np.testing.assert_allclose(
             run_model(folded, x)["y"], run_model(model, x)["y"], rtol=1e-5, atol=1e-5
         )
+
+
+def test_fixed_axes_come_from_weights_and_declared_sizes() -> None:
+    """In the legacy export, ``q.view(bsz, 4, tgt_len, E // 4)``: the head size is fixed (the
+    declared width of the input, divided by a constant), the batch and sequence are not."""
+    an, model = _analysis(legacy_encoder())
+    q4 = [n for n in model.graph.node if n.op_type == "Reshape"][6].output[0]
+    assert [fixed_axis(an, q4, a) for a in range(4)] == [False, True, False, True]
+    proj = next(n for n in model.graph.node if n.op_type == "MatMul").output[0]
+    assert [fixed_axis(an, proj, a) for a in range(3)] == [False, False, True]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, replace
 from functools import reduce
-from typing import cast
 
 import numpy as np
 import onnx
@@ -152,12 +151,19 @@ class Evaluator:
     """Evaluates tensors of one analysis's graph, with a cache (the graph does not change)."""
 
     def __init__(self, an: Analysis) -> None:
-        self.an = cast(Analysis, weakref.proxy(an))  # the cache must not keep it alive
+        self._an = weakref.ref(an)  # the cache must not keep the analysis alive
         self.producer: dict[str, int] = {
             out: i for i, node in enumerate(an.graph.node) for out in node.output if out
         }
         self.cache: dict[str, Value | None] = {}
         self._inner: set[str] | None = None
+
+    @property
+    def an(self) -> Analysis:
+        """The analysis this cache belongs to."""
+        an = self._an()
+        assert an is not None
+        return an
 
     def read_by_subgraphs(self) -> set[str]:
         """Names that any subgraph of the main graph reads (computed once)."""

@@ -10,8 +10,8 @@ producers, it comes from a weight or a declared input size:
 * broadcasting elementwise ops: a fixed size > 1 on that axis of any input;
 * Transpose (through ``perm``), MatMul (rows of A, columns of B, broadcast batch axes), Gemm,
   Conv (output channels);
-* Reshape: an entry that is a constant of the target (:mod:`.shape_expr`), or a ``0`` copying
-  a fixed axis.
+* Reshape: an entry of the target (:mod:`.shape_expr`) that is a positive constant or made
+  of fixed sizes only, or a ``0`` copying a fixed axis.
 
 Anything else is not known to be fixed.
 """
@@ -19,7 +19,6 @@ Anything else is not known to be fixed.
 from __future__ import annotations
 
 import weakref
-from typing import cast
 
 import onnx
 
@@ -49,10 +48,17 @@ def fixed_axis(an: Analysis, tensor: str, axis: int) -> bool:
 
 class _Fixed:
     def __init__(self, an: Analysis) -> None:
-        self.an = cast(Analysis, weakref.proxy(an))  # the cache must not keep it alive
+        self._an = weakref.ref(an)  # the cache must not keep the analysis alive
         self.producer = {o: n for n in an.graph.node for o in n.output if o}
         self.inputs = {i.name: i for i in an.graph.input}
         self.cache: dict[tuple[str, int], bool] = {}
+
+    @property
+    def an(self) -> Analysis:
+        """The analysis this cache belongs to."""
+        an = self._an()
+        assert an is not None
+        return an
 
     def fixed(self, tensor: str, axis: int, depth: int) -> bool:
         shape = self.an.shape(tensor)
@@ -116,12 +122,10 @@ class _Fixed:
         if target is None or axis >= len(target.terms):
             return False
         term = target.terms[axis]
-        if term is None or not term.constant:
+        if term is None:
             return False
-        if term.coef > 0:
-            return True
-        return (
-            term.coef == 0
-            and not attr(node, "allowzero", 0)
-            and self.fixed(node.input[0], axis, depth)
-        )
+        if term.constant and term.coef == 0:
+            return not attr(node, "allowzero", 0) and self.fixed(node.input[0], axis, depth)
+        if term.constant:
+            return term.coef > 0
+        return all(self.fixed(d.tensor, d.axis, depth) for d in term.dims)

@@ -36,14 +36,18 @@ def reshape(an: Analysis, node: onnx.NodeProto) -> None:
             check_target(an, TargetCheck(node, terms))
         return
     src, dst = an.shape(node.input[0]), an.shape(node.output[0])
+    landing = None
     if src is None or dst is None:
         an.pin_inputs(node, "shapes unknown")
-        return
-    if node.op_type == "Reshape" and terms is None:
+    elif node.op_type == "Reshape" and terms is None:
         an.pin_inputs(node, "target shape is computed by ops the analysis does not follow")
+    else:
+        landing = land(an, node, tuple(src), tuple(dst), lab)
+    if terms is None:
         return
-    landing = land(an, node, tuple(src), tuple(dst), lab)
-    if landing is not None and terms is not None:
+    if landing is None:  # the channels are pinned; other channel counts read must be too
+        check_target(an, TargetCheck(node, terms))
+    else:
         check_target(an, TargetCheck(node, terms, landing.axis, landing.ids, landing.rows, lab.ids))
 
 

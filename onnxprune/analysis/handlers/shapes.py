@@ -251,21 +251,20 @@ def expand(an: Analysis, node: onnx.NodeProto) -> None:
     (:func:`~onnxprune.analysis.handlers.targets.check_target`)."""
     lab = an.labels.get(node.input[0])
     terms = target_terms(an, node)
-    if lab is None:
-        if terms is not None:
-            check_target(an, TargetCheck(node, terms))
-        return
     src, dst = an.shape(node.input[0]), an.shape(node.output[0])
-    if terms is None or src is None or dst is None:
+    check = TargetCheck(node, terms) if terms is not None else None  # channel counts read
+    if lab is None:
+        pass
+    elif terms is None or src is None or dst is None:
         an.pin_inputs(node, "target shape is computed by ops the analysis does not follow")
-        return
-    out_axis = lab.axis + len(dst) - len(src)
-    if dst[out_axis] != src[lab.axis]:
+    elif dst[out_axis := lab.axis + len(dst) - len(src)] != src[lab.axis]:
         an.pin_inputs(node, "expands the channel axis")
-        return
-    index = out_axis - (len(dst) - len(terms))
-    check_target(an, TargetCheck(node, terms, index, lab.ids, lab.ids, lab.ids))
-    an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
+    else:
+        index = out_axis - (len(dst) - len(terms))
+        check = TargetCheck(node, terms, index, lab.ids, lab.ids, lab.ids)
+        an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
+    if check is not None:
+        check_target(an, check)
 
 
 def tile(an: Analysis, node: onnx.NodeProto) -> None:
