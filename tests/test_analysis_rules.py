@@ -17,6 +17,7 @@ from onnxprune.analysis.labels import (
     GroupRewrite,
     ReshapeRewrite,
     RewriteKind,
+    ShapeRewrite,
     SliceRewrite,
     SplitRewrite,
     State,
@@ -64,7 +65,8 @@ def test_state_join_product_and_constant() -> None:
 
 
 def test_each_rewrite_kind_has_one_class() -> None:
-    kinds = [cls.kind for cls in (GroupRewrite, ReshapeRewrite, SplitRewrite, SliceRewrite)]
+    classes = (GroupRewrite, ReshapeRewrite, SplitRewrite, SliceRewrite, ShapeRewrite)
+    kinds = [cls.kind for cls in classes]
     assert sorted(kinds) == sorted(get_args(RewriteKind))
 
 

@@ -23,7 +23,7 @@ ClassId = NewType("ClassId", int)
 Role = Literal["weight", "bias", "scale", "consumer", "param"]
 """What a member slice is to its channel (see :meth:`Analysis.member`)."""
 
-RewriteKind = Literal["reshape", "split", "slice", "group"]
+RewriteKind = Literal["reshape", "split", "slice", "group", "shape"]
 
 
 class State(IntEnum):
@@ -144,7 +144,29 @@ class SliceRewrite:
     stop: int
 
 
-Rewrite = GroupRewrite | ReshapeRewrite | SplitRewrite | SliceRewrite
+@dataclass
+class ShapeRewrite:
+    """A part of a Reshape/Expand target computed at run time (``Shape -> Gather -> Concat``)
+    that counts ``ids``: the entry of the axis that holds them, or a constant factor of it.
+
+    ``path`` is the (node, input slot) chain from the Reshape/Expand (slot 1) to the tensor
+    replaced. With ``init``, that tensor is an initializer whose element ``index`` (the head
+    count, or ``H * d``) scales with the share of ``ids`` kept; without, it is a tensor of
+    ``shape`` holding the entry itself (a channel count read with Shape), replaced by the
+    count kept. Fold gives the chain its own copy (copy-on-write): other readers of the
+    constant, or of any node on the way, keep their values.
+    """
+
+    kind: ClassVar[RewriteKind] = "shape"
+    node: onnx.NodeProto
+    path: list[tuple[onnx.NodeProto, int]]
+    ids: np.ndarray
+    init: str | None
+    index: int = 0
+    shape: tuple[int, ...] = ()
+
+
+Rewrite = GroupRewrite | ReshapeRewrite | SplitRewrite | SliceRewrite | ShapeRewrite
 """A shape constant or attribute that counts channels, to recompute after removal."""
 
 

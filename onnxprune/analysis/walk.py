@@ -12,6 +12,7 @@ from collections import defaultdict
 import onnx
 
 from onnxprune.analysis.handlers import HANDLERS, handler_key, is_default_domain
+from onnxprune.analysis.handlers.targets import settle
 from onnxprune.analysis.labels import Member
 from onnxprune.analysis.state import Analysis
 from onnxprune.graph import iter_graphs, node_name
@@ -47,6 +48,7 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analy
         if name in an.labels:
             an.pin(an.labels[name].ids, f"{name!r} is read inside a subgraph")
     _pin_shared_members(an)
+    settle(an)  # Reshape/Expand targets, once the pins are known
     return an
 
 

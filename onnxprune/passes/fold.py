@@ -17,6 +17,7 @@ from onnxprune.analysis.labels import (
     Member,
     ReshapeRewrite,
     Rewrite,
+    ShapeRewrite,
     Sink,
     SliceRewrite,
     SplitRewrite,
@@ -38,6 +39,7 @@ from onnxprune.graph import (
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
+from onnxprune.passes.shape_targets import remove_dead, rewrite_shape_target
 from onnxprune.validation.selfcheck import Reference, plain_reference, verify_same
 
 if TYPE_CHECKING:
@@ -297,8 +299,13 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
                 arr = np.compress(keep, arr, axis=axis)
         set_init(graph, init, np.ascontiguousarray(arr))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    detached: list[onnx.NodeProto] = []
     for rw in an.rewrites:
-        _rewrite(graph, rw, plan, opset)
+        if isinstance(rw, ShapeRewrite):
+            detached += rewrite_shape_target(graph, rw, int(plan.keep(rw.ids).sum()))
+        else:
+            _rewrite(graph, rw, plan, opset)
+    remove_dead(graph, detached)
     del graph.value_info[:]
     _remove_unused_initializers(graph)
     return len(plan.removed)

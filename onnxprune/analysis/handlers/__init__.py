@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxprune.analysis.handlers import elementwise, layers, shapes
+from onnxprune.analysis.handlers import elementwise, layers, reshape, shapes, targets
 from onnxprune.analysis.state import Analysis
 from onnxprune.errors import OnnxPruneError
 
@@ -104,7 +104,8 @@ BUILTIN: dict[Handler, tuple[str, ...]] = {
     layers.matmul: ("MatMul",),
     shapes.transpose: ("Transpose",),
     shapes.squeeze_like: ("Squeeze", "Unsqueeze"),
-    shapes.reshape: ("Reshape", "Flatten"),
+    reshape.reshape: ("Reshape", "Flatten"),
+    targets.shape_of: ("Shape",),
     shapes.expand: ("Expand",),
     shapes.tile: ("Tile",),
     shapes.concat: ("Concat",),

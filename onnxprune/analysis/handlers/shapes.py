@@ -1,5 +1,5 @@
-"""Rules for ops that move, merge, split or cut the channel axis: Transpose, Squeeze,
-Reshape/Flatten (heads too), Concat, Split, Slice, Gather, Pad, Resize, Expand, Tile."""
+"""Rules for ops that move, split or cut the channel axis: Transpose, Squeeze, Concat, Split,
+Slice, Gather, Pad, Resize, Expand, Tile (Reshape/Flatten: :mod:`.reshape`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.handlers.common import carry, optional_input, scalar, zero_padded
-from onnxprune.analysis.labels import Labels, ReshapeRewrite, SliceRewrite, SplitRewrite, State
+from onnxprune.analysis.handlers.targets import TargetCheck, check_target, target_terms
+from onnxprune.analysis.labels import Labels, SliceRewrite, SplitRewrite, State
 from onnxprune.analysis.state import Analysis
 from onnxprune.graph import attr, node_name
 
@@ -50,72 +51,6 @@ def axis_after_reshape(
     return None
 
 
-def merge_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int, int] | None:
-    """(out_axis, first, last): input axes first..last (containing ``axis``) become out_axis.
-
-    Holds when the elements before the block and the block itself line up in row-major order:
-    prod(src[:first]) == prod(dst[:out_axis]) and prod(src[first:last+1]) == dst[out_axis].
-    Among several answers (size-1 axes make ties) the smallest block is taken; all are
-    equivalent for the channel labels.
-    """
-    best = None
-    for j in range(len(dst)):
-        before = int(np.prod(dst[:j], dtype=np.int64))
-        for first in range(axis, -1, -1):
-            if int(np.prod(src[:first], dtype=np.int64)) != before:
-                continue
-            for last in range(axis, len(src)):
-                size = int(np.prod(src[first : last + 1], dtype=np.int64))
-                if size == dst[j] and (best is None or last - first < best[2] - best[1]):
-                    best = (j, first, last)
-                if size > dst[j]:
-                    break
-    return best
-
-
-def reshape(an: Analysis, node: onnx.NodeProto) -> None:
-    """Reshape/Flatten that merge the channel axis with neighbours (:func:`merge_map`) spread
-    each id over its block of features; the target shape entry is rewritten. Splitting the
-    channel axis goes to :func:`split_reshape`; a target computed at run time pins."""
-    lab = an.labels.get(node.input[0])
-    if lab is None:
-        return
-    src, dst = an.shape(node.input[0]), an.shape(node.output[0])
-    if src is None or dst is None:
-        an.pin_inputs(node, "shapes unknown")
-        return
-    if node.op_type == "Reshape" and an.array(node.input[1]) is None:
-        an.pin_inputs(node, "target shape is computed at run time")
-        return
-    found = merge_map(tuple(src), tuple(dst), lab.axis)
-    if found is None:
-        split_reshape(an, node, tuple(src), tuple(dst), lab)
-        return
-    out_axis, first, last = found
-    block = src[first : last + 1]
-    coords = np.indices(block).reshape(len(block), -1)[lab.axis - first]
-    ids, state = lab.ids[coords], lab.state[coords]
-    if node.op_type == "Reshape":
-        an.rewrites.append(ReshapeRewrite(node, ids, out_axis))
-    an.set_out(node.output[0], Labels(out_axis, ids, state))
-
-
-def split_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int] | None:
-    """(first, last): output axes first..last (two or more) that input ``axis`` splits into."""
-    before = int(np.prod(src[:axis], dtype=np.int64))
-    for first in range(len(dst)):
-        if int(np.prod(dst[:first], dtype=np.int64)) != before:
-            continue
-        size = 1
-        for last in range(first, len(dst)):
-            size *= dst[last]
-            if size == src[axis] and last > first:
-                return first, last
-            if size > src[axis]:
-                break
-    return None
-
-
 _PASS_THROUGH = ("Transpose", "Unsqueeze", "Squeeze", "Identity")
 
 
@@ -148,44 +83,6 @@ def selected_later(an: Analysis, tensor: str, axis: int, depth: int = 6) -> bool
         else:
             return False
     return True
-
-
-def split_reshape(
-    an: Analysis, node: onnx.NodeProto, src: tuple[int, ...], dst: tuple[int, ...], lab: Labels
-) -> None:
-    """A Reshape that splits the channel axis into several (attention heads: D -> (H, d)).
-
-    If the ids depend on one output axis only (an unflatten), that axis carries them. Else the
-    axis before the innermost carries them and every position sharing its coordinate becomes
-    one channel class: a head, with its q, k and v parts, goes or stays as a whole.
-    """
-    found = split_map(src, dst, lab.axis)
-    if found is None or node.op_type != "Reshape":
-        an.pin_inputs(node, "reshapes the channel axis in a way the analysis cannot follow")
-        return
-    first, last = found
-    block = dst[first : last + 1]
-    ids, state = lab.ids.reshape(block), lab.state.reshape(block)
-    for k in range(len(block)):
-        moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
-        if (moved == moved[:, :1]).all():  # ids constant across the other axes
-            st = State.join_along(np.moveaxis(state, k, 0).reshape(block[k], -1), axis=1)
-            an.rewrites.append(ReshapeRewrite(node, moved[:, 0], first + k))
-            an.set_out(node.output[0], Labels(first + k, moved[:, 0], st))
-            return
-    k = len(block) - 2  # heads: the axis before the innermost (d) ...
-    if selected_later(an, node.output[0], first + k):
-        k += 1  # ... unless it is picked apart later (q, k, v packed as [3, D]): then D
-    moved = np.moveaxis(ids, k, 0).reshape(block[k], -1)
-    for row in moved:
-        an.union(
-            np.repeat(row[:1], len(row) - 1),
-            row[1:],
-            f"Reshape {node_name(node)}: splits channels into blocks with fixed ones",
-        )
-    head_state = State.join_along(np.moveaxis(state, k, 0).reshape(block[k], -1), axis=1)
-    an.rewrites.append(ReshapeRewrite(node, moved[:, 0], first + k))
-    an.set_out(node.output[0], Labels(first + k, moved[:, 0], head_state))
 
 
 def concat(an: Analysis, node: onnx.NodeProto) -> None:
@@ -349,23 +246,25 @@ def resize(an: Analysis, node: onnx.NodeProto) -> None:
 
 
 def expand(an: Analysis, node: onnx.NodeProto) -> None:
-    """Expand broadcasts other axes; a shape entry that counts the channels is rewritten."""
+    """Expand broadcasts other axes; the target entry of the channel axis is 1, or counts
+    the channels (rewritten); a target computed at run time is checked entry by entry
+    (:func:`~onnxprune.analysis.handlers.targets.check_target`)."""
     lab = an.labels.get(node.input[0])
-    if lab is None:
-        return
-    target = an.array(node.input[1])
+    terms = target_terms(an, node)
     src, dst = an.shape(node.input[0]), an.shape(node.output[0])
-    if target is None or src is None or dst is None:
-        an.pin_inputs(node, "target shape is computed at run time")
-        return
-    out_axis = lab.axis + len(dst) - len(src)
-    index = out_axis - (len(dst) - len(target))
-    if dst[out_axis] != src[lab.axis]:
+    check = TargetCheck(node, terms) if terms is not None else None  # channel counts read
+    if lab is None:
+        pass
+    elif terms is None or src is None or dst is None:
+        an.pin_inputs(node, "target shape is computed by ops the analysis does not follow")
+    elif dst[out_axis := lab.axis + len(dst) - len(src)] != src[lab.axis]:
         an.pin_inputs(node, "expands the channel axis")
-        return
-    if index >= 0:
-        an.rewrites.append(ReshapeRewrite(node, lab.ids, index))
-    an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
+    else:
+        index = out_axis - (len(dst) - len(terms))
+        check = TargetCheck(node, terms, index, lab.ids, lab.ids, lab.ids)
+        an.set_out(node.output[0], Labels(out_axis, lab.ids, lab.state))
+    if check is not None:
+        check_target(an, check)
 
 
 def tile(an: Analysis, node: onnx.NodeProto) -> None:
