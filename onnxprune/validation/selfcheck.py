@@ -29,10 +29,14 @@ class Reference:
     outputs: dict[str, Any]
     providers: list[str]
     error: str = ""
+    source: str = "a synthetic batch"  # where the inputs came from, for the report
 
 
-def plain_reference(model: onnx.ModelProto, pr: Probe, providers: list[str]) -> Reference:
-    """The outputs of ``model`` on the probe's inputs from a plain session (see Reference)."""
+def plain_reference(
+    model: onnx.ModelProto, pr: Probe, providers: list[str], source: str = "a synthetic batch"
+) -> Reference:
+    """The outputs of ``model`` on the probe's inputs (from ``source``) from a plain session
+    (see Reference)."""
     if not pr.values:
         why = "the probe could not run it" + (" (probe_error says why)" if pr.error else "")
         return Reference({}, {}, providers, f"onnxruntime cannot run the input model: {why}")
@@ -40,7 +44,7 @@ def plain_reference(model: onnx.ModelProto, pr: Probe, providers: list[str]) -> 
         outputs = run_model(model, pr.inputs, providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
         return Reference({}, {}, providers, f"onnxruntime cannot run the input model: {exc}")
-    return Reference(pr.inputs, outputs, providers)
+    return Reference(pr.inputs, outputs, providers, source=source)
 
 
 def output_tolerance(dtype: np.dtype) -> float:
@@ -69,7 +73,7 @@ def verify_same(before: Reference, after: onnx.ModelProto) -> str:
     worst = 0.0
     for o in after.graph.output:
         worst = max(worst, _differs(o.name, before.outputs[o.name], got[o.name]))
-    return f"outputs equal on a synthetic batch (max relative error {worst:.2g})"
+    return f"outputs equal on {before.source} (max relative error {worst:.2g})"
 
 
 def _differs(name: str, r: Any, g: Any) -> float:
