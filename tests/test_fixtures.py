@@ -1,4 +1,5 @@
-"""Every fixture model under models/*/ (from the manifests): load, check, run, round-trip, cleanup."""
+"""Every fixture model under models/*/ (from the manifests): load, check, run, round-trip, cleanup,
+and its calibration file where the manifest names one."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
+import pytest
 
 import onnxprune
+from onnxprune.data import load_npz
 from onnxprune.graph import graph_input_names
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -62,3 +66,30 @@ def test_cleanup_keeps_outputs(fixture_model, run_ort, same_outputs):
     section = report["passes"][0]
     assert section["pass"] == "cleanup"
     assert section["nodes_after"] <= section["nodes_before"]
+
+
+def test_calib_is_valid_data_for_its_model(fixture_model, run_ort):
+    """A manifest's ``calib`` file is --data for its model: every input, a few dozen samples,
+    each of which onnxruntime runs to finite outputs (valid ids, masks, states)."""
+    if "calib" not in fixture_model.entry:
+        pytest.skip("no calibration file in the manifest entry")
+    path = fixture_model.path.parent / fixture_model.entry["calib"]
+    model = onnxprune.load(fixture_model.path)
+    data = load_npz(path, model)
+    assert not data.synthetic and len(data) >= 16
+    assert sorted(data.inputs) == sorted(graph_input_names(model.graph))
+    for i in range(len(data)):
+        outs = run_ort(model, {k: v[i : i + 1] for k, v in data.inputs.items()})
+        assert all(np.isfinite(v).all() for v in outs.values() if v.dtype.kind == "f"), i
+
+
+def test_real_fixtures_are_small_and_carry_calibration():
+    """models/real/ is committed, never downloaded: every file small, every entry with calib."""
+    folder = MODELS / "real"
+    if not folder.is_dir():
+        pytest.skip("no models/real/ yet")
+    entries = json.loads((folder / "MANIFEST.json").read_text())
+    for name, entry in entries.items():
+        assert "calib" in entry and (folder / entry["calib"]).is_file(), name
+        for key in ("file", "sample", "calib"):
+            assert (folder / entry[key]).stat().st_size < 2 * 1024 * 1024, (name, key)

@@ -1,0 +1,59 @@
+"""Fixtures that a generic every-fixture test cannot hold for yet, and why.
+
+Each gap is a strict xfail of one check on one fixture (``folder/name``): the test still runs
+with its full assertions, and when onnxprune learns the case, pytest reports the unexpected
+pass as a failure, so the entry here must go. Add a gap only with the reason it fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+_PROBE = (
+    "fold's probe runs synthetic inputs (integers in [0, 10)) whatever --data says: "
+    "token_type_ids above 1 are out of range for BERT's 2 token types, so onnxruntime cannot "
+    "run the model and no constant channel gets its value (with the calib data it folds exactly)"
+)
+_QDQ_WEIGHTS = (
+    "QDQ: every weight is an int8 initializer behind DequantizeLinear; magnitude sparsifies "
+    "float initializers only and finds none"
+)
+_QDQ_GROUPS = (
+    "QDQ: Conv/Gemm weights come out of DequantizeLinear, not from an initializer, so the "
+    "channel analysis finds no producer and no group"
+)
+
+GAPS: dict[tuple[str, str], str] = {
+    ("fold_exact", "real/bert_legacy"): _PROBE,
+    ("fold_exact", "real/bert_dynamo"): _PROBE,
+    ("magnitude", "real/digits_cnn_qdq_per_channel"): _QDQ_WEIGHTS,
+    ("magnitude", "real/digits_cnn_qdq_per_tensor"): _QDQ_WEIGHTS,
+    ("magnitude", "real/digits_encoder_qdq_per_channel"): _QDQ_WEIGHTS,
+    ("magnitude", "real/digits_encoder_qdq_per_tensor"): _QDQ_WEIGHTS,
+    ("prunable", "real/digits_cnn_qdq_per_channel"): _QDQ_GROUPS,
+    ("prunable", "real/digits_cnn_qdq_per_tensor"): _QDQ_GROUPS,
+}
+
+
+def fixture_id(path: str | Path) -> str:
+    """``folder/name`` of a fixture model file under models/."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.stem}"
+
+
+def gap(check: str, path: str | Path) -> str | None:
+    """Why ``check`` cannot hold on this fixture yet, or None when it must."""
+    return GAPS.get((check, fixture_id(path)))
+
+
+def params(check: str, paths: Iterable[str | Path]) -> list:
+    """``paths`` as pytest params, ids ``folder/name``, known gaps marked strict xfail."""
+    out = []
+    for path in paths:
+        reason = gap(check, path)
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+        out.append(pytest.param(path, id=fixture_id(path), marks=marks))
+    return out
