@@ -12,11 +12,6 @@ from pathlib import Path
 
 import pytest
 
-_PROBE = (
-    "fold's probe runs synthetic inputs (integers in [0, 10)) whatever --data says: "
-    "token_type_ids above 1 are out of range for BERT's 2 token types, so onnxruntime cannot "
-    "run the model and no constant channel gets its value (with the calib data it folds exactly)"
-)
 _QDQ_WEIGHTS = (
     "QDQ: every weight is an int8 initializer behind DequantizeLinear; magnitude sparsifies "
     "float initializers only and finds none"
@@ -27,8 +22,6 @@ _QDQ_GROUPS = (
 )
 
 GAPS: dict[tuple[str, str], str] = {
-    ("fold_exact", "real/bert_legacy"): _PROBE,
-    ("fold_exact", "real/bert_dynamo"): _PROBE,
     ("magnitude", "real/digits_cnn_qdq_per_channel"): _QDQ_WEIGHTS,
     ("magnitude", "real/digits_cnn_qdq_per_tensor"): _QDQ_WEIGHTS,
     ("magnitude", "real/digits_encoder_qdq_per_channel"): _QDQ_WEIGHTS,
