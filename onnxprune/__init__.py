@@ -11,7 +11,7 @@ Public API::
 from __future__ import annotations
 
 from onnxprune.analysis.handlers import register_handler
-from onnxprune.analysis.inspect import channel_groups
+from onnxprune.analysis.inspect import channel_groups, uncovered_layers
 from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.context import Context
 from onnxprune.cost import summarize
@@ -39,4 +39,5 @@ __all__ = [
     "run",
     "save",
     "summarize",
+    "uncovered_layers",
 ]

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime
 from rich.console import Console, RenderableType
 
-from onnxprune.analysis.inspect import channel_groups
+from onnxprune.analysis.inspect import inspect_model
 from onnxprune.cost import summarize
 from onnxprune.errors import OnnxPruneError, ValidationFailed
 from onnxprune.job import Job, build_job, default_output, load_checked, plan_files
@@ -38,6 +38,7 @@ from onnxprune.plot import plot_file, write_plot
 from onnxprune.report import (
     final_line,
     groups_table,
+    layers_table,
     report_json,
     run_view,
     summary_table,
@@ -367,7 +368,10 @@ def _sweep(
 
 
 def _inspect(out: Console, model_path: Path) -> None:
-    out.print(groups_table(channel_groups(load(model_path)), f"channel groups of {model_path}"))
+    groups, uncovered = inspect_model(load(model_path))
+    out.print(groups_table(groups, f"channel groups of {model_path}"))
+    if uncovered:
+        out.print(layers_table(uncovered))
 
 
 def _list_passes() -> None:

@@ -26,6 +26,7 @@ from onnxprune.runtime import CPU
 from onnxprune.validation.gates import checked_gates, validate_sections
 
 if TYPE_CHECKING:
+    from onnxprune.analysis.coverage import UncoveredLayer
     from onnxprune.analysis.labels import ChannelGroup
 
 REPORT_SCHEMA_VERSION = 1
@@ -236,6 +237,18 @@ def groups_table(groups: Sequence[ChannelGroup], title: str) -> Table:
             human(g.macs),
             ", ".join(f"{s.op} {s.node}" for s in g.spaces),
             g.reasons[0] if g.reasons else "",
+        )
+    return table
+
+
+def layers_table(layers: Sequence[UncoveredLayer], title: str = "layers in no group") -> Table:
+    """``--inspect``: one row per weighted layer that no channel group covers, with why."""
+    table = Table(title=title)
+    for col in ("layer", "channels", "why not"):
+        table.add_column(col)
+    for layer in layers:
+        table.add_row(
+            layer.layer, "" if layer.channels is None else str(layer.channels), layer.reason
         )
     return table
 

@@ -1,4 +1,5 @@
-"""channel_groups(): a model's channel groups, with the MACs each could save, for users."""
+"""The user view of the analysis: a model's channel groups, with the MACs each could save
+(:func:`channel_groups`), and the weighted layers in no group, with why (:func:`uncovered_layers`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections import defaultdict
 import numpy as np
 import onnx
 
+from onnxprune.analysis.coverage import UncoveredLayer, layers_in_no_group
 from onnxprune.analysis.groups import classes_of
 from onnxprune.analysis.labels import ChannelGroup, ClassId
 from onnxprune.analysis.probe import probe
@@ -24,6 +26,25 @@ def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
         for g in onnxprune.channel_groups(onnxprune.load("model.onnx")):
             print(g.channels, g.prunable, g.reasons)
     """
+    return inspect_model(model, seed)[0]
+
+
+def uncovered_layers(model: onnx.ModelProto, seed: int = 0) -> list[UncoveredLayer]:
+    """The weighted layers of ``model`` (not modified) that no channel group covers, each
+    with the reason (:mod:`onnxprune.analysis.coverage`).
+
+    Example::
+
+        for layer in onnxprune.uncovered_layers(onnxprune.load("model.onnx")):
+            print(layer.layer, layer.reason)
+    """
+    return inspect_model(model, seed)[1]
+
+
+def inspect_model(
+    model: onnx.ModelProto, seed: int = 0
+) -> tuple[list[ChannelGroup], list[UncoveredLayer]]:
+    """:func:`channel_groups` and :func:`uncovered_layers` from one analysis (``--inspect``)."""
     work = copy.deepcopy(model)
     prepare_for_pruning(work.graph)
     pr = probe(work, seed)
@@ -40,4 +61,4 @@ def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
         for r in classes_of(roots, g.spaces):
             nodes |= sink_nodes.get(r, set())
         g.macs = int(sum(macs.get(n, 0) for n in nodes))
-    return groups
+    return groups, layers_in_no_group(an, groups)

@@ -5,7 +5,8 @@ so on the terminal (:func:`onnxprune.report.shortfall_table`). The reasons, in t
 bind: the group is protected or pinned (all or some channels), rounding the kept count to
 ``round_to`` leaves fewer to prune, no criterion could score it, too few channels reached the
 quorum, or the last channel of a tensor is kept. Layers with weights that are in no group at all
-(the weight is computed, not stored) get a row too (:func:`uncovered_layers`).
+(the weight is computed, not stored; a recurrent layer; a subgraph) get a row too
+(:func:`uncovered_layers`, the rows of :mod:`onnxprune.analysis.coverage`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ from typing import Any
 
 import onnx
 
+from onnxprune.analysis.coverage import layers_in_no_group
 from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import node_name
 from onnxprune.pruning.workspace import round_count
 
 LAST_CHANNEL = "the last channel of a tensor is kept"
-# weighted ops: input 1 is the weight; output channels from its shape (axis, or None: last)
-WEIGHTED = {"Conv": 0, "ConvTranspose": 1, "Gemm": None, "MatMul": None}
 
 
 def asked_count(total: int, sparsity: float) -> int:
@@ -82,66 +81,19 @@ def shortfall_rows(sections: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     ]
 
 
-def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
-    """Tensors computed from initializers only (nodes in graph order, subgraph ops excluded)."""
-    const = {t.name for t in graph.initializer}
-    for node in graph.node:
-        has_subgraph = any(
-            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-            for a in node.attribute
-        )
-        if not has_subgraph and all(i in const for i in node.input if i):
-            const.update(o for o in node.output if o)
-    return const
-
-
-def _out_channels(op: str, node: onnx.NodeProto, shape: Sequence[Any] | None) -> int | None:
-    if not shape or not all(isinstance(d, int) for d in shape):
-        return None
-    axis = WEIGHTED[op]
-    if op == "Gemm":
-        trans = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        axis = 0 if trans else 1
-    return int(shape[-1 if axis is None else axis])
-
-
 def uncovered_layers(
     model: onnx.ModelProto, an: Analysis, groups: Sequence[ChannelGroup], sparsity: float
 ) -> list[dict[str, Any]]:
-    """Rows for the layers whose weight is computed from initializers (a DequantizeLinear, a
-    Cast): no channel group covers them, so nothing of theirs is pruned."""
-    graph = model.graph
-    inits = {t.name for t in graph.initializer}
-    covered = {s.node for g in groups for s in g.spaces}
-    producer = {o: n for n in graph.node for o in n.output}
-    const = _constant_tensors(graph)
-    rows = []
-    for node in graph.node:
-        if node.op_type not in WEIGHTED or len(node.input) < 2:
-            continue
-        weight = node.input[1]
-        if weight in inits or weight not in const or node_name(node) in covered:
-            continue
-        src = producer[weight]
-        by = f"{src.op_type} {src.name}" if src.name else src.op_type
-        if src.op_type == "DequantizeLinear":
-            reason = (
-                f"its weight {weight!r} comes from {by} (a QDQ model): onnxprune prunes "
-                "float weights stored as initializers only"
-            )
-        else:
-            reason = (
-                f"its weight {weight!r} is computed by {by}, not stored as an initializer: "
-                "run -p cleanup first, which folds it into one"
-            )
-        channels = _out_channels(node.op_type, node, an.shape(weight))
-        rows.append(
-            {
-                "group": None,
-                "layers": f"{node.op_type} {node_name(node)}",
-                "asked": asked_count(channels, sparsity) if channels else None,
-                "pruned": 0,
-                "reason": reason,
-            }
-        )
-    return rows
+    """Rows for the weighted layers of ``model`` (analysed as ``an``) that no channel group
+    covers (:func:`~onnxprune.analysis.coverage.layers_in_no_group`, with why): nothing of
+    theirs is pruned."""
+    return [
+        {
+            "group": None,
+            "layers": layer.layer,
+            "asked": asked_count(layer.channels, sparsity) if layer.channels else None,
+            "pruned": 0,
+            "reason": layer.reason,
+        }
+        for layer in layers_in_no_group(an, groups)
+    ]

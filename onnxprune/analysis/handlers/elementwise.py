@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxprune.analysis.fixed_values import computed_constant, data_independent
 from onnxprune.analysis.handlers.common import (
     broadcast_axis,
     carry,
@@ -14,6 +15,7 @@ from onnxprune.analysis.handlers.common import (
     zero_padded,
     zero_pads,
 )
+from onnxprune.analysis.handlers.written_out import written_out
 from onnxprune.analysis.labels import Labels, State
 from onnxprune.analysis.state import Analysis
 from onnxprune.graph import attr, node_name
@@ -137,7 +139,8 @@ def reduced_state(op_type: str, state: np.ndarray) -> np.ndarray:
 
 def reduce(an: Analysis, node: onnx.NodeProto) -> None:
     """Reductions over other axes than the channels keep them (the axis moves when the
-    reduced axes are dropped) with :func:`reduced_state`; over the channel axis they pin."""
+    reduced axes are dropped) with :func:`reduced_state`; over the channel axis they pin, and
+    the reason names a written-out LayerNorm, RMSNorm or Softmax (:func:`written_out`)."""
     lab = an.labels.get(node.input[0])
     if lab is None:
         return
@@ -158,7 +161,7 @@ def reduce(an: Analysis, node: onnx.NodeProto) -> None:
         return
     axes = sorted(a % rank for a in axes)
     if lab.axis in axes:
-        an.pin_inputs(node, "reduces over the channel axis")
+        an.pin_inputs(node, written_out(an, node) or "reduces over the channel axis")
         return
     keep = attr(node, "keepdims", 1)
     axis = lab.axis if keep else lab.axis - sum(a < lab.axis for a in axes)
@@ -221,10 +224,12 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
 
     Labelled inputs must carry channels on the same (broadcast) axis and are united: they are
     the same channels. A constant with one entry per channel is a member; one that broadcasts
-    is fine; any other, or an unanalysed activation of channel size, pins. Dividing by (or
-    raising to) a channel pins it. State: Mul is :meth:`State.product` (zero absorbs), PRelu
-    keeps its input's, the others :meth:`State.join` of their inputs (an unlabelled input
-    counts as at least CONST).
+    is fine; any other, or an unanalysed activation of channel size, pins. A tensor computed
+    from constants and fixed sizes only (:func:`data_independent`: the legacy softmax scale
+    ``Shape -> Slice -> Cast -> Sqrt -> Div``) counts as a constant that cannot be sliced.
+    Dividing by (or raising to) a channel pins it. State: Mul is :meth:`State.product` (zero
+    absorbs), PRelu keeps its input's, the others :meth:`State.join` of their inputs (an
+    unlabelled input counts as at least CONST).
     """
     ins = [t for t in node.input if t]
     labelled = [t for t in ins if t in an.labels]
@@ -264,6 +269,11 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
         if an.array(t) is not None:
             if dim == size:
                 an.member(node, idx, axis, ids)
+            elif dim != 1:
+                an.pin(ids, f"{where}: constant {t!r} does not match the channels")
+        elif data_independent(an, t):  # computed from constants and fixed sizes: a constant
+            if dim == size:
+                an.pin(ids, f"{where}: {computed_constant(an, t)}: run -p cleanup first")
             elif dim != 1:
                 an.pin(ids, f"{where}: constant {t!r} does not match the channels")
         elif dim == size:
