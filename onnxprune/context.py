@@ -71,9 +71,3 @@ class Context:
                 raise InternalError("Context.eval_data() needs a model when ctx.original is None")
             self._eval_data = load_data(self.eval_data_path, target, seed=self.seed)
         return self._eval_data
-
-    def eval_data_option(self) -> str:
-        """Which data :meth:`eval_data` gives: ``eval_data``, ``data`` or ``synthetic``."""
-        if self.eval_data_path is not None:
-            return "eval_data"
-        return "data" if self.data_path is not None else "synthetic"

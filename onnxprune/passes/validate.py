@@ -55,7 +55,8 @@ class Validate(Pass):
     Rules:
         1. Both models run on the context's evaluation data (``--eval-data``, else ``--data``,
            else inputs synthesised from the original's declared shapes), batch by batch, at
-           most ``samples`` samples; the report's ``data`` says which (``from``).
+           most ``samples`` samples; the report's ``data.source`` names the file (or
+           ``synthetic``).
         2. Every output of the original is compared (``compare.compare_output``): max and mean
            absolute and relative error, cosine similarity, top-1 agreement when classifier-like.
         3. The first classifier-like output (or ``label_output``) is scored against the labels,
@@ -184,7 +185,6 @@ class Validate(Pass):
         report = {
             "data": {
                 "source": data.source,
-                "from": ctx.eval_data_option(),
                 "synthetic": data.synthetic,
                 "samples": count,
                 "labels": labels is not None,
