@@ -252,7 +252,8 @@ def _check_counts(
         else f"{k!r} has {n}"
         for k, n in counts.items()
     )
-    whole = [n for n, a in batched.items() if list(a.shape) == specs[n][0]]
+    most = max(counts.values())
+    whole = [n for n, a in batched.items() if counts[n] < most and list(a.shape) == specs[n][0]]
     hint = "".join(
         f"; {n!r} has its declared shape {specs[n][0]}: to feed it whole to every batch, "
         f"key it '{CONST}{n}'"

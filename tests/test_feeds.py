@@ -154,6 +154,10 @@ def test_state_without_a_marker_is_refused_with_the_fix(tmp_path) -> None:
     msg = str(info.value)
     assert "different sample counts" in msg and "'frames' has 40 (shape [40, 6], axis 0)" in msg
     assert "'h' has its declared shape [1, 1, 4]" in msg and "key it 'const/h'" in msg
+    np.savez(tmp_path / "d.npz", frames=_frames(16), h=_state(3), **{"const/c": _state(4)})
+    with pytest.raises(DataError) as info:  # frames [16, F] has its declared shape too
+        load_npz(tmp_path / "d.npz", _lstm_like(fixed_frames=16))
+    assert "key it 'const/h'" in str(info.value) and "const/frames" not in str(info.value)
 
 
 @pytest.mark.parametrize(
