@@ -120,6 +120,12 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     help="Calibration/test data: .npz keyed by input name, optional 'labels'.",
 )
 @click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Data validate compares on [default: --data]; calibration keeps --data.",
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default=None,
@@ -182,6 +188,7 @@ def main(
     output: Path | None,
     recipe: Path | None,
     data: Path | None,
+    eval_data: Path | None,
     device: str | None,
     report_path: Path | None,
     seed: int | None,
@@ -233,7 +240,16 @@ def main(
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
         job = build_job(
-            model, pass_specs, output, recipe, data, device, report_path, seed, external_data
+            model,
+            pass_specs,
+            output,
+            recipe,
+            data,
+            device,
+            report_path,
+            seed,
+            external_data,
+            eval_data=eval_data,
         )
         to_stdout = job.report_to_stdout
         if to_stdout:
@@ -299,6 +315,7 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, 
             model,
             chain,
             data=job.data,
+            eval_data=job.eval_data,
             device=job.device,
             seed=job.seed,
             model_path=job.model,
@@ -346,6 +363,7 @@ def _sweep(
             values,
             key,
             data=job.data,
+            eval_data=job.eval_data,
             device=job.device,
             seed=job.seed,
             model_path=job.model,

@@ -22,6 +22,8 @@ class Context:
         original: the model as loaded, before any pass (validate compares against it); None
             when the pipeline ran in place and no pass declared ``needs_original``.
         data_path: calibration / test data (.npz), or None to synthesise inputs.
+        eval_data_path: data validate compares the models on (.npz), or None to use the
+            run's data (``data_path``, else synthetic).
         providers: onnxruntime providers to use, best first.
         seed: seed for anything random (synthetic data, random criteria).
         model_path: where the model came from, for messages.
@@ -34,7 +36,9 @@ class Context:
     seed: int = 0
     model_path: Path | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    eval_data_path: Path | None = None
     _data: Dataset | None = None
+    _eval_data: Dataset | None = None
 
     def data(self, model: onnx.ModelProto | None = None) -> Dataset:
         """The run's data set, one for every pass: read by :func:`onnxprune.synthesis.load_data` on
@@ -51,3 +55,19 @@ class Context:
                 raise InternalError("Context.data() needs a model when ctx.original is None")
             self._data = load_data(self.data_path, target, seed=self.seed)
         return self._data
+
+    def eval_data(self, model: onnx.ModelProto | None = None) -> Dataset:
+        """The data validate compares on: ``eval_data_path`` read (once, against ``model``, as
+        :meth:`data`) when set, else the run's data set (:meth:`data`).
+
+        Raises:
+            DataError: as :func:`onnxprune.synthesis.load_data`.
+        """
+        if self.eval_data_path is None:
+            return self.data(model)
+        if self._eval_data is None:
+            target = model if model is not None else self.original
+            if target is None:
+                raise InternalError("Context.eval_data() needs a model when ctx.original is None")
+            self._eval_data = load_data(self.eval_data_path, target, seed=self.seed)
+        return self._eval_data

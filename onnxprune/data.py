@@ -1,8 +1,11 @@
 """Input data for onnxruntime runs: ``--data FILE.npz`` or inputs synthesised from the model.
 
 An .npz holds one array per model input (keyed by the input's name, samples along axis 0) and
-optionally ``labels``; a rank-0 input has no samples axis, and every batch gets it whole.
-Without a file, :mod:`onnxprune.synthesis` makes inputs that fit the model.
+optionally ``labels``; a rank-0 input has no samples axis, and every batch gets it whole. Inputs
+that do not share that axis are marked (:func:`load_npz`): ``const/NAME`` is one value fed whole
+to every batch (a recurrent state, a setting), ``axes/NAME`` a scalar int naming the axis that
+holds NAME's samples (a state ``[2, B, H]``: 1). Without a file, :mod:`onnxprune.synthesis`
+makes inputs that fit the model.
 :attr:`Dataset.synthetic` is the one answer to "is this real data?". How data is cut into
 batches for a model is :mod:`onnxprune.runner`'s job.
 """
@@ -14,13 +17,14 @@ import os
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from onnxprune.data_checks import AXES, CONST, const_array, input_array, labels_array
 from onnxprune.errors import DataError, first_line
 from onnxprune.graph import graph_input_names
 
@@ -29,31 +33,65 @@ LABELS = "labels"
 
 @dataclass
 class Dataset:
-    """Model inputs keyed by name (samples on axis 0), optional labels, and where they came from."""
+    """Model inputs keyed by name, optional labels, and where they came from.
+
+    An input's samples lie along axis 0, or along ``axes[name]``; an input in ``constants``
+    (and any rank-0 input) has no samples axis: every batch gets it whole.
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
     synthetic: bool = False
+    axes: dict[str, int] = field(default_factory=dict)
+    constants: frozenset[str] = frozenset()
+
+    def sample_axis(self, name: str) -> int | None:
+        """The axis of input ``name`` that holds its samples; None when it is fed whole."""
+        value = self.inputs[name]
+        first = value[0] if isinstance(value, list) and value else value
+        if name in self.constants or not np.ndim(first):
+            return None
+        return self.axes.get(name, 0)
 
     def __len__(self) -> int:
-        return sample_count(self.inputs)
+        return self.feed_samples(self.inputs)
+
+    def feed_samples(self, feed: Mapping[str, Any]) -> int:
+        """Samples in ``feed`` (all of this data or one of its batches): the size of the first
+        batched input along its sample axis; 1 when every input is fed whole (0 for none)."""
+        for name, value in feed.items():
+            axis = self.sample_axis(name) if name in self.inputs else 0
+            first = value[0] if isinstance(value, list) and value else value
+            if axis is not None and np.ndim(first):
+                return int(np.shape(first)[axis])
+        return 1 if feed else 0
+
+    def take(self, start: int, stop: int) -> dict[str, Any]:
+        """Samples ``start:stop`` of every input (each along its sample axis; constants whole)."""
+        out = {}
+        for name, value in self.inputs.items():
+            axis = self.sample_axis(name)
+            out[name] = value if axis is None else take_samples(value, start, stop, axis)
+        return out
 
     def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]:
         """Yield feeds of at most ``size`` samples each, in order."""
         for start in range(0, len(self), size):
-            yield {k: take_samples(v, start, start + size) for k, v in self.inputs.items()}
+            yield self.take(start, start + size)
 
     def head(self, samples: int) -> Dataset:
         """The first ``samples`` samples (labels too), from the same source."""
         labels = self.labels[:samples] if self.labels is not None else None
-        inputs = {k: take_samples(v, 0, samples) for k, v in self.inputs.items()}
-        return Dataset(inputs, labels, self.source, self.synthetic)
+        return Dataset(
+            self.take(0, samples), labels, self.source, self.synthetic, self.axes, self.constants
+        )
 
 
 def sample_count(feed: Mapping[str, Any]) -> int:
     """Samples in ``feed``: the length of its first input that has a samples axis (rank-0
-    inputs have none; a sequence input counts its first tensor's)."""
+    inputs have none; a sequence input counts its first tensor's). For data with constants or
+    other sample axes, use :meth:`Dataset.feed_samples`."""
     for v in feed.values():
         first = v[0] if isinstance(v, list) and v else v
         if np.ndim(first):
@@ -61,12 +99,14 @@ def sample_count(feed: Mapping[str, Any]) -> int:
     return 1 if feed else 0
 
 
-def take_samples(value: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of one input's value (a rank-0 input whole; for a sequence input,
-    of each of its tensors)."""
+def take_samples(value: Any, start: int, stop: int, axis: int = 0) -> Any:
+    """Samples ``start:stop`` along ``axis`` of one input's value (a rank-0 input whole; for a
+    sequence input, of each of its tensors)."""
     if isinstance(value, list):
-        return [take_samples(v, start, stop) for v in value]
-    return value[start:stop] if np.ndim(value) else value
+        return [take_samples(v, start, stop, axis) for v in value]
+    if not np.ndim(value):
+        return value
+    return value[(slice(None),) * axis + (slice(start, stop),)]
 
 
 def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | str | None], np.dtype]]:
@@ -93,15 +133,20 @@ def load_npz(path: str | os.PathLike[str], model: onnx.ModelProto) -> Dataset:
     Rules (a file that breaks one is refused, naming the file and the array):
         1. It is an .npz archive (``np.savez``) of numeric or string arrays: not a single .npy,
            not a pickle, no other members, no object arrays.
-        2. Its keys are the model's inputs and, optionally, ``labels``; nothing else (a near
-           miss such as ``label`` is named with the key it resembles).
-        3. Each input array has the declared rank and fixed sizes (samples along axis 0) and
-           values the input's dtype holds exactly: no strings for a number input, no complex
-           numbers, no NaN or Inf, no fractions or out-of-range values for an integer or bool
-           input (float data for a float input is cast, e.g. float64 to float32).
-        4. ``labels`` are class indices, one integer >= 0 per sample; one-hot rows are refused
+        2. Its keys are the model's inputs, each as ``NAME`` (samples along an axis) or
+           ``const/NAME`` (fed whole to every batch), ``axes/NAME`` for a batched input whose
+           samples are not on axis 0, and, optionally, ``labels``; nothing else (a near miss
+           such as ``label`` is named with the key it resembles).
+        3. Each input array has the declared rank and fixed sizes (all of them for a
+           ``const/`` array, all but the sample axis otherwise) and values the input's dtype
+           holds exactly: no strings for a number input, no complex numbers, no NaN or Inf,
+           no fractions or out-of-range values for an integer or bool input (float data for a
+           float input is cast, e.g. float64 to float32).
+        4. ``axes/NAME`` is one integer, an axis of NAME's array (negative counts from the end).
+        5. ``labels`` are class indices, one integer >= 0 per sample; one-hot rows are refused
            with the fix (``labels=onehot.argmax(axis=1)``).
-        5. Every array has the same number of samples, at least one.
+        6. Every batched array has the same number of samples along its sample axis, at least
+           one (rank-0 and ``const/`` arrays have none).
 
     Raises:
         DataError: the first rule the file breaks, with what to do.
@@ -110,23 +155,116 @@ def load_npz(path: str | os.PathLike[str], model: onnx.ModelProto) -> Dataset:
     arrays = _read_npz(path)
     specs = input_specs(model)
     labels = arrays.pop(LABELS, None)
-    _check_keys(path, arrays, specs, model)
-    inputs = {
-        name: _input_array(f"{path}: input {name!r}", arrays[name], dims, dtype)
-        for name, (dims, dtype) in specs.items()
-    }
+    given, constants, axes_given = _split_markers(path, arrays)
+    _check_keys(path, given, specs, model)
+    axes = _sample_axes(path, axes_given, given, constants, specs)
+    inputs = {}
+    for name, (dims, dtype) in specs.items():
+        what = f"{path}: input {name!r}"
+        if name in constants:
+            inputs[name] = const_array(f"{path}: {CONST}{name}", given[name], dims, dtype)
+        else:
+            inputs[name] = input_array(what, given[name], dims, dtype, axes.get(name, 0))
     if labels is not None:
-        labels = _labels(f"{path}: {LABELS}", labels)
-    counts = {name: len(a) for name, a in inputs.items() if a.ndim}  # rank 0: no samples
+        labels = labels_array(f"{path}: {LABELS}", labels)
+    _check_counts(path, inputs, labels, axes, constants, specs)
+    return Dataset(inputs, labels, str(path), axes=axes, constants=frozenset(constants))
+
+
+def _split_markers(
+    path: Path, arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], set[str], dict[str, np.ndarray]]:
+    """Rule 2's markers: the input arrays by input name, the constant ones, the ``axes/``."""
+    given = {k: v for k, v in arrays.items() if not k.startswith((CONST, AXES))}
+    axes = {k[len(AXES) :]: v for k, v in arrays.items() if k.startswith(AXES)}
+    constants = set()
+    for key, value in arrays.items():
+        if not key.startswith(CONST):
+            continue
+        name = key[len(CONST) :]
+        if name in given:
+            raise DataError(
+                f"{path}: has both {name!r} and {key!r}; give input {name!r} once: with samples "
+                f"({name!r}) or fed whole to every batch ({key!r})"
+            )
+        given[name] = value
+        constants.add(name)
+    return given, constants, axes
+
+
+def _sample_axes(
+    path: Path,
+    axes: dict[str, np.ndarray],
+    given: dict[str, np.ndarray],
+    constants: set[str],
+    specs: dict,
+) -> dict[str, int]:
+    """Rule 4: each ``axes/NAME`` as an axis of NAME's array (only those other than 0 kept)."""
+    out = {}
+    for name, value in axes.items():
+        key = f"{AXES}{name}"
+        if name not in specs:
+            raise DataError(
+                f"{path}: {key!r} names no input of the model; its inputs are {sorted(specs)}"
+                f"{_near_misses([name], list(specs))}"
+            )
+        if name in constants:
+            raise DataError(
+                f"{path}: {key!r} gives a sample axis to '{CONST}{name}', which is fed whole "
+                f"and has none: drop one of them"
+            )
+        if value.ndim or value.dtype.kind not in "iu":
+            raise DataError(
+                f"{path}: {key!r} must be one integer, the axis of {name!r} that holds the "
+                f"samples (e.g. np.array(1)), not {value.dtype} {list(value.shape)}"
+            )
+        rank = given[name].ndim
+        axis = int(value)
+        if not -rank <= axis < rank:
+            shape = list(given[name].shape)
+            raise DataError(
+                f"{path}: {key!r} = {axis} is no axis of input {name!r} {shape} (rank {rank})"
+                + ("; a rank-0 input is fed whole and needs no axis" if not rank else "")
+            )
+        if axis % rank:
+            out[name] = axis % rank
+    return out
+
+
+def _check_counts(
+    path: Path,
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    axes: dict[str, int],
+    constants: set[str],
+    specs: dict,
+) -> None:
+    """Rule 6: one sample count, with the fix when an input looks like a constant."""
+    batched = {n: a for n, a in inputs.items() if a.ndim and n not in constants}
+    counts = {n: a.shape[axes.get(n, 0)] for n, a in batched.items()}
     if labels is not None:
         counts[LABELS] = len(labels)
-    if len(set(counts.values())) > 1:
-        listed = ", ".join(f"{k!r} has {n}" for k, n in counts.items())
-        raise DataError(
-            f"{path}: arrays have different sample counts ({listed}); axis 0 holds the "
-            "samples, and every array needs the same number"
-        )
-    return Dataset(inputs, labels, str(path))
+    if len(set(counts.values())) <= 1:
+        return
+    listed = ", ".join(
+        f"{k!r} has {n} (shape {list(batched[k].shape)}, axis {axes.get(k, 0)})"
+        if k in batched
+        else f"{k!r} has {n}"
+        for k, n in counts.items()
+    )
+    most = max(counts.values())
+    whole = [n for n, a in batched.items() if counts[n] < most and list(a.shape) == specs[n][0]]
+    hint = "".join(
+        f"; {n!r} has its declared shape {specs[n][0]}: to feed it whole to every batch, "
+        f"key it '{CONST}{n}'"
+        for n in whole
+    )
+    raise DataError(
+        f"{path}: arrays have different sample counts ({listed}); every batched array needs "
+        f"the same number of samples{hint}; an input that is the same for every sample goes "
+        f"under '{CONST}NAME' (fed whole), one with its samples on another axis takes "
+        f"'{AXES}NAME' = that axis"
+    )
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -199,111 +337,15 @@ def _near_misses(keys: list[str], names: list[str], *, named: bool = False) -> s
     return " (did you mean " + ", ".join(f"{n!r} for {k!r}" for k, n in guesses) + "?)"
 
 
-def _input_array(
-    what: str, arr: np.ndarray, dims: list[int | str | None], dtype: np.dtype
-) -> np.ndarray:
-    """Rule 3 for one input (``what`` names the file and the input); the array, cast."""
-    if arr.ndim == 0:
-        if dims == []:  # a rank-0 input: one value for every sample
-            return _cast(what, arr, np.dtype(dtype))
-        raise DataError(f"{what} is a single value; samples go along axis 0 (shape [N, ...])")
-    wrong_rank = bool(dims) and arr.ndim != len(dims)
-    fixed = [] if wrong_rank else list(zip(arr.shape[1:], dims[1:], strict=False))
-    if wrong_rank or any(isinstance(d, int) and d > 0 and got != d for got, d in fixed):
-        raise DataError(
-            f"{what} has shape {list(arr.shape)}, the model declares {dims} (samples go "
-            "along axis 0)"
-        )
-    if not len(arr):
-        raise DataError(f"{what} has no samples (shape {list(arr.shape)})")
-    return _cast(what, arr, np.dtype(dtype))
-
-
-def _cast(what: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
-    """``arr`` as ``want``, refusing what the cast would change silently (rule 3)."""
-    kind = arr.dtype.kind
-    if want.kind in "OUS":  # a string input
-        if kind not in "US":
-            raise DataError(f"{what} holds {arr.dtype} values; the model input takes strings")
-        return arr.astype(want)
-    if kind in "US":
-        raise DataError(f"{what} holds strings ({arr.dtype}); the model input takes {want} numbers")
-    if kind == "c":
-        raise DataError(
-            f"{what} holds complex numbers ({arr.dtype}); the model input takes real {want} values"
-        )
-    if kind not in "biuf":
-        raise DataError(f"{what} has dtype {arr.dtype}, not numbers; the model input takes {want}")
-    _require_finite(what, arr)
-    if arr.dtype == want:
-        return arr
-    with np.errstate(all="ignore"):  # overflow is checked below
-        cast = arr.astype(want)
-    if want.kind == "f":
-        if not np.isfinite(cast).all():
-            raise DataError(
-                f"{what} has values beyond the range of {want} (magnitude at most "
-                f"{np.finfo(want).max:g})"
-            )
-        return cast
-    changed = cast != arr
-    if changed.any():
-        example = arr[changed].flat[0].item()
-        allowed = (
-            "0 or 1 (or booleans)"
-            if want.kind == "b"
-            else f"integers in [{np.iinfo(want).min}, {np.iinfo(want).max}]"
-        )
-        raise DataError(
-            f"{what} has values that change when cast to {want} (e.g. {example!r}); give {allowed}"
-        )
-    return cast
-
-
-def _require_finite(what: str, arr: np.ndarray) -> None:
-    """No NaN or infinity in a float array (samples along axis 0)."""
-    if arr.dtype.kind != "f":
-        return
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        first = int(np.flatnonzero(bad.reshape(len(arr), -1).any(axis=1))[0])
-        raise DataError(
-            f"{what} has {int(bad.sum())} NaN or infinite value(s), the first in sample "
-            f"{first}; data must be finite: drop or fix those samples"
-        )
-
-
-def _labels(what: str, labels: np.ndarray) -> np.ndarray:
-    """Rule 4: class indices, one integer >= 0 per sample, as int64."""
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        raise DataError(
-            f"{what} have shape {list(labels.shape)}, a row of {labels.shape[1]} values per "
-            "sample (one-hot or scores); give one class index per sample, e.g. "
-            "labels=onehot.argmax(axis=1)"
-        )
-    if labels.ndim != 1:
-        hint = ", e.g. labels.reshape(-1)" if labels.ndim and labels.size == len(labels) else ""
-        raise DataError(
-            f"{what} have shape {list(labels.shape)}; give one class index per sample "
-            f"(shape [N]){hint}"
-        )
-    kind = labels.dtype.kind
-    if kind == "f":
-        _require_finite(what, labels)
-    integral = kind in "biu" or (kind == "f" and bool(np.all(labels == np.round(labels))))
-    if not integral:
-        raise DataError(
-            f"{what} must be class indices (integers >= 0), not {labels.dtype} values"
-            + ("; map class names to indices" if kind in "US" else "")
-        )
-    if kind != "b" and len(labels) and labels.min() < 0:
-        raise DataError(f"{what} must be class indices >= 0, not {labels.min().item()!r}")
-    return labels.astype(np.int64)
-
-
-def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model is declared with on axis 0 of every input, if fixed."""
-    sizes = {dims[0] for dims, _ in input_specs(model).values() if dims}
+def fixed_batch(model: onnx.ModelProto, data: Dataset | None = None) -> int | None:
+    """The batch size the model is declared with on the sample axis of every batched input,
+    if fixed: axis 0 of each input of rank > 0, or with ``data`` the inputs it batches, each
+    on its own sample axis (its constants left out)."""
+    sizes = set()
+    for name, (dims, _) in input_specs(model).items():
+        axis = data.sample_axis(name) if data is not None and name in data.inputs else 0
+        if axis is not None and axis < len(dims):
+            sizes.add(dims[axis])
     if len(sizes) == 1:
         (size,) = sizes
         return size if isinstance(size, int) and size > 0 else None

@@ -36,6 +36,7 @@ class Job:
     output: Path | None
     external_data: bool | None
     recipe: Path | None = None
+    eval_data: Path | None = None
 
     @property
     def report_to_stdout(self) -> bool:
@@ -53,6 +54,7 @@ def build_job(
     report_path: Path | None,
     seed: int | None,
     external_data: bool | None,
+    eval_data: Path | None = None,
 ) -> Job:
     """Merge the recipe (if any) and the command line; ``-p`` passes run after the recipe's."""
     settings: dict[str, Any] = {}
@@ -62,6 +64,7 @@ def build_job(
         settings, chain = recipe.settings, list(recipe.passes)
     chain += [parse_pass_spec(spec) for spec in pass_specs]
     data = data if data is not None else settings.get("data")
+    eval_data = eval_data if eval_data is not None else settings.get("eval_data")
     out = output or settings.get("output")
     report = report_path or settings.get("report")
     return Job(
@@ -74,14 +77,17 @@ def build_job(
         output=Path(out) if out is not None else None,
         external_data=external_data,
         recipe=recipe_path,
+        eval_data=Path(eval_data) if eval_data is not None else None,
     )
 
 
 def plan_files(job: Job) -> tuple[OutputPlan, Target | None]:
-    """The run's inputs (model, --data, recipe) and its report file; the caller adds the rest."""
+    """The run's inputs (model, --data, --eval-data, recipe) and its report file; the caller
+    adds the rest."""
     plan = OutputPlan()
     plan.add_input("the input model", job.model)
     plan.add_input("the --data file", job.data)
+    plan.add_input("the --eval-data file", job.eval_data)
     plan.add_input("the recipe", job.recipe)
     report = None
     if job.report is not None and not job.report_to_stdout:

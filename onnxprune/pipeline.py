@@ -37,6 +37,7 @@ def run(
     passes: Sequence[Pass | str] | Pass | str,
     *,
     data: str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
     device: Device = "auto",
     seed: int = 0,
     model_path: str | os.PathLike[str] | None = None,
@@ -50,10 +51,11 @@ def run(
             defaults to it); a ModelProto is not modified unless ``inplace``.
         passes: Pass instances or ``"name:key=value,..."`` specs (or a single one).
         data: calibration / test data (.npz) for passes that run the model.
+        eval_data: data (.npz) validate compares the models on instead of ``data``.
         device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
         seed: seed for anything random.
         model_path: where the model came from (for messages and the report).
-        ctx: a prepared context (overrides data, device, seed, model_path).
+        ctx: a prepared context (overrides data, eval_data, device, seed, model_path).
         inplace: let the first pass change ``model`` itself instead of a copy (saves one copy
             of the weights on large models; the CLI uses it). A copy is still kept as
             ``ctx.original`` when a pass in the chain declares ``needs_original``.
@@ -72,19 +74,20 @@ def run(
         model_path = model if model_path is None else model_path
         model, inplace = load(model), True  # nobody else holds the loaded model
     chain = _chain(passes)
-    _check_arguments(data, seed, model_path, ctx, inplace)
+    _check_arguments(data, seed, model_path, ctx, inplace, eval_data)
     for p in chain:  # every option error before any work
         p.check_options()
     if ctx is None:
-        if data is not None and not Path(data).is_file():  # not only when a pass first reads it
-            what = (
-                "is a folder, not an .npz data file" if Path(data).is_dir() else "no such data file"
-            )
-            raise DataError(f"{data}: {what}")
+        for given in (data, eval_data):  # not only when a pass first reads it
+            if given is not None and not Path(given).is_file():
+                folder = Path(given).is_dir()
+                what = "is a folder, not an .npz data file" if folder else "no such data file"
+                raise DataError(f"{given}: {what}")
         keep = not inplace or any(p.needs_original for p in chain)
         ctx = Context(
             original=(copy.deepcopy(model) if inplace else model) if keep else None,
             data_path=Path(data) if data is not None else None,
+            eval_data_path=Path(eval_data) if eval_data is not None else None,
             providers=providers_for(device),
             seed=seed,
             model_path=Path(model_path) if model_path is not None else None,
@@ -146,7 +149,9 @@ def _chain(passes: Any) -> list[Pass]:
     return chain
 
 
-def _check_arguments(data: Any, seed: Any, model_path: Any, ctx: Any, inplace: Any) -> None:
+def _check_arguments(
+    data: Any, seed: Any, model_path: Any, ctx: Any, inplace: Any, eval_data: Any = None
+) -> None:
     """The keyword arguments of :func:`run` have their types (seed an integer >= 0).
 
     Raises:
@@ -159,6 +164,7 @@ def _check_arguments(data: Any, seed: Any, model_path: Any, ctx: Any, inplace: A
 
     path = "a path (str or os.PathLike) or None"
     require(data is None or isinstance(data, PATH_TYPES), "data", data, path)
+    require(eval_data is None or isinstance(eval_data, PATH_TYPES), "eval_data", eval_data, path)
     require(
         model_path is None or isinstance(model_path, PATH_TYPES), "model_path", model_path, path
     )

@@ -25,8 +25,8 @@ from onnxprune.errors import PassOptionError, RecipeError
 from onnxprune.passes.base import Pass
 from onnxprune.passes.registry import get_pass
 
-RUN_KEYS = {"data", "device", "seed", "output", "report"}
-PATH_KEYS = {"data", "output", "report"}
+RUN_KEYS = {"data", "eval_data", "device", "seed", "output", "report"}
+PATH_KEYS = {"data", "eval_data", "output", "report"}
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -9,6 +9,8 @@ Rules:
        on batches of exactly that size, and a ragged tail is dropped; any other model runs on
        ``batch_size`` samples (:data:`DEFAULT_BATCH` by default), the last batch possibly
        shorter. ``limit`` keeps only the first samples, ``max_batches`` the first batches.
+       Each input is cut along its own sample axis (:class:`onnxprune.data.Dataset`), and a
+       fixed batch is read there; constant and rank-0 inputs go whole into every feed.
        Feeds hold the model's inputs only, cast to their declared dtypes.
     3. Retry: when the first batch fails on a model with a dynamic batch (some exports bake
        in batch 1 where the input declares it dynamic), the run restarts one sample at a
@@ -29,7 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.data import Dataset, fixed_batch, input_specs, take_samples
+from onnxprune.data import Dataset, fixed_batch, input_specs
 from onnxprune.errors import DataError, RunFailed, first_line
 from onnxprune.runtime import CPU, session
 
@@ -140,7 +142,7 @@ class Plan:
 
 def plan(
     model: onnx.ModelProto,
-    samples: int,
+    samples: int | Dataset,
     *,
     batch_size: int | None = None,
     limit: int | None = None,
@@ -150,7 +152,8 @@ def plan(
 
     Args:
         model: the model; its declared fixed batch size, if any, wins over ``batch_size``.
-        samples: samples in the data.
+        samples: the data, or the number of samples in it (the fixed batch is then read on
+            axis 0 of every input).
         batch_size: samples per batch for a dynamic batch (:data:`DEFAULT_BATCH` when None).
         limit: use at most the first ``limit`` samples.
         max_batches: use at most the first ``max_batches`` batches.
@@ -158,7 +161,10 @@ def plan(
     Raises:
         ValueError: a batch size below 1, or a negative ``limit`` or ``max_batches``.
     """
-    fixed = fixed_batch(model)
+    if isinstance(samples, Dataset):
+        fixed, samples = fixed_batch(model, samples), len(samples)
+    else:
+        fixed = fixed_batch(model)
     size = fixed or batch_size or DEFAULT_BATCH
     if size < 1:
         raise ValueError(f"batch size must be positive, got {size}")
@@ -188,7 +194,7 @@ def batches(
     yield from _feeds(
         model,
         data,
-        plan(model, len(data), batch_size=batch_size, limit=limit, max_batches=max_batches),
+        plan(model, data, batch_size=batch_size, limit=limit, max_batches=max_batches),
     )
 
 
@@ -204,11 +210,8 @@ def _feeds(model: onnx.ModelProto, data: Dataset, p: Plan) -> Iterator[Values]:
     if missing:
         raise DataError(f"the data has no array for model input(s) {missing}")
     for start in range(0, p.count * p.size, p.size):
-        stop = min(start + p.size, p.samples)
-        yield {
-            name: _cast(take_samples(data.inputs[name], start, stop), dtype)
-            for name, dtype in dtypes.items()
-        }
+        feed = data.take(start, min(start + p.size, p.samples))
+        yield {name: _cast(feed[name], dtype) for name, dtype in dtypes.items()}
 
 
 def _cast(value: Any, dtype: np.dtype) -> Any:
@@ -259,7 +262,7 @@ def run_batches(
         list(fetch) if fetch is not None else [o.name for o in sess.get_outputs()]
         for sess in sessions
     ]
-    p = plan(model, len(data), batch_size=batch_size, limit=limit, max_batches=max_batches)
+    p = plan(model, data, batch_size=batch_size, limit=limit, max_batches=max_batches)
     try:
         yield from _run(sessions, names, model, data, p, progress)
     except _RetryPerSample as exc:
@@ -268,7 +271,7 @@ def run_batches(
             p.size,
             exc,
         )
-        p = plan(model, len(data), batch_size=1, limit=limit, max_batches=max_batches)
+        p = plan(model, data, batch_size=1, limit=limit, max_batches=max_batches)
         yield from _run(sessions, names, model, data, p, progress)
 
 

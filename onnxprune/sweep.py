@@ -169,6 +169,7 @@ def run_sweep(
     key: str = "sparsity",
     *,
     data: str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
     device: Device = "auto",
     seed: int = 0,
     model_path: str | os.PathLike[str] | None = None,
@@ -184,7 +185,7 @@ def run_sweep(
         chain: the passes; those with an option ``key`` get each value.
         values: the values, in order.
         key: the option to sweep.
-        data, device, seed, model_path: as for :func:`onnxprune.run`.
+        data, eval_data, device, seed, model_path: as for :func:`onnxprune.run`.
         save_to: a folder to save each point's model in (``NAME.KEY-VALUE.onnx``), or None;
             the models are staged and moved into place together at the end (none on failure).
         external_data: as for :func:`onnxprune.save`.
@@ -220,7 +221,13 @@ def run_sweep(
     with own if own is not None else contextlib.nullcontext():
         for value, passes in zip(values, chains, strict=True):
             new, rep = run(
-                model, passes, data=data, device=device, seed=seed, model_path=model_path
+                model,
+                passes,
+                data=data,
+                eval_data=eval_data,
+                device=device,
+                seed=seed,
+                model_path=model_path,
             )
             report["providers"] = rep["providers"]
             output = None

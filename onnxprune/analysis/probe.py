@@ -53,7 +53,7 @@ def probe(
     error = ""
     # two samples show a constant channel is constant across samples; some exports bake in
     # batch 1 even where the input says otherwise, so try 1 as well
-    for samples in dict.fromkeys([fixed_batch(model) or 2, 1]):
+    for samples in dict.fromkeys([fixed_batch(model, data) or 2, 1]):
         try:
             feeds = synthesize(model, samples, seed).inputs
         except DataError as exc:  # no synthetic input fits: shapes from inference only

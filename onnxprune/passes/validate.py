@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.data import sample_count
 from onnxprune.errors import (
     PassFailedError,
     PassOptionError,
@@ -54,8 +53,10 @@ class Validate(Pass):
     """Compare with the original model: outputs, accuracy, cost, latency; record the gates.
 
     Rules:
-        1. Both models run on the context's data (``--data``, else inputs synthesised from the
-           original's declared shapes), batch by batch, at most ``samples`` samples.
+        1. Both models run on the context's evaluation data (``--eval-data``, else ``--data``,
+           else inputs synthesised from the original's declared shapes), batch by batch, at
+           most ``samples`` samples; the report's ``data.source`` names the file (or
+           ``synthetic``).
         2. Every output of the original is compared (``compare.compare_output``): max and mean
            absolute and relative error, cosine similarity, top-1 agreement when classifier-like.
         3. The first classifier-like output (or ``label_output``) is scored against the labels,
@@ -139,7 +140,7 @@ class Validate(Pass):
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Apply rules 1-7; the model is returned unchanged."""
         original = require_original(ctx, self.name)
-        data = ctx.data(original)
+        data = ctx.eval_data(original)
         if self.samples:
             data = data.head(self.samples)
         check_inputs(original, model)
@@ -165,7 +166,12 @@ class Validate(Pass):
         latency = None
         if self.runs:  # rule 5
             latency = self._latency(
-                ref_sess, new_sess, feed, original, model, limits["max_latency_ratio"]
+                ref_sess,
+                new_sess,
+                (feed, data.feed_samples(feed)),
+                original,
+                model,
+                limits["max_latency_ratio"],
             )
             if latency["slower"]:
                 warnings.append(slow_message(latency))
@@ -229,11 +235,13 @@ class Validate(Pass):
         self,
         ref_sess: ort.InferenceSession,
         new_sess: ort.InferenceSession,
-        feed: Mapping[str, np.ndarray],
+        timed: tuple[Mapping[str, np.ndarray], int],
         original: onnx.ModelProto,
         model: onnx.ModelProto,
         max_ratio: float | None,
     ) -> dict[str, Any]:
+        """Rule 5 on ``timed``: the feed both models run on, and its samples."""
+        feed, batch = timed
         cmp = compare_latency(
             runnable(ref_sess, feed),
             runnable(new_sess, feed),
@@ -246,7 +254,7 @@ class Validate(Pass):
             "provider": provider,
             "threads": self.threads,
             "cpu_count": os.cpu_count(),
-            "batch": sample_count(feed),
+            "batch": batch,
             "runs": self.runs,
             "warmup": self.warmup,
             "original": cmp.original.to_dict(),

@@ -347,7 +347,7 @@ class Vote(Pass):
             candidates[name] = set().union(*(d.choices.get(name, d.picked) for d in decisions))
         data = ws.ctx.data(ws.model).head(SELECT_SAMPLES)
         reference = list(outputs(ws.model, data, ws.ctx.providers).values())
-        covered = plan(ws.model, len(data)).samples
+        covered = plan(ws.model, data).samples
         labels = data.labels[:covered] if data.labels is not None else None
         scores = {}
         for name, classes in candidates.items():

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.cost import summarize
-from onnxprune.data import Dataset, fixed_batch, input_specs, sample_count, take_samples
+from onnxprune.data import Dataset, fixed_batch, input_specs
 from onnxprune.errors import DataError, InputMismatch, OutputMismatch, RunFailed
 from onnxprune.runner import plan, run_batches
 
@@ -78,10 +78,10 @@ def run_pair(
             f"validate: the pruned model has no output {missing[0]!r} "
             f"(its outputs: {', '.join(have)})"
         )
-    if not plan(model, len(data), limit=limit).count:
+    if not plan(model, data, limit=limit).count:
         raise DataError(
             f"validate: {data.source} has no complete batch of "
-            f"{fixed_batch(model)} samples for the model"
+            f"{fixed_batch(model, data)} samples for the model"
         )
     ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     new_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -93,7 +93,7 @@ def run_pair(
             for n in names:
                 ref_parts[n].append(np.asarray(ref_out[n]))
                 new_parts[n].append(np.asarray(new_out[n]))
-            count += sample_count(feed) if feed else 1
+            count += data.feed_samples(feed) if feed else 1
     except RunFailed as exc:
         if exc.index == 0:
             raise DataError(
@@ -118,8 +118,7 @@ def _join(parts: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
 
 def latency_feed(model: onnx.ModelProto, data: Dataset, batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` samples of ``data`` (the model's own batch size when it is fixed)."""
-    size = fixed_batch(model) or batch
-    return {k: take_samples(v, 0, size) for k, v in data.inputs.items()}
+    return data.take(0, fixed_batch(model, data) or batch)
 
 
 def symbolic_dims(
