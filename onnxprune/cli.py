@@ -35,9 +35,12 @@ from onnxprune.passes.registry import (
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.plot import plot_file, write_plot
+from onnxprune.provenance import run_record, written_digests
 from onnxprune.report import (
     final_line,
     groups_table,
+    inspect_report,
+    providers_line,
     report_json,
     run_view,
     summary_table,
@@ -45,7 +48,9 @@ from onnxprune.report import (
     sweep_view,
     write_json,
 )
+from onnxprune.runtime import providers_for
 from onnxprune.sweep import add_points, parse_values, run_sweep
+from onnxprune.synthesis import load_data
 from onnxprune.validation.gates import failed_gates, gate_message, verdict
 from onnxprune.version import __version__
 
@@ -172,7 +177,18 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     is_flag=True,
     help="Print the model's channel groups (what can shrink, and why not), then exit.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="With --inspect: print the channel groups as JSON (full node names) instead of a table.",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print errors only (what you ask for on stdout: --report -, --json, still comes).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on errors.")
 @click.version_option(__version__, "-V", "--version", message=_version_message())
 def main(
@@ -193,6 +209,7 @@ def main(
     plot_path: Path | None,
     list_passes: bool,
     inspect: bool,
+    as_json: bool,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -211,7 +228,8 @@ def main(
       onnxprune model.onnx -p my-prune -p fold --sweep 0.1:0.8:0.1 --plot sweep.png
       onnxprune --list-passes
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
     out = Console(quiet=quiet)
     to_stdout = False
     start = time.perf_counter()
@@ -226,17 +244,19 @@ def main(
             return
         if model is None:
             raise click.UsageError("missing MODEL (or use --list-passes)")
-        if inspect:
-            _inspect(out, model)
-            return
+        if as_json and not inspect:
+            raise click.UsageError("--json needs --inspect (a run's JSON: --report FILE or -)")
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
         job = build_job(
             model, pass_specs, output, recipe, data, device, report_path, seed, external_data
         )
-        to_stdout = job.report_to_stdout
+        to_stdout = job.report_to_stdout or (inspect and as_json)
         if to_stdout:
             out = Console(quiet=quiet, stderr=True)
+        if inspect:
+            _inspect(out, job, as_json)
+            return
         report: dict[str, Any] | None
         if sweep is not None:
             report = _sweep(out, job, gates, sweep, sweep_key, plot_path)
@@ -303,14 +323,28 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, 
             model_path=job.model,
             inplace=True,
         )
-        plan.write(model_file, lambda file: write_model(new, file, job.external_data))
+        plan.write(model_file, lambda file: _write_model(new, file, job, target, report))
         report["output"] = str(target)
+        report["argv"] = _argv()
         if report_file is not None:
             plan.write(report_file, lambda file: file.write_text(report_json(report)))
     _show(out, run_view(report, f"{job.model} -> {target}", job.device))
     if job.report_to_stdout:
         write_json(report, "-")
     return report
+
+
+def _argv() -> list[str]:
+    """The command line as run, for the report (``onnxprune`` and its arguments)."""
+    return ["onnxprune", *sys.argv[1:]]
+
+
+def _write_model(
+    model: onnx.ModelProto, file: Path, job: Job, target: Path, report: dict[str, Any]
+) -> None:
+    """Write the model to its staged ``file`` and record its SHA-256 (as ``target``)."""
+    write_model(model, file, job.external_data)
+    report["files"]["output"] = written_digests(file, target)
 
 
 def _show(out: Console, view: list[RenderableType]) -> None:
@@ -356,6 +390,7 @@ def _sweep(
         if plot is not None:
             plan.write(plot, lambda file: write_plot(report, file))
             report["plot"] = str(plot.path)
+        report["argv"] = _argv()
         if report_file is not None:
             plan.write(report_file, lambda file: file.write_text(report_json(report)))
     _show(out, sweep_view(report, job.device))
@@ -366,8 +401,36 @@ def _sweep(
     return report
 
 
-def _inspect(out: Console, model_path: Path) -> None:
-    out.print(groups_table(channel_groups(load(model_path)), f"channel groups of {model_path}"))
+def _inspect(out: Console, job: Job, as_json: bool) -> None:
+    """``--inspect``: the channel groups (probed on ``--data`` when given, with ``--seed`` and
+    ``--device``) as a table, or as JSON on stdout (``--json``); ``--report`` writes the JSON."""
+    plan, report_file = plan_files(job)
+    model = load_checked(plan, job)
+    providers = providers_for(job.device)
+    data = load_data(job.data, model, seed=job.seed) if job.data is not None else None
+    groups = channel_groups(model, job.seed, providers=providers, data=data)
+    record = {
+        "model": str(job.model),
+        "providers": providers,
+        "data": data.source if data is not None else None,
+        **run_record(
+            {"points": []},
+            seed=job.seed,
+            device=job.device,
+            model_path=job.model,
+            data_path=job.data,
+            argv=_argv(),
+        ),
+    }
+    report = inspect_report(groups, record)
+    if report_file is not None:
+        with plan:
+            plan.write(report_file, lambda file: file.write_text(report_json(report)))
+    if as_json or job.report_to_stdout:
+        write_json(report, "-")
+    if not as_json:
+        out.print(groups_table(groups, f"channel groups of {job.model}"))
+        out.print(providers_line(providers, job.device))
 
 
 def _list_passes() -> None:

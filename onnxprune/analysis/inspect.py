@@ -13,11 +13,21 @@ from onnxprune.analysis.labels import ChannelGroup, ClassId
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.cost import node_macs
+from onnxprune.data import Dataset
 from onnxprune.graph import node_name, prepare_for_pruning
 
 
-def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
+def channel_groups(
+    model: onnx.ModelProto,
+    seed: int = 0,
+    *,
+    providers: list[str] | None = None,
+    data: Dataset | None = None,
+) -> list[ChannelGroup]:
     """The channel groups of ``model`` (not modified), with the MACs of the nodes they touch.
+
+    The probe runs on the first samples of ``data`` when given, else on inputs synthesised
+    with ``seed``, with ``providers`` (CPU when None).
 
     Example::
 
@@ -26,7 +36,7 @@ def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
     """
     work = copy.deepcopy(model)
     prepare_for_pruning(work.graph)
-    pr = probe(work, seed)
+    pr = probe(work, seed, providers, data=data)
     an = analyse(work, pr.shapes)
     groups = an.groups()
     macs = {node_name(n): node_macs(n, pr.shapes) for n in work.graph.node}
