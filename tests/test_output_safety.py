@@ -253,7 +253,7 @@ def test_report_dash_is_json_on_stdout_alone(cnn, tmp_path, monkeypatch):
         result = cli(cnn, "-p", "cleanup", "-o", "o.onnx", "--report", "-", *extra)
         assert result.exit_code == 0, result.stderr
         report = json.loads(result.stdout)  # nothing else on stdout
-        assert report["output"] == "o.onnx" and report["schema"] == 1
+        assert report["output"] == "o.onnx" and report["schema"] == 2
         if not extra:
             assert "DONE (no gates checked" in result.stderr and "cleanup" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "o.onnx"]  # no file "-"
@@ -339,7 +339,7 @@ def test_a_symlinked_output_is_written_through(cnn, tmp_path):
     (tmp_path / "r.json").symlink_to(real)
     result = cli(cnn, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "r.json").is_symlink() and json.loads(real.read_text())["schema"] == 1
+    assert (tmp_path / "r.json").is_symlink() and json.loads(real.read_text())["schema"] == 2
 
 
 def test_new_outputs_get_the_umask_and_replaced_ones_keep_their_mode(external, tmp_path):
