@@ -20,33 +20,15 @@ from typing import Any, TypeVar
 import click
 import onnx
 import onnxruntime
-from rich.console import Console, RenderableType
+from rich.console import Console
 
-from onnxprune.analysis.inspect import inspect_model
-from onnxprune.cost import summarize
+from onnxprune import commands
 from onnxprune.errors import OnnxPruneError, ValidationFailed
-from onnxprune.job import Job, build_job, default_output, load_checked, plan_files
-from onnxprune.model import load, write_model
-from onnxprune.passes.registry import (
-    available_passes,
-    pass_origin,
-    unavailable_passes,
-)
-from onnxprune.passes.validate import with_gates
-from onnxprune.pipeline import run
-from onnxprune.plot import plot_file, write_plot
+from onnxprune.job import build_job
 from onnxprune.report import (
     final_line,
-    groups_table,
-    layers_table,
-    report_json,
-    run_view,
-    summary_table,
-    sweep_progress,
-    sweep_view,
-    write_json,
 )
-from onnxprune.sweep import add_points, parse_values, run_sweep
+from onnxprune.sweep import parse_values
 from onnxprune.validation.gates import failed_gates, gate_message, verdict
 from onnxprune.version import __version__
 
@@ -179,7 +161,18 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     is_flag=True,
     help="Print the model's channel groups (what can shrink, and why not), then exit.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="With --inspect: print the channel groups as JSON (full node names) instead of a table.",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print errors only (what you ask for on stdout: --report -, --json, still comes).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="More detail; tracebacks on errors.")
 @click.version_option(__version__, "-V", "--version", message=_version_message())
 def main(
@@ -201,6 +194,7 @@ def main(
     plot_path: Path | None,
     list_passes: bool,
     inspect: bool,
+    as_json: bool,
     quiet: bool,
     verbose: bool,
 ) -> None:
@@ -219,7 +213,8 @@ def main(
       onnxprune model.onnx -p my-prune -p fold --sweep 0.1:0.8:0.1 --plot sweep.png
       onnxprune --list-passes
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
     out = Console(quiet=quiet)
     to_stdout = False
     start = time.perf_counter()
@@ -230,13 +225,12 @@ def main(
     }
     try:
         if list_passes:
-            _list_passes()
+            commands.list_passes()
             return
         if model is None:
             raise click.UsageError("missing MODEL (or use --list-passes)")
-        if inspect:
-            _inspect(out, model)
-            return
+        if as_json and not inspect:
+            raise click.UsageError("--json needs --inspect (a run's JSON: --report FILE or -)")
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
         job = build_job(
@@ -251,14 +245,17 @@ def main(
             external_data,
             eval_data=eval_data,
         )
-        to_stdout = job.report_to_stdout
+        to_stdout = job.report_to_stdout or (inspect and as_json)
         if to_stdout:
             out = Console(quiet=quiet, stderr=True)
+        if inspect:
+            commands.inspect(out, job, as_json)
+            return
         report: dict[str, Any] | None
         if sweep is not None:
-            report = _sweep(out, job, gates, sweep, sweep_key, plot_path)
+            report = commands.sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
-            report = _prune(out, job, gates)
+            report = commands.prune(out, job, gates)
     except OnnxPruneError as exc:
         if verbose:
             traceback.print_exc()
@@ -296,106 +293,3 @@ def _finish(report: dict[str, Any] | None, seconds: float, quiet: bool, to_stder
     if failed:
         exc = ValidationFailed(gate_message(failed))
         raise CliError(str(exc), exc.exit_code)
-
-
-def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, Any] | None:
-    """Run the chain, write the model and the report; the report (None: summary only)."""
-    chain = with_gates(job.chain, **gates)  # type: ignore[arg-type]  # limits only
-    if not chain:
-        model = load(job.model)
-        out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
-        out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
-        return None
-    target = job.output if job.output is not None else default_output(job.model)
-    plan, report_file = plan_files(job)
-    model_file = plan.add_model("-o", target, job.external_data)
-    model = load_checked(plan, job)
-    with plan, out.status(f"running {', '.join(p.name for p in chain)}"):
-        new, report = run(
-            model,
-            chain,
-            data=job.data,
-            eval_data=job.eval_data,
-            device=job.device,
-            seed=job.seed,
-            model_path=job.model,
-            inplace=True,
-        )
-        plan.write(model_file, lambda file: write_model(new, file, job.external_data))
-        report["output"] = str(target)
-        if report_file is not None:
-            plan.write(report_file, lambda file: file.write_text(report_json(report)))
-    _show(out, run_view(report, f"{job.model} -> {target}", job.device))
-    if job.report_to_stdout:
-        write_json(report, "-")
-    return report
-
-
-def _show(out: Console, view: list[RenderableType]) -> None:
-    """Print a run's or a sweep's view on ``out`` (stderr keeps the one error line)."""
-    for item in view:
-        out.print(item)
-
-
-def _sweep(
-    out: Console,
-    job: Job,
-    gates: dict[str, float | None],
-    values: list[float],
-    key: str,
-    plot_path: Path | None,
-) -> dict[str, Any]:
-    plan, report_file = plan_files(job)
-    plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
-    if job.output is not None:
-        if job.output.suffix == ".onnx" or job.output.is_file():
-            raise click.UsageError(
-                f"with --sweep, -o is a folder for each point's model, not {job.output}"
-            )
-        add_points(plan, "-o", job.output, job.model, key, values, job.external_data)
-    chain = with_gates(job.chain, always=True, **gates)
-    model = load_checked(plan, job)
-    with plan, sweep_progress(out) as progress:
-        task = progress.add_task(f"sweep {key}", total=len(values))
-        report = run_sweep(
-            model,
-            chain,
-            values,
-            key,
-            data=job.data,
-            eval_data=job.eval_data,
-            device=job.device,
-            seed=job.seed,
-            model_path=job.model,
-            save_to=job.output,
-            external_data=job.external_data,
-            on_point=lambda *_: progress.advance(task),
-            plan=plan,
-        )
-        if plot is not None:
-            plan.write(plot, lambda file: write_plot(report, file))
-            report["plot"] = str(plot.path)
-        if report_file is not None:
-            plan.write(report_file, lambda file: file.write_text(report_json(report)))
-    _show(out, sweep_view(report, job.device))
-    if plot is not None:
-        out.print(f"plot: {plot.path}")
-    if job.report_to_stdout:
-        write_json(report, "-")
-    return report
-
-
-def _inspect(out: Console, model_path: Path) -> None:
-    groups, uncovered = inspect_model(load(model_path))
-    out.print(groups_table(groups, f"channel groups of {model_path}"))
-    if uncovered:
-        out.print(layers_table(uncovered))
-
-
-def _list_passes() -> None:
-    for name, cls in available_passes().items():
-        click.echo(f"{name}  {cls.summary()}  ({pass_origin(name)})")
-        for opt, typ, default, help_text in cls.option_specs():
-            click.echo(f"    {opt}: {typ} = {default!r}  {help_text}")
-    for u in unavailable_passes():
-        click.echo(f"{u.name}  UNAVAILABLE from {u.origin}: {u.reason}")

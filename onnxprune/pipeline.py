@@ -26,6 +26,7 @@ from onnxprune.errors import (
 from onnxprune.model import MODEL_ARGUMENT, add_provenance, load, wrong_type
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.passes.registry import ENTRY_POINT_GROUP, parse_pass_spec
+from onnxprune.provenance import run_record
 from onnxprune.runtime import Device, providers_for
 from onnxprune.version import __version__
 
@@ -61,7 +62,9 @@ def run(
             ``ctx.original`` when a pass in the chain declares ``needs_original``.
 
     Returns:
-        The new model (with provenance in its metadata) and a JSON-ready report.
+        The new model (with provenance in its metadata) and a JSON-ready report, whose
+        ``status`` (passed, failed, no gates), ``gates``, ``versions`` and ``files`` (SHA-256
+        of what was read) make it CI-grade (:mod:`onnxprune.provenance`).
 
     Raises:
         ArgumentError: an argument of the wrong type (or a negative seed); the message names it.
@@ -115,6 +118,11 @@ def run(
         },
     )
     report["after"] = summarize(out).to_dict()
+    report.update(
+        run_record(
+            report, seed=ctx.seed, device=device, model_path=ctx.model_path, data_path=ctx.data_path
+        )
+    )
     return out, report
 
 

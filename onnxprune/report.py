@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from onnxprune.analysis.coverage import UncoveredLayer
     from onnxprune.analysis.labels import ChannelGroup
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # docs/report-schema.md says what each version changed
+LAYER_ROWS = 30  # rows of a layer-diff table on the terminal (the report has them all)
+LAYER_AGREE = 0.9999  # a layer whose cosine is below this is where agreement drops
 SHORTFALL_ROWS = 20  # rows of a shortfall table on the terminal (the report has them all)
 SHORTFALL_TITLES = {"vote": "less than asked", "fold": "zero or constant channels kept"}
 _ROWS = (
@@ -85,6 +87,7 @@ def passes_table(sections: Sequence[Mapping[str, Any]]) -> Table:
         table.add_column(col)
     # a validate section's verdict is its gates table's and the final line's to tell
     skip = {"pass", "options", "modified", "seconds", "passed", "gate_defaults"}
+    skip |= {"layers_skipped", "layers_samples"}  # the layers table's caption says them
     for s in sections:
         details = ", ".join(
             f"{k}={v}" for k, v in s.items() if k not in skip and not isinstance(v, (list, dict))
@@ -196,7 +199,55 @@ def validate_tables(section: Mapping[str, Any]) -> list[Table]:
                 "pass" if g["passed"] else "[bold red]FAIL[/]",
             )
         tables.append(t)
+    if section.get("layers") is not None:
+        tables.append(layers_table(section))
     return tables
+
+
+def layers_table(section: Mapping[str, Any]) -> Table:
+    """``validate:layers=true``: per shared tensor, in graph order, cosine and max abs error.
+
+    Past :data:`LAYER_ROWS` rows the table starts a few rows before the first tensor whose
+    cosine is below :data:`LAYER_AGREE` (where agreement drops), so that row is always shown.
+    """
+    rows = section["layers"]
+    first = next(
+        (i for i, r in enumerate(rows) if r["cosine"] is not None and r["cosine"] < LAYER_AGREE),
+        None,
+    )
+    start = 0
+    if len(rows) > LAYER_ROWS and first is not None:
+        start = max(0, min(first - 3, len(rows) - LAYER_ROWS))
+    title = (
+        f"validate: layers on {section['layers_samples']} samples (graph order; shape of a batch)"
+    )
+    t = Table(title=title)
+    for col in ("#", "tensor", "op", "shape", "cosine", "max abs error"):
+        t.add_column(
+            col,
+            justify="right" if col in ("#", "cosine", "max abs error") else "left",
+            overflow="fold",
+        )
+    for i, r in enumerate(rows[start : start + LAYER_ROWS], start):
+        cos = _cell(r["cosine"], ".6f")
+        t.add_row(
+            str(i),
+            r["tensor"],
+            r["op"],
+            "x".join(map(str, r["shape"])),
+            f"[bold red]{cos}[/]" if i == first else cos,
+            _cell(r["max_abs"]),
+        )
+    notes = [f"{section['layers_skipped']} shared tensors skipped (shape changed by pruning)"]
+    notes.append(
+        "agreement drops first at #{} {}".format(first, rows[first]["tensor"])
+        if first is not None
+        else f"every tensor agrees (cosine >= {LAYER_AGREE})"
+    )
+    if len(rows) > LAYER_ROWS:
+        notes.append(f"rows {start}-{start + LAYER_ROWS - 1} of {len(rows)}; all in the report")
+    t.caption = "; ".join(notes)
+    return t
 
 
 def sweep_table(report: Mapping[str, Any]) -> Table:
@@ -227,7 +278,7 @@ def groups_table(groups: Sequence[ChannelGroup], title: str) -> Table:
     """``--inspect``: one row per channel group: size, prunable share, MACs, producers, why not."""
     table = Table(title=title)
     for col in ("#", "channels", "prunable", "MACs", "producers", "why not (first reason)"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # full node names: wrapped, never cut
     for g in groups:
         free = g.channels - g.pinned
         table.add_row(
@@ -241,7 +292,7 @@ def groups_table(groups: Sequence[ChannelGroup], title: str) -> Table:
     return table
 
 
-def layers_table(layers: Sequence[UncoveredLayer], title: str = "layers in no group") -> Table:
+def uncovered_table(layers: Sequence[UncoveredLayer], title: str = "layers in no group") -> Table:
     """``--inspect``: one row per weighted layer that no channel group covers, with why."""
     table = Table(title=title)
     for col in ("layer", "channels", "why not"):
@@ -319,8 +370,34 @@ def sweep_progress(console: Console) -> Progress:
 
 
 def report_json(report: Mapping[str, Any]) -> str:
-    """The report as the JSON text ``--report`` writes (with its schema version)."""
-    return json.dumps({"schema": REPORT_SCHEMA_VERSION, **report}, indent=2, default=str) + "\n"
+    """The report as the JSON text ``--report`` writes: its schema version, then ``status``
+    (when it has one) first, for whoever reads it by eye."""
+    head: dict[str, Any] = {"schema": REPORT_SCHEMA_VERSION}
+    if "status" in report:
+        head["status"] = report["status"]
+    return json.dumps({**head, **report}, indent=2, default=str) + "\n"
+
+
+def inspect_report(groups: Sequence[ChannelGroup], record: Mapping[str, Any]) -> dict[str, Any]:
+    """``--inspect --json``: the channel groups with full node names, after ``record`` (model,
+    providers, versions, seed, device, argv, files, probe data: :mod:`onnxprune.provenance`)."""
+    return {
+        "onnxprune": record["versions"]["onnxprune"],
+        **record,
+        "groups": [
+            {
+                "index": g.index,
+                "channels": g.channels,
+                "pinned": g.pinned,
+                "prunable": g.channels - g.pinned,
+                "macs": g.macs,
+                "producers": [{"op": s.op, "node": s.node, "channels": s.size} for s in g.spaces],
+                "members": list(g.members),
+                "reasons": list(g.reasons),
+            }
+            for g in groups
+        ],
+    }
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -27,6 +27,7 @@ from onnxprune.outputs import OutputPlan, Target
 from onnxprune.passes.base import Pass, check_value, coerce, with_range
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
+from onnxprune.provenance import run_record, written_digests
 from onnxprune.runtime import Device
 from onnxprune.validation.gates import validate_sections
 from onnxprune.version import __version__
@@ -210,6 +211,9 @@ def run_sweep(
         "sweep": {"key": key, "values": list(values), "passes": [p.name for p in chain]},
         "points": [],
         "plot": None,
+        **run_record(
+            {"points": []}, seed=seed, device=device, model_path=model_path, data_path=data
+        ),
     }
     own = None
     if save_to is not None and plan is None:
@@ -235,7 +239,7 @@ def run_sweep(
                 output = point_file(save_to, model_path, key, value)
                 plan.write(
                     plan.target(output),
-                    functools.partial(write_model, new, external_data=external_data),
+                    functools.partial(_write_point, new, external_data, output, report),
                 )
             entry = {
                 "value": value,
@@ -248,3 +252,15 @@ def run_sweep(
             if on_point is not None:
                 on_point(value, entry)
     return report
+
+
+def _write_point(
+    model: onnx.ModelProto,
+    external_data: bool | None,
+    output: Path,
+    report: dict[str, Any],
+    file: Path,
+) -> None:
+    """Write a point's model to its staged ``file``; its SHA-256 joins ``files.output``."""
+    write_model(model, file, external_data=external_data)
+    report["files"]["output"] += written_digests(file, output)

@@ -119,8 +119,15 @@ def test_report_json_schema(model, tmp_path):
         "passes",
         "after",
         "output",
+        "status",
+        "gates",
+        "versions",
+        "seed",
+        "device",
+        "argv",
+        "files",
     }
-    assert data["schema"] == 1 and data["onnxprune"] == onnxprune.__version__
+    assert data["schema"] == 2 and data["onnxprune"] == onnxprune.__version__
     assert data["providers"] == ["CPUExecutionProvider"]
     assert data["model"] == str(model) and data["output"] == str(tmp_path / "o.onnx")
     summary_keys = {

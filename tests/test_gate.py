@@ -279,6 +279,7 @@ def test_gates_read_back_the_failed_ones_in_a_few_words():
 # --- the JSON report's schema is stable -------------------------------------------------------------
 
 TOP = {"schema", "onnxprune", "model", "providers", "before", "passes", "after", "output"}
+TOP |= {"status", "gates", "versions", "seed", "device", "argv", "files"}  # schema 2
 VALIDATE = {
     "pass",
     "options",
@@ -293,6 +294,9 @@ VALIDATE = {
     "gates",
     "gate_defaults",
     "passed",
+    "layers",  # schema 2
+    "layers_skipped",
+    "layers_samples",
     "warnings",
 }
 NESTED = {
@@ -363,7 +367,7 @@ def test_report_schema_is_pinned(tmp_path):
     )
     assert result.exit_code == 0, result.stderr
     data = json.loads(report.read_text())
-    assert set(data) == TOP and data["schema"] == 1
+    assert set(data) == TOP and data["schema"] == 2
     section = data["passes"][-1]
     assert set(section) == VALIDATE
     for path, keys in NESTED.items():
@@ -374,7 +378,7 @@ def test_report_schema_is_pinned(tmp_path):
 
 def test_schema_doc_names_every_key():
     doc = (ROOT / "docs" / "report-schema.md").read_text()
-    assert "# Report schema (version 1)" in doc
+    assert "# Report schema (version 2)" in doc
     for keys in [TOP, VALIDATE, *NESTED.values()]:
         for key in keys:
             assert f"`{key}`" in doc, key

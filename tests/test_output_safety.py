@@ -188,7 +188,7 @@ def test_missing_report_folder_fails_before_any_work(cnn, tmp_path, monkeypatch)
     def no_work(*args, **kwargs):
         raise AssertionError("the run started")
 
-    monkeypatch.setattr("onnxprune.cli.run", no_work)
+    monkeypatch.setattr("onnxprune.commands.run", no_work)
     before = snapshot(tmp_path)
     one_line_error(
         cli(cnn, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--report", tmp_path / "no/r.json"),
@@ -227,7 +227,7 @@ def test_a_failed_sweep_leaves_no_folder_and_no_points(tmp_path, monkeypatch):
     def full_disk(report, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("onnxprune.cli.write_plot", full_disk)
+    monkeypatch.setattr("onnxprune.commands.write_plot", full_disk)
     before = snapshot(tmp_path)
     args = ["-p", "cleanup", "--sweep", "8,16", "--sweep-key", "fold_limit_mb"]
     one_line_error(
@@ -253,7 +253,7 @@ def test_report_dash_is_json_on_stdout_alone(cnn, tmp_path, monkeypatch):
         result = cli(cnn, "-p", "cleanup", "-o", "o.onnx", "--report", "-", *extra)
         assert result.exit_code == 0, result.stderr
         report = json.loads(result.stdout)  # nothing else on stdout
-        assert report["output"] == "o.onnx" and report["schema"] == 1
+        assert report["output"] == "o.onnx" and report["schema"] == 2
         if not extra:
             assert "DONE (no gates checked" in result.stderr and "cleanup" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "o.onnx"]  # no file "-"
@@ -339,7 +339,7 @@ def test_a_symlinked_output_is_written_through(cnn, tmp_path):
     (tmp_path / "r.json").symlink_to(real)
     result = cli(cnn, "-p", "cleanup", "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json")
     assert result.exit_code == 0, result.stderr
-    assert (tmp_path / "r.json").is_symlink() and json.loads(real.read_text())["schema"] == 1
+    assert (tmp_path / "r.json").is_symlink() and json.loads(real.read_text())["schema"] == 2
 
 
 def test_new_outputs_get_the_umask_and_replaced_ones_keep_their_mode(external, tmp_path):

@@ -156,6 +156,11 @@ def test_sweep_writes_table_report_plot_and_models(tmp_path, random_prune):
         "sweep",
         "points",
         "plot",
+        "versions",  # schema 2
+        "seed",
+        "device",
+        "argv",
+        "files",
     }
     assert data["sweep"] == {
         "key": "sparsity",

@@ -15,18 +15,28 @@ from onnxprune.analysis.labels import ChannelGroup, ClassId
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.cost import node_macs
+from onnxprune.data import Dataset
 from onnxprune.graph import node_name, prepare_for_pruning
 
 
-def channel_groups(model: onnx.ModelProto, seed: int = 0) -> list[ChannelGroup]:
+def channel_groups(
+    model: onnx.ModelProto,
+    seed: int = 0,
+    *,
+    providers: list[str] | None = None,
+    data: Dataset | None = None,
+) -> list[ChannelGroup]:
     """The channel groups of ``model`` (not modified), with the MACs of the nodes they touch.
+
+    The probe runs on the first samples of ``data`` when given, else on inputs synthesised
+    with ``seed``, with ``providers`` (CPU when None).
 
     Example::
 
         for g in onnxprune.channel_groups(onnxprune.load("model.onnx")):
             print(g.channels, g.prunable, g.reasons)
     """
-    return inspect_model(model, seed)[0]
+    return inspect_model(model, seed, providers=providers, data=data)[0]
 
 
 def uncovered_layers(model: onnx.ModelProto, seed: int = 0) -> list[UncoveredLayer]:
@@ -42,12 +52,17 @@ def uncovered_layers(model: onnx.ModelProto, seed: int = 0) -> list[UncoveredLay
 
 
 def inspect_model(
-    model: onnx.ModelProto, seed: int = 0
+    model: onnx.ModelProto,
+    seed: int = 0,
+    *,
+    providers: list[str] | None = None,
+    data: Dataset | None = None,
 ) -> tuple[list[ChannelGroup], list[UncoveredLayer]]:
-    """:func:`channel_groups` and :func:`uncovered_layers` from one analysis (``--inspect``)."""
+    """:func:`channel_groups` and :func:`uncovered_layers` from one analysis (``--inspect``),
+    probed as :func:`channel_groups` says."""
     work = copy.deepcopy(model)
     prepare_for_pruning(work.graph)
-    pr = probe(work, seed)
+    pr = probe(work, seed, providers, data=data)
     an = analyse(work, pr.shapes)
     groups = an.groups()
     macs = {node_name(n): node_macs(n, pr.shapes) for n in work.graph.node}

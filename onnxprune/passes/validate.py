@@ -30,6 +30,7 @@ from onnxprune.validation.compare import (
 )
 from onnxprune.validation.gates import gate
 from onnxprune.validation.latency import CONFIDENCE, compare_latency, within_limit
+from onnxprune.validation.layers import compare_layers
 from onnxprune.validation.pair import (
     check_inputs,
     cost_section,
@@ -73,7 +74,12 @@ class Validate(Pass):
            an accuracy drop of at most 0.01 when the data has labels and a classifier-like
            output, else a mean cosine of at least 0.99 for every output. ``gates=off``
            checks none.
-        7. Errors (not gates): a missing or reshaped output (:class:`OutputMismatch`), an input
+        7. ``layers=true``: a layer diff (``validation.layers``): per tensor both models
+           produce with the same shape, in graph order, cosine and max abs error on the first
+           ``layer_samples`` samples; tensors whose shape pruning changed are counted as
+           skipped. Recorded as ``layers``, ``layers_skipped``, ``layers_samples`` (null when
+           off); no gate reads it.
+        8. Errors (not gates): a missing or reshaped output (:class:`OutputMismatch`), an input
            the pruned model lacks or refuses (:class:`InputMismatch`), both exit code 1.
     """
 
@@ -103,6 +109,10 @@ class Validate(Pass):
     label_output: str | None = option(
         None, "output scored against the labels [default: first classifier-like]"
     )
+    layers: bool = option(
+        False, "also compare every tensor both models share, in graph order (a layer diff)"
+    )
+    layer_samples: int = option(16, "samples the layer diff runs on", low=1)
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
@@ -111,6 +121,8 @@ class Validate(Pass):
             raise ValueError("min_cosine must be between -1 and 1")
         if self.max_latency_ratio is not None and self.max_latency_ratio <= 0:
             raise ValueError("max_latency_ratio must be > 0")
+        if self.layer_samples < 1:
+            raise ValueError("layer_samples must be at least 1")
         if self.runs < 0 or self.warmup < 0 or self.threads < 0 or self.samples < 0:
             raise ValueError("runs, warmup, threads and samples must be >= 0")
         if self.latency_batch < 1:
@@ -138,7 +150,7 @@ class Validate(Pass):
         require_original(ctx, self.name)
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Apply rules 1-7; the model is returned unchanged."""
+        """Apply rules 1-8; the model is returned unchanged."""
         original = require_original(ctx, self.name)
         data = ctx.eval_data(original)
         if self.samples:
@@ -182,6 +194,9 @@ class Validate(Pass):
                 for o in outputs
                 if o.nonfinite
             ]
+        diff = None  # rule 7
+        if self.layers:
+            diff = compare_layers(original, model, data, ctx.providers, self.layer_samples)
         report = {
             "data": {
                 "source": data.source,
@@ -197,6 +212,9 @@ class Validate(Pass):
             "gates": gates,
             "gate_defaults": self.gates == "auto" and all(getattr(self, k) is None for k in LIMITS),
             "passed": all(g["passed"] for g in gates),
+            "layers": diff["layers"] if diff else None,
+            "layers_skipped": diff["skipped"] if diff else None,
+            "layers_samples": diff["samples"] if diff else None,
             "warnings": warnings,
         }
         return PassResult(model, modified=False, report=report)
