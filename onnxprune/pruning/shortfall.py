@@ -127,7 +127,7 @@ def uncovered_layers(
         if src.op_type == "DequantizeLinear":
             reason = (
                 f"its weight {weight!r} comes from {by} (a QDQ model): onnxprune prunes "
-                "float weights stored as initializers only"
+                "weights stored as initializers, or dequantized from initializers only"
             )
         else:
             reason = (
