@@ -318,3 +318,18 @@ def test_constant_channel_into_a_quantized_layer_stays(qdq_cnns) -> None:
     fold = report["passes"][0]
     assert fold["channels_removed"] == 0
     assert "constant channel feeds a quantized layer (Conv)" in fold["shortfall"][0]["reason"]
+
+
+def test_vote_with_data_and_refit_on_a_qdq_model(qdq_cnns, tmp_path: Path) -> None:
+    """With calibration data the voters' check reads the real weights, compensation leaves
+    quantized biases alone, and refit skips quantized layers; the result stays exact."""
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    chain = ["vote:sparsity=0.5,round_to=1", "refit"]
+    zeroed, report = onnxprune.run(copy.deepcopy(qdq_cnns[True]), chain, data=str(data))
+    vote, refit = report["passes"]
+    assert vote["channels_pruned"] == 8
+    assert set(refit["skipped"].values()) <= {"quantized weight (QDQ): not refitted"}
+    folded, r = onnxprune.run(copy.deepcopy(zeroed), ["fold"])
+    assert r["passes"][0]["channels_removed"] == 8
+    np.testing.assert_array_equal(run_model(folded, _x())["y"], run_model(zeroed, _x())["y"])
