@@ -16,18 +16,11 @@ _QDQ_WEIGHTS = (
     "QDQ: every weight is an int8 initializer behind DequantizeLinear; magnitude sparsifies "
     "float initializers only and finds none"
 )
-_QDQ_GROUPS = (
-    "QDQ: Conv/Gemm weights come out of DequantizeLinear, not from an initializer, so the "
-    "channel analysis finds no producer and no group"
-)
-
 GAPS: dict[tuple[str, str], str] = {
     ("magnitude", "real/digits_cnn_qdq_per_channel"): _QDQ_WEIGHTS,
     ("magnitude", "real/digits_cnn_qdq_per_tensor"): _QDQ_WEIGHTS,
     ("magnitude", "real/digits_encoder_qdq_per_channel"): _QDQ_WEIGHTS,
     ("magnitude", "real/digits_encoder_qdq_per_tensor"): _QDQ_WEIGHTS,
-    ("prunable", "real/digits_cnn_qdq_per_channel"): _QDQ_GROUPS,
-    ("prunable", "real/digits_cnn_qdq_per_tensor"): _QDQ_GROUPS,
 }
 
 

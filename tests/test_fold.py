@@ -218,12 +218,13 @@ def _conv_chain_around(
     return model
 
 
-def test_fold_leaves_quantized_layer_whole_and_folds_the_rest() -> None:
-    """A QDQ conv (int8 weights, per-channel scales) stays whole; the float conv after it folds."""
+def test_fold_cuts_a_zero_int8_filter_of_a_qdq_layer_and_folds_the_rest() -> None:
+    """A QDQ conv (int8 weights, per-channel scales) loses its zero int8 filter (issue 10:
+    it was left whole before) with its scale and zero point; the float conv after it folds."""
     h = onnx.helper
     rng = np.random.default_rng(4)
     wq = rng.integers(-100, 100, size=(4, 3, 1, 1)).astype(np.int8)
-    wq[1] = 0  # zero int8 filter: still not removed, the analysis does not see through QDQ
+    wq[1] = 0  # zero int8 filter (q == zp): removed with its scale and zero point
     qdq = [
         h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
         h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
@@ -242,8 +243,8 @@ def test_fold_leaves_quantized_layer_whole_and_folds_the_rest() -> None:
     )
     folded, report = onnxprune.run(model, ["fold"])
     sizes = {t.name: list(t.dims) for t in folded.graph.initializer}
-    assert sizes["wq"] == [4, 3, 1, 1] and sizes["ws"] == [4]
-    assert sizes["w2"] == [4, 4, 1, 1] and sizes["w3"] == [2, 4, 1, 1]
+    assert sizes["wq"] == [3, 3, 1, 1] and sizes["ws"] == [3] and sizes["wz"] == [3]
+    assert sizes["w2"] == [4, 3, 1, 1] and sizes["w3"] == [2, 4, 1, 1]
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(
         run_model(folded, {"x": x})["y"], run_model(model, {"x": x})["y"], rtol=1e-5, atol=1e-6

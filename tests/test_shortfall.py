@@ -29,7 +29,8 @@ F = TensorProto.FLOAT
 
 def cnn(variant: str = "plain") -> onnx.ModelProto:
     """x[1,3,8,8] -> convA (16) -> Relu -> convB (16, 3x3) -> Relu -> GAP -> fc (10), with one
-    twist: ``qdq`` (convA's weight through DequantizeLinear), ``bf16`` (through a Cast from
+    twist: ``qdq`` (convA's weight through DequantizeLinear; ``qdq_computed``: its scale
+    computed by an Identity), ``bf16`` (through a Cast from
     bfloat16), ``grouped`` (convB with group=2), ``dilated`` (convB dilated 2),
     ``weight_output`` (convA's weight also a graph output) or ``if`` (an If on a computed
     condition reads convA's output)."""
@@ -43,10 +44,14 @@ def cnn(variant: str = "plain") -> onnx.ModelProto:
         "bc": rng.normal(size=10).astype(np.float32),
     }
     pre, wa, kb, extra = [], "wa", {"pads": [1, 1, 1, 1]}, []
-    if variant == "qdq":
+    if variant.startswith("qdq"):
         inits["wa_q"] = np.clip(np.round(inits.pop("wa") * 40), -127, 127).astype(np.int8)
         inits["wa_s"], inits["wa_z"] = np.array(1 / 40, np.float32), np.array(0, np.int8)
-        pre.append(helper.make_node("DequantizeLinear", ["wa_q", "wa_s", "wa_z"], ["wa_dq"]))
+        scale = "wa_s"
+        if variant == "qdq_computed":
+            pre.append(helper.make_node("Identity", ["wa_s"], ["wa_s2"]))
+            scale = "wa_s2"
+        pre.append(helper.make_node("DequantizeLinear", ["wa_q", scale, "wa_z"], ["wa_dq"]))
         wa = "wa_dq"
     if variant == "bf16":
         bits = inits.pop("wa").view(np.uint32) >> 16  # bfloat16: the high half of a float32
@@ -110,8 +115,15 @@ def row(section: dict, layer: str) -> dict:
     return found[0]
 
 
-def test_qdq_weight_is_named_with_its_reason() -> None:
+def test_qdq_weight_of_initializers_is_pruned() -> None:
+    """Issue 10: a weight stored int8 behind a DequantizeLinear of initializers is a member."""
     vote, fold = vote_fold(cnn("qdq"), "vote:sparsity=0.5,round_to=8")
+    assert not [r for r in vote["shortfall"] if "convA" in r["layers"].split(", ")]
+    assert vote["channels_pruned"] == 16 and fold["channels_removed"] == 16
+
+
+def test_qdq_weight_is_named_with_its_reason() -> None:
+    vote, fold = vote_fold(cnn("qdq_computed"), "vote:sparsity=0.5,round_to=8")
     r = row(vote, "Conv convA")
     assert r["group"] is None and r["asked"] == 8 and r["pruned"] == 0
     assert "'wa_dq' comes from DequantizeLinear (a QDQ model)" in r["reason"]

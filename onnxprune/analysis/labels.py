@@ -20,7 +20,7 @@ import onnx
 ClassId = NewType("ClassId", int)
 """A channel class: the union-find root of channel ids that are removed together."""
 
-Role = Literal["weight", "bias", "scale", "consumer", "param"]
+Role = Literal["weight", "bias", "scale", "consumer", "param", "quant"]
 """What a member slice is to its channel (see :meth:`Analysis.member`)."""
 
 RewriteKind = Literal["reshape", "split", "slice", "group", "shape"]

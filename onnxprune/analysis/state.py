@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.analysis.dequant import Dequantized, dequantize, find_dequantized, quantized_members
 from onnxprune.analysis.groups import classes_of
 from onnxprune.analysis.labels import (
     ChannelGroup,
@@ -78,14 +79,21 @@ class Analysis:
         self.sliced_inputs: set[tuple[int, int]] = set()
         self.current = -1
         self._readers: dict[str, list[onnx.NodeProto]] | None = None
+        self.dequantized: dict[str, Dequantized] = find_dequantized(self.graph, self.inits)
+        self.quantized_data = {d.data: d for d in self.dequantized.values()}
 
     # -- small helpers -------------------------------------------------------------------------
     def array(self, name: str) -> np.ndarray | None:
-        """Value of an initializer, or None when ``name`` is not a constant."""
-        if name not in self.inits:
+        """Value of an initializer, or None when ``name`` is not a constant. A DequantizeLinear
+        of initializers is a constant too: its real value (:mod:`onnxprune.analysis.dequant`)."""
+        if name not in self.inits and name not in self.dequantized:
             return None
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+            d = self.dequantized.get(name)
+            if d is not None:
+                self._arrays[name] = dequantize(d, lambda n: numpy_helper.to_array(self.inits[n]))
+            else:
+                self._arrays[name] = numpy_helper.to_array(self.inits[name])
         return self._arrays[name]
 
     def release_arrays(self) -> None:
@@ -96,6 +104,8 @@ class Analysis:
         """Shape of an initializer or of a tensor the probe saw, or None when unknown."""
         if name in self.inits:
             return tuple(self.inits[name].dims)
+        if name in self.dequantized:
+            return tuple(self.inits[self.dequantized[name].data].dims)
         return self.shapes.get(name)
 
     def consumers(self, tensor: str) -> list[onnx.NodeProto]:
@@ -131,7 +141,10 @@ class Analysis:
 
         ``role`` says what the slice is to a channel, for criteria: ``weight`` (a producer's
         filter or neuron), ``bias``, ``scale`` (BN gamma), ``consumer`` (the rows that read
-        the channel) or ``param`` (any other per-channel constant).
+        the channel), ``param`` (any other per-channel constant) or ``quant`` (a per-channel
+        scale or zero point of quantization: sliced, never zeroed nor scored). An input made by
+        a DequantizeLinear of initializers slices its quantized data (and per-channel scale
+        and zero point along ``axis``); a second reader of it pins the channels.
         """
         name = node.input[index]
         arr = self.array(name)
@@ -149,8 +162,16 @@ class Analysis:
                 f"entries on the channel axis, expected {len(ids)}",
             )
             return True
-        self.members.append(Member(name, axis, ids, role))
-        self.sliced_inputs.add((self.current, index))
+        d = self.dequantized.get(name)
+        if d is None:
+            self.members.append(Member(name, axis, ids, role))
+            self.sliced_inputs.add((self.current, index))
+            return True
+        for m, slot in quantized_members(d, axis, ids, role):
+            self.members.append(m)
+            self.sliced_inputs.add((d.node_index, slot))
+        if len(self.consumers(name)) > 1:
+            self.pin(ids, f"dequantized weight {name!r} is read by several nodes")
         return True
 
     def union(self, a: np.ndarray, b: np.ndarray, why: str) -> None:

@@ -91,7 +91,8 @@ class Fold(Pass):
         1. A channel class (channels the analysis ties together) goes when, at every weighted
            consumer that reads it, its value is provably zero or a data-independent constant.
         2. A constant is moved into the consumer's bias (Conv, Gemm, MatMul + a new Add), except
-           where the consumer zero-pads that input (the border would see 0, not the constant).
+           where the consumer zero-pads that input (the border would see 0, not the constant)
+           or its weight is quantized (a QDQ layer: its int bias cannot take it exactly).
         3. Pinned channels (graph outputs, unknown ops, subgraphs, LayerNorm over the hidden
            size...) stay; so does the last channel of any tensor.
         4. Rounds repeat until nothing changes (at most ``max_rounds``): removing one layer's
@@ -189,7 +190,8 @@ class Fold(Pass):
         constant: set[ClassId] = set()
         variable: set[ClassId] = set()  # read as a variable somewhere
         for k, sink in enumerate(an.sinks):
-            self._judge_sink(k, sink, roots, pr, plan, bad, constant)
+            quantized = sink.weight in an.dequantized
+            self._judge_sink(k, sink, roots, pr, plan, bad, constant, quantized)
             ids = sink.labels.ids[(sink.labels.ids >= 0) & (sink.labels.state == State.VAR)]
             variable.update(ClassId(int(r)) for r in np.unique(roots[ids]))
         # a class that no weighted consumer reads but that is not pinned is dead: it may go too
@@ -219,6 +221,7 @@ class Fold(Pass):
         plan: Plan,
         bad: dict[ClassId, str],
         constant: set[ClassId],
+        quantized: bool = False,
     ) -> None:
         """Judge each class that sink ``k`` reads: VAR is ``bad``; a ZERO or CONST channel
         whose probe value is one finite number gets that value in ``plan.values`` (rule 2)."""
@@ -251,6 +254,9 @@ class Fold(Pass):
             if v != 0.0:
                 if not self.constants:
                     bad[r] = "constant non-zero channel (constants=false)"
+                    continue
+                if quantized:
+                    bad[r] = f"constant channel feeds a quantized layer ({sink.node.op_type})"
                     continue
                 if sink.padded:
                     bad[r] = (

@@ -243,6 +243,8 @@ def _patches(x: np.ndarray, conv: dict[str, Any]) -> np.ndarray:
 
 def _unsupported(ws: Workspace, sink: Sink) -> str:
     node = sink.node
+    if sink.weight in ws.an.dequantized:
+        return "quantized weight (QDQ): not refitted"
     if node.op_type == "Gemm":
         return "Gemm with transA" if attr(node, "transA", 0) else ""
     if node.op_type == "MatMul":

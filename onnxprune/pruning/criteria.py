@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnxprune.analysis.dequant import dequantize
 from onnxprune.analysis.labels import Member, Role
 from onnxprune.analysis.state import Analysis
 from onnxprune.errors import OnnxPruneError, PassOptionError
@@ -75,9 +76,18 @@ class GroupView:
         """Members with ``role`` that touch this group's classes."""
         return [m for m in self.an.members if m.role == role and (self.slots(m.ids) >= 0).any()]
 
+    def value(self, name: str) -> np.ndarray:
+        """Real value of a weight, as float64: an initializer, or a quantized one read as
+        ``scale * (q - zero_point)`` (both by name: the output of its DequantizeLinear, or
+        its quantized data), so magnitudes are those the model computes with."""
+        d = self.an.dequantized.get(name) or self.an.quantized_data.get(name)
+        arr = self.array(name) if d is None else dequantize(d, self.array)
+        return np.asarray(arr, dtype=np.float64)
+
     def rows(self, m: Member) -> np.ndarray:
-        """The member's slices as a float64 matrix [positions, elements]."""
-        arr = np.asarray(self.array(m.init), dtype=np.float64)
+        """The member's slices (real values, :meth:`value`) as a float64 matrix
+        [positions, elements]."""
+        arr = self.value(m.init)
         return np.moveaxis(arr, m.axis, 0).reshape(arr.shape[m.axis], -1)
 
 
@@ -182,7 +192,7 @@ def _consumer_norms(view: GroupView, power: float = 2.0) -> dict[str, np.ndarray
     for sink in view.an.sinks:
         if not (view.slots(sink.labels.ids) >= 0).any():
             continue
-        rows = np.moveaxis(np.asarray(view.array(sink.weight), np.float64), sink.weight_axis, 0)
+        rows = np.moveaxis(view.value(sink.weight), sink.weight_axis, 0)
         rows = rows.reshape(rows.shape[0], -1)
         powered = _per_class(view, sink.labels.ids, (np.abs(rows) ** power).sum(axis=1))
         norms[sink.tensor] = norms.get(sink.tensor, 0) + powered

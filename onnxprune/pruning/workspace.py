@@ -176,9 +176,10 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
         if not gone.any() or sink.tensor not in rows:
             continue
         x = rows[sink.tensor]
-        w = np.moveaxis(
-            np.asarray(get_init(ws.model.graph, sink.weight), np.float64), sink.weight_axis, 0
-        )
+        weight = ws.an.array(sink.weight)  # a quantized weight: its real value
+        if weight is None:
+            continue
+        w = np.moveaxis(np.asarray(weight, np.float64), sink.weight_axis, 0)
         ws_rows = w.reshape(w.shape[0], -1)[gone]
         xc = x - x.mean(axis=0)
         cov = xc.T @ xc / max(len(x) - 1, 1)
@@ -238,6 +239,7 @@ def _compensate_sink(
         not len(pos)
         or sink.tensor not in means
         or sink.node.op_type not in ("Conv", "Gemm", "MatMul")
+        or not any(t.name == sink.weight for t in graph.initializer)  # quantized: not exact
     ):
         return False
     now = np.zeros(len(pos))

@@ -3,7 +3,9 @@
 This is the contract between passes: a pruning pass zeroes, :mod:`onnxprune.passes.fold`
 removes. Consumer rows (the weights that read a channel) are left alone; every other member
 slice of a zeroed class (weights, biases, BN scale and shift, per-channel constants) is set
-to 0, so the channel is exactly zero wherever it is read.
+to 0, so the channel is exactly zero wherever it is read. A quantized weight or bias (behind a
+DequantizeLinear) gets its zero point, which dequantizes to exactly 0; the scales and zero
+points themselves (role ``quant``) are left alone.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.analysis.dequant import zero_code
 from onnxprune.analysis.groups import chosen_positions, keep_one_per_tensor, unpinned_classes
 from onnxprune.analysis.state import Analysis
 
@@ -32,11 +35,16 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
     """
     roots = an.roots()
     chosen = np.array(sorted(set(classes)), dtype=np.int64)
-    consumer = {(s.weight, s.weight_axis) for s in an.sinks}
+    quantized = {name: d.data for name, d in an.dequantized.items()}
+    consumer = {(quantized.get(s.weight, s.weight), s.weight_axis) for s in an.sinks}
     arrays: dict[str, np.ndarray] = {}
+
+    def value(name: str) -> np.ndarray:
+        return arrays[name] if name in arrays else numpy_helper.to_array(an.inits[name])
+
     zeroed = 0
     for m in an.members:
-        if (m.init, m.axis) in consumer:
+        if (m.init, m.axis) in consumer or m.role == "quant":
             continue
         gone = chosen_positions(roots, m.ids, chosen)
         if not gone.any():
@@ -44,8 +52,10 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
         if m.init not in arrays:
             arrays[m.init] = numpy_helper.to_array(an.inits[m.init]).copy()
         index: list[slice | np.ndarray] = [slice(None)] * arrays[m.init].ndim
-        index[m.axis] = np.flatnonzero(gone)
-        arrays[m.init][tuple(index)] = 0
+        pos = np.flatnonzero(gone)
+        index[m.axis] = pos
+        d = an.quantized_data.get(m.init)
+        arrays[m.init][tuple(index)] = 0 if d is None else zero_code(d, value, m.axis, pos)
         zeroed += int(gone.sum() * arrays[m.init].size // max(1, arrays[m.init].shape[m.axis]))
     for i, t in enumerate(model.graph.initializer):
         if t.name in arrays:

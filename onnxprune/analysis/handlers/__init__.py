@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxprune.analysis.handlers import elementwise, layers, reshape, shapes, targets
+from onnxprune.analysis.handlers import elementwise, layers, quantized, reshape, shapes, targets
 from onnxprune.analysis.state import Analysis
 from onnxprune.errors import OnnxPruneError
 
@@ -97,7 +97,9 @@ BUILTIN: dict[Handler, tuple[str, ...]] = {
     elementwise.layer_norm: ("LayerNormalization",),
     elementwise.group_norm: ("GroupNormalization",),
     elementwise.batch_norm: ("BatchNormalization", "InstanceNormalization"),
-    elementwise.dequantize: ("QuantizeLinear", "DequantizeLinear"),
+    quantized.quantize: ("QuantizeLinear",),
+    quantized.dequantize: ("DequantizeLinear",),
+    quantized.qoperator: quantized.QOPERATOR,
     layers.conv: ("Conv",),
     layers.conv_transpose: ("ConvTranspose",),
     layers.gemm: ("Gemm",),

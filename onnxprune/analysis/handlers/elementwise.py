@@ -1,5 +1,5 @@
 """Rules for ops that act per element or per channel: activations, arithmetic with constants,
-normalisations, pooling, reductions, quantisation."""
+normalisations, pooling, reductions (quantization: :mod:`.quantized`)."""
 
 from __future__ import annotations
 
@@ -290,27 +290,3 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
             others.append(State.CONST)
         state = State.join(*states, *others)
     an.set_out(node.output[0], Labels(out_axis, ids, state))
-
-
-def dequantize(an: Analysis, node: onnx.NodeProto) -> None:
-    """Quantize/DequantizeLinear: per-axis scale and zero point on the channel axis are
-    members (on another axis they pin; computed ones pin); the zero point makes ZERO CONST."""
-    lab = an.labels.get(node.input[0])
-    if lab is None:
-        return
-    rank = len(an.shape(node.input[0]) or ())
-    axis = attr(node, "axis", 1) % max(rank, 1)
-    for i in (1, 2):
-        name = optional_input(node, i)
-        if name is None:
-            continue
-        arr = an.array(name)
-        if arr is None:
-            an.pin_inputs(node, "scale or zero point not constant")
-            return
-        if arr.ndim == 1 and arr.size > 1:
-            if axis != lab.axis:
-                an.pin_inputs(node, "per-axis quantization on another axis")
-                return
-            an.member(node, i, 0, lab.ids)
-    const_making(an, node)
