@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxprune.analysis.handlers import elementwise, layers, reshape, shapes, targets
+from onnxprune.analysis.handlers import elementwise, layers, recurrent, reshape, shapes, targets
 from onnxprune.analysis.state import Analysis
 from onnxprune.errors import OnnxPruneError
 
@@ -102,6 +102,7 @@ BUILTIN: dict[Handler, tuple[str, ...]] = {
     layers.conv_transpose: ("ConvTranspose",),
     layers.gemm: ("Gemm",),
     layers.matmul: ("MatMul",),
+    recurrent.recurrent: recurrent.RECURRENT,
     shapes.transpose: ("Transpose",),
     shapes.squeeze_like: ("Squeeze", "Unsqueeze"),
     reshape.reshape: ("Reshape", "Flatten"),
