@@ -25,6 +25,7 @@ from rich.console import Console, RenderableType
 from onnxprune.analysis.inspect import channel_groups
 from onnxprune.cost import summarize
 from onnxprune.errors import OnnxPruneError, ValidationFailed
+from onnxprune.input_shapes import check_input_shapes
 from onnxprune.job import Job, build_job, default_output, load_checked, plan_files
 from onnxprune.model import load, write_model
 from onnxprune.passes.registry import (
@@ -138,6 +139,13 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     help="Seed for anything random, an integer >= 0 [default: 0].",
 )
 @click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:D0,D1,...",
+    help="Fix the dynamic dims of input NAME for synthetic inputs and costs (repeatable).",
+)
+@click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Store weights in OUT.data [default: only past 2 GB].",
@@ -184,6 +192,7 @@ def main(
     device: str | None,
     report_path: Path | None,
     seed: int | None,
+    input_shapes: tuple[str, ...],
     external_data: bool | None,
     max_accuracy_drop: float | None,
     min_cosine: float | None,
@@ -232,7 +241,16 @@ def main(
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
         job = build_job(
-            model, pass_specs, output, recipe, data, device, report_path, seed, external_data
+            model,
+            pass_specs,
+            output,
+            recipe,
+            data,
+            device,
+            report_path,
+            seed,
+            external_data,
+            input_shapes,
         )
         to_stdout = job.report_to_stdout
         if to_stdout:
@@ -286,7 +304,9 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, 
     chain = with_gates(job.chain, **gates)  # type: ignore[arg-type]  # limits only
     if not chain:
         model = load(job.model)
-        out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
+        check_input_shapes(model, job.input_shapes)
+        summary = summarize(model, input_shapes=job.input_shapes)
+        out.print(summary_table(summary.to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
         return None
     target = job.output if job.output is not None else default_output(job.model)
@@ -302,6 +322,7 @@ def _prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, 
             seed=job.seed,
             model_path=job.model,
             inplace=True,
+            input_shapes=job.input_shapes,
         )
         plan.write(model_file, lambda file: write_model(new, file, job.external_data))
         report["output"] = str(target)
@@ -352,6 +373,7 @@ def _sweep(
             external_data=job.external_data,
             on_point=lambda *_: progress.advance(task),
             plan=plan,
+            input_shapes=job.input_shapes,
         )
         if plot is not None:
             plan.write(plot, lambda file: write_plot(report, file))

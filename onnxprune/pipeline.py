@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import entry_points, packages_distributions
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from onnxprune.errors import (
     PassFailedError,
     first_line,
 )
+from onnxprune.input_shapes import as_input_shapes, check_input_shapes
 from onnxprune.model import MODEL_ARGUMENT, add_provenance, load, wrong_type
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.passes.registry import ENTRY_POINT_GROUP, parse_pass_spec
@@ -42,6 +43,7 @@ def run(
     model_path: str | os.PathLike[str] | None = None,
     ctx: Context | None = None,
     inplace: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Apply ``passes`` in order to a copy of ``model``.
 
@@ -57,12 +59,17 @@ def run(
         inplace: let the first pass change ``model`` itself instead of a copy (saves one copy
             of the weights on large models; the CLI uses it). A copy is still kept as
             ``ctx.original`` when a pass in the chain declares ``needs_original``.
+        input_shapes: fixed sizes for dynamic input dims, ``{"x": [1, 3, 224, 224]}`` or
+            ``["x:1,3,224,224"]`` (``--input-shape``): synthetic inputs and the cost
+            summaries use them; each must keep its input's rank and fixed dims.
 
     Returns:
         The new model (with provenance in its metadata) and a JSON-ready report.
 
     Raises:
         ArgumentError: an argument of the wrong type (or a negative seed); the message names it.
+        DataError: an input shape that does not fit its input (naming it and its declared
+            shape).
         OnnxPruneError: a bad pass spec or option, bad data, or a pass that failed (one from
             another distribution that crashes is a :class:`PassFailedError` naming it).
     """
@@ -75,6 +82,8 @@ def run(
     _check_arguments(data, seed, model_path, ctx, inplace)
     for p in chain:  # every option error before any work
         p.check_options()
+    shapes = as_input_shapes(input_shapes) if ctx is None else ctx.input_shapes
+    check_input_shapes(model, shapes)
     if ctx is None:
         if data is not None and not Path(data).is_file():  # not only when a pass first reads it
             what = (
@@ -88,12 +97,13 @@ def run(
             providers=providers_for(device),
             seed=seed,
             model_path=Path(model_path) if model_path is not None else None,
+            input_shapes=shapes,
         )
     report: dict[str, Any] = {
         "onnxprune": __version__,
         "model": str(ctx.model_path) if ctx.model_path else None,
         "providers": ctx.providers,
-        "before": summarize(model).to_dict(),
+        "before": summarize(model, input_shapes=shapes).to_dict(),
         "passes": [],
     }
     current = model
@@ -111,7 +121,7 @@ def run(
             "passes": [{"name": p.name, "options": p.options()} for p in chain],
         },
     )
-    report["after"] = summarize(out).to_dict()
+    report["after"] = summarize(out, input_shapes=shapes).to_dict()
     return out, report
 
 

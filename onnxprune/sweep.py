@@ -176,6 +176,7 @@ def run_sweep(
     external_data: bool | None = None,
     on_point: Callable[[float, dict[str, Any]], None] | None = None,
     plan: OutputPlan | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Run ``chain`` (validate appended if missing) once per value of option ``key``.
 
@@ -184,7 +185,7 @@ def run_sweep(
         chain: the passes; those with an option ``key`` get each value.
         values: the values, in order.
         key: the option to sweep.
-        data, device, seed, model_path: as for :func:`onnxprune.run`.
+        data, device, seed, model_path, input_shapes: as for :func:`onnxprune.run`.
         save_to: a folder to save each point's model in (``NAME.KEY-VALUE.onnx``), or None;
             the models are staged and moved into place together at the end (none on failure).
         external_data: as for :func:`onnxprune.save`.
@@ -205,7 +206,7 @@ def run_sweep(
         "onnxprune": __version__,
         "model": str(model_path) if model_path else None,
         "providers": [],
-        "before": summarize(model).to_dict(),
+        "before": summarize(model, input_shapes=input_shapes).to_dict(),
         "sweep": {"key": key, "values": list(values), "passes": [p.name for p in chain]},
         "points": [],
         "plot": None,
@@ -220,7 +221,13 @@ def run_sweep(
     with own if own is not None else contextlib.nullcontext():
         for value, passes in zip(values, chains, strict=True):
             new, rep = run(
-                model, passes, data=data, device=device, seed=seed, model_path=model_path
+                model,
+                passes,
+                data=data,
+                device=device,
+                seed=seed,
+                model_path=model_path,
+                input_shapes=input_shapes,
             )
             report["providers"] = rep["providers"]
             output = None
