@@ -18,7 +18,9 @@ SEQ, BATCH, FEAT, MID, HIDDEN = 5, 2, 6, 8, 4
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def _model(op: str = "LSTM", producer: str = "Gemm", zero: tuple[int, ...] = ()) -> onnx.ModelProto:
+def _model(
+    op: str = "LSTM", producer: str = "Gemm", zero: tuple[int, ...] = (), dirs: int = 1
+) -> onnx.ModelProto:
     """A batch-first recurrent block, as torch writes one (batch N on axis 0 of every input).
 
     MatMul: x [N, SEQ, FEAT] -> MatMul + Add (MID) -> Relu -> Transpose -> [SEQ, N, MID].
@@ -32,9 +34,9 @@ def _model(op: str = "LSTM", producer: str = "Gemm", zero: tuple[int, ...] = ())
     w1[:, list(zero)] = 0
     b1[list(zero)] = 0
     g = GATES[op]
-    w = rng.normal(size=(1, g * HIDDEN, MID)).astype(np.float32) * 0.5
-    r = rng.normal(size=(1, g * HIDDEN, HIDDEN)).astype(np.float32) * 0.5
-    b = rng.normal(size=(1, 2 * g * HIDDEN)).astype(np.float32) * 0.1
+    w = rng.normal(size=(dirs, g * HIDDEN, MID)).astype(np.float32) * 0.5
+    r = rng.normal(size=(dirs, g * HIDDEN, HIDDEN)).astype(np.float32) * 0.5
+    b = rng.normal(size=(dirs, 2 * g * HIDDEN)).astype(np.float32) * 0.1
     arrays = {"w1": w1, "b1": b1, "W": w, "R": r, "B": b}
     arrays["shape"] = np.array([1, -1, MID], np.int64)
     inits = [numpy_helper.from_array(a, n) for n, a in arrays.items()]
@@ -59,14 +61,16 @@ def _model(op: str = "LSTM", producer: str = "Gemm", zero: tuple[int, ...] = ())
     outs = ["Y", "Y_h", "Y_c"] if op == "LSTM" else ["Y", "Y_h"]
     to_state = [h.make_node("Transpose", [n], [f"{n}_t"], perm=[1, 0, 2]) for n in state_in]
     rnn_in = ["seq", "W", "R", "B", "", *[f"{n}_t" for n in state_in]]
-    nodes = [*first, *to_state, h.make_node(op, rnn_in, outs, hidden_size=HIDDEN, name="rnn")]
-    state = [h.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, HIDDEN]) for n in state_in]
+    direction = "bidirectional" if dirs == 2 else "forward"
+    rnn = h.make_node(op, rnn_in, outs, hidden_size=HIDDEN, direction=direction, name="rnn")
+    nodes = [*first, *to_state, rnn]
+    state = [h.make_tensor_value_info(n, TensorProto.FLOAT, ["N", dirs, HIDDEN]) for n in state_in]
     graph = h.make_graph(
         nodes,
         "g",
         [x, *state],
-        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [steps, 1, "N", HIDDEN])]
-        + [h.make_tensor_value_info(n, TensorProto.FLOAT, [1, "N", HIDDEN]) for n in outs[1:]],
+        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [steps, dirs, "N", HIDDEN])]
+        + [h.make_tensor_value_info(n, TensorProto.FLOAT, [dirs, "N", HIDDEN]) for n in outs[1:]],
         inits,
     )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
@@ -75,12 +79,12 @@ def _model(op: str = "LSTM", producer: str = "Gemm", zero: tuple[int, ...] = ())
     return model
 
 
-def _feed(op: str, producer: str, seed: int = 3) -> dict[str, np.ndarray]:
+def _feed(op: str, producer: str, seed: int = 3, dirs: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shape = (BATCH, FEAT) if producer == "Gemm" else (BATCH, SEQ, FEAT)
     feed = {"x": rng.normal(size=shape).astype(np.float32)}
     for n in ("h0", "c0") if op == "LSTM" else ("h0",):
-        feed[n] = rng.normal(size=(BATCH, 1, HIDDEN)).astype(np.float32)
+        feed[n] = rng.normal(size=(BATCH, dirs, HIDDEN)).astype(np.float32)
     return feed
 
 
@@ -148,3 +152,15 @@ def test_refit_skips_a_recurrent_consumer_with_a_reason() -> None:
     assert refit["skipped"] == {
         "rnn": "LSTM is not refitted: its output is not linear in X (gates and a recurrent state)"
     }
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_a_bidirectional_layer_loses_the_columns_of_both_directions(op: str) -> None:
+    model = _model(op, "MatMul", zero=(0, 5), dirs=2)
+    folded, report = onnxprune.run(model, ["fold"])
+    assert report["passes"][0]["channels_removed"] == 2
+    assert _dims(folded)["W"] == [2, GATES[op] * HIDDEN, MID - 2]
+    feed = _feed(op, "MatMul", dirs=2)
+    want, got = run_model(model, feed), run_model(folded, feed)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
