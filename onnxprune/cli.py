@@ -127,6 +127,13 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     help="Seed for anything random, an integer >= 0 [default: 0].",
 )
 @click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:D0,D1,...",
+    help="Fix the dynamic dims of input NAME for synthetic inputs and costs (repeatable).",
+)
+@click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Store weights in OUT.data [default: only past 2 GB].",
@@ -185,6 +192,7 @@ def main(
     device: str | None,
     report_path: Path | None,
     seed: int | None,
+    input_shapes: tuple[str, ...],
     external_data: bool | None,
     max_accuracy_drop: float | None,
     min_cosine: float | None,
@@ -244,6 +252,7 @@ def main(
             seed,
             external_data,
             eval_data=eval_data,
+            input_shapes=input_shapes,
         )
         to_stdout = job.report_to_stdout or (inspect and as_json)
         if to_stdout:

@@ -16,6 +16,7 @@ from rich.console import Console, RenderableType
 
 from onnxprune.analysis.inspect import inspect_model
 from onnxprune.cost import summarize
+from onnxprune.input_shapes import check_input_shapes
 from onnxprune.job import Job, default_output, load_checked, plan_files
 from onnxprune.model import load, write_model
 from onnxprune.passes.registry import (
@@ -49,7 +50,9 @@ def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, A
     chain = with_gates(job.chain, **gates)  # type: ignore[arg-type]  # limits only
     if not chain:
         model = load(job.model)
-        out.print(summary_table(summarize(model).to_dict(), title=str(job.model)))
+        check_input_shapes(model, job.input_shapes)
+        summary = summarize(model, input_shapes=job.input_shapes)
+        out.print(summary_table(summary.to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
         return None
     target = job.output if job.output is not None else default_output(job.model)
@@ -66,6 +69,7 @@ def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, A
             seed=job.seed,
             model_path=job.model,
             inplace=True,
+            input_shapes=job.input_shapes,
         )
         plan.write(model_file, lambda file: _write_model(new, file, job, target, report))
         report["output"] = str(target)
@@ -131,6 +135,7 @@ def sweep(
             external_data=job.external_data,
             on_point=lambda *_: progress.advance(task),
             plan=plan,
+            input_shapes=job.input_shapes,
         )
         if plot is not None:
             plan.write(plot, lambda file: write_plot(report, file))

@@ -28,6 +28,8 @@ class Context:
         seed: seed for anything random (synthetic data, random criteria).
         model_path: where the model came from, for messages.
         cache: results computed once and shared by passes (activation statistics...).
+        input_shapes: input name -> the shape the user fixed (``--input-shape``): synthetic
+            inputs and costs use it.
     """
 
     original: onnx.ModelProto | None
@@ -37,6 +39,7 @@ class Context:
     model_path: Path | None = None
     cache: dict[str, Any] = field(default_factory=dict)
     eval_data_path: Path | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
     _data: Dataset | None = None
     _eval_data: Dataset | None = None
 
@@ -53,7 +56,9 @@ class Context:
             target = model if model is not None else self.original
             if target is None:
                 raise InternalError("Context.data() needs a model when ctx.original is None")
-            self._data = load_data(self.data_path, target, seed=self.seed)
+            self._data = load_data(
+                self.data_path, target, seed=self.seed, input_shapes=self.input_shapes
+            )
         return self._data
 
     def eval_data(self, model: onnx.ModelProto | None = None) -> Dataset:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,6 +12,9 @@ import onnx
 
 from onnxprune.graph import attr, iter_graphs, iter_initializers
 from onnxprune.model import FLOAT_TYPES, model_nbytes, skeleton, tensor_nbytes
+
+SYMBOLIC_NOTE = "MACs per sample, symbolic dims counted as 1"
+"""How ``macs_note`` starts: the names of the dims that no shape fixed follow it."""
 
 # producer_name written by each exporter -> the framework a user would name
 _PRODUCERS = {
@@ -42,18 +45,30 @@ class ModelSummary:
     framework: str
     op_histogram: dict[str, int] = field(default_factory=dict)
     macs_by_op: dict[str, int] = field(default_factory=dict)
+    macs_note: str = ""  # which symbolic dims the MACs counted as 1 (SYMBOLIC_NOTE), or ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
+        """Plain JSON-ready dict (``macs_note`` only when some dim was counted as 1)."""
+        out = asdict(self)
+        if not self.macs_note:
+            del out["macs_note"]
+        return out
 
 
-def summarize(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> ModelSummary:
-    """Count nodes (all subgraphs), parameters (float initializers), MACs and bytes."""
+def summarize(
+    model: onnx.ModelProto,
+    dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> ModelSummary:
+    """Count nodes (all subgraphs), parameters (float initializers), MACs and bytes.
+
+    MACs follow :func:`count_macs`; ``macs_note`` names the dims counted as 1, if any.
+    """
     ops: collections.Counter[str] = collections.Counter()
     for g in iter_graphs(model.graph):
         ops.update(n.op_type for n in g.node)
-    macs = count_macs(model, dims)
+    unknown: list[str] = []
+    macs = count_macs(model, dims, input_shapes, unknown)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelSummary(
         nodes=sum(ops.values()),
@@ -65,6 +80,7 @@ def summarize(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> 
         framework=guess_framework(model),
         op_histogram=dict(sorted(ops.items())),
         macs_by_op=dict(sorted(macs.items())),
+        macs_note=f"{SYMBOLIC_NOTE}: {', '.join(unknown)}" if unknown else "",
     )
 
 
@@ -117,33 +133,60 @@ def guess_framework(model: onnx.ModelProto) -> str:
     return model.producer_name or "unknown"
 
 
-def count_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> dict[str, int]:
+def count_macs(
+    model: onnx.ModelProto,
+    dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    unknown: list[str] | None = None,
+) -> dict[str, int]:
     """Multiply-accumulates per op type of the main graph, from shapes onnx can infer.
 
-    Symbolic dimensions take their value from ``dims`` (by name), else 1. Ops whose shapes
-    cannot be inferred count 0.
+    Inputs named in ``input_shapes`` have those shapes; a symbolic dimension takes its value
+    from ``dims`` (by name), else 1, and so does an unknown or negative one (``-1``): MACs are
+    never negative. The dims counted as 1 on the way to a counted op are appended to
+    ``unknown`` (their names, ``?`` for an unnamed one). Ops whose shapes are not known count 0.
     """
-    shapes = infer_shapes(model, dims)
+    shapes, open_dims = infer_shapes_noting(model, dims, input_shapes)
     macs: collections.Counter[str] = collections.Counter()
+    seen: dict[str, None] = {}
     for node in model.graph.node:
         n = node_macs(node, shapes)
         if n:
             macs[node.op_type] += n
+            for t in [*node.input, *node.output]:
+                seen.update(dict.fromkeys(open_dims.get(t, ())))
+    if unknown is not None:
+        unknown.extend(seen)
     return dict(macs)
 
 
 def infer_shapes(
-    model: onnx.ModelProto, dims: Mapping[str, int] | None = None
+    model: onnx.ModelProto,
+    dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, list[int]]:
-    """Static shapes of every tensor of the main graph that onnx shape inference can find."""
+    """Static shapes of every tensor of the main graph that onnx shape inference can find
+    (dims as :func:`count_macs` counts them)."""
+    return infer_shapes_noting(model, dims, input_shapes)[0]
+
+
+def infer_shapes_noting(
+    model: onnx.ModelProto,
+    dims: Mapping[str, int] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """:func:`infer_shapes`, and per tensor the dims it counted as 1 (name, or ``?``)."""
     dims = dict(dims or {})
+    light = skeleton(model)
+    for vi in light.graph.input:
+        if vi.name in (input_shapes or {}):
+            _fix_dims(vi, list((input_shapes or {})[vi.name]))
     try:
-        inferred = onnx.shape_inference.infer_shapes(
-            skeleton(model), strict_mode=False, data_prop=True
-        )
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort on custom or broken graphs
-        inferred = model
+        inferred = light
     shapes: dict[str, list[int]] = {}
+    open_dims: dict[str, list[str]] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         t = vi.type.tensor_type
@@ -151,14 +194,28 @@ def infer_shapes(
             continue
         shape = []
         for d in t.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:
                 shape.append(d.dim_value)
+            elif d.HasField("dim_param") and d.dim_param in dims:
+                shape.append(int(dims[d.dim_param]))
             else:
-                shape.append(int(dims.get(d.dim_param, 1)))
+                shape.append(1)
+                open_dims.setdefault(vi.name, []).append(d.dim_param or "?")
         shapes[vi.name] = shape
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
-    return shapes
+        open_dims.pop(init.name, None)
+    return shapes, open_dims
+
+
+def _fix_dims(vi: onnx.ValueInfoProto, sizes: list[int]) -> None:
+    """Give a graph input's declared dims the sizes ``sizes`` (same rank, checked before)."""
+    shape = vi.type.tensor_type.shape
+    if len(shape.dim) != len(sizes):
+        return
+    for d, size in zip(shape.dim, sizes, strict=True):
+        d.Clear()
+        d.dim_value = int(size)
 
 
 def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Any]) -> int:

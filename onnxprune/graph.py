@@ -125,6 +125,17 @@ def add_output_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndar
     raise ValueError(f"cannot add a bias to {op}")
 
 
+def add_gate_bias(graph: onnx.GraphProto, node: onnx.NodeProto, delta: np.ndarray) -> None:
+    """Add ``delta`` ([directions, gates * hidden], what X's removed features gave) to an
+    LSTM/GRU/RNN's input bias: the first half of B (input 3, created as zeros if absent)."""
+    rows = np.zeros((delta.shape[0], 2 * delta.shape[1]), np.float64)
+    rows[:, : delta.shape[1]] = delta
+    if len(node.input) > 3 and node.input[3]:
+        _add_to_input(graph, node, 3, rows)
+    else:
+        _new_input(graph, node, 3, rows.astype(get_init(graph, node.input[1]).dtype))
+
+
 def bias_add_after(
     graph: onnx.GraphProto, node: onnx.NodeProto
 ) -> tuple[onnx.NodeProto, int] | None:

@@ -3,12 +3,13 @@ the run's files (every input and output, checked before any work: :mod:`onnxprun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import onnx
 
+from onnxprune.input_shapes import parse_input_shapes
 from onnxprune.model import load, model_data_files
 from onnxprune.outputs import OutputPlan, Target, is_stdout
 from onnxprune.passes.base import Pass
@@ -37,6 +38,7 @@ class Job:
     external_data: bool | None
     recipe: Path | None = None
     eval_data: Path | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def report_to_stdout(self) -> bool:
@@ -55,8 +57,10 @@ def build_job(
     seed: int | None,
     external_data: bool | None,
     eval_data: Path | None = None,
+    input_shapes: tuple[str, ...] = (),
 ) -> Job:
-    """Merge the recipe (if any) and the command line; ``-p`` passes run after the recipe's."""
+    """Merge the recipe (if any) and the command line; ``-p`` passes run after the recipe's,
+    and an ``--input-shape`` replaces the recipe's shape of the same input."""
     settings: dict[str, Any] = {}
     chain: list[Pass] = []
     if recipe_path is not None:
@@ -67,6 +71,7 @@ def build_job(
     eval_data = eval_data if eval_data is not None else settings.get("eval_data")
     out = output or settings.get("output")
     report = report_path or settings.get("report")
+    shapes = {**settings.get("input_shapes", {}), **parse_input_shapes(input_shapes)}
     return Job(
         model=model_path,
         chain=chain,
@@ -78,6 +83,7 @@ def build_job(
         external_data=external_data,
         recipe=recipe_path,
         eval_data=Path(eval_data) if eval_data is not None else None,
+        input_shapes=shapes,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import entry_points, packages_distributions
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from onnxprune.errors import (
     PassFailedError,
     first_line,
 )
+from onnxprune.input_shapes import as_input_shapes, check_input_shapes
 from onnxprune.model import MODEL_ARGUMENT, add_provenance, load, wrong_type
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.passes.registry import ENTRY_POINT_GROUP, parse_pass_spec
@@ -44,6 +45,7 @@ def run(
     model_path: str | os.PathLike[str] | None = None,
     ctx: Context | None = None,
     inplace: bool = False,
+    input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Apply ``passes`` in order to a copy of ``model``.
 
@@ -60,6 +62,9 @@ def run(
         inplace: let the first pass change ``model`` itself instead of a copy (saves one copy
             of the weights on large models; the CLI uses it). A copy is still kept as
             ``ctx.original`` when a pass in the chain declares ``needs_original``.
+        input_shapes: fixed sizes for dynamic input dims, ``{"x": [1, 3, 224, 224]}`` or
+            ``["x:1,3,224,224"]`` (``--input-shape``): synthetic inputs and the cost
+            summaries use them; each must keep its input's rank and fixed dims.
 
     Returns:
         The new model (with provenance in its metadata) and a JSON-ready report, whose
@@ -68,6 +73,8 @@ def run(
 
     Raises:
         ArgumentError: an argument of the wrong type (or a negative seed); the message names it.
+        DataError: an input shape that does not fit its input (naming it and its declared
+            shape).
         OnnxPruneError: a bad pass spec or option, bad data, or a pass that failed (one from
             another distribution that crashes is a :class:`PassFailedError` naming it).
     """
@@ -80,6 +87,8 @@ def run(
     _check_arguments(data, seed, model_path, ctx, inplace, eval_data)
     for p in chain:  # every option error before any work
         p.check_options()
+    shapes = as_input_shapes(input_shapes) if ctx is None else ctx.input_shapes
+    check_input_shapes(model, shapes)
     if ctx is None:
         for given in (data, eval_data):  # not only when a pass first reads it
             if given is not None and not Path(given).is_file():
@@ -94,12 +103,13 @@ def run(
             providers=providers_for(device),
             seed=seed,
             model_path=Path(model_path) if model_path is not None else None,
+            input_shapes=shapes,
         )
     report: dict[str, Any] = {
         "onnxprune": __version__,
         "model": str(ctx.model_path) if ctx.model_path else None,
         "providers": ctx.providers,
-        "before": summarize(model).to_dict(),
+        "before": summarize(model, input_shapes=shapes).to_dict(),
         "passes": [],
     }
     current = model
@@ -117,7 +127,7 @@ def run(
             "passes": [{"name": p.name, "options": p.options()} for p in chain],
         },
     )
-    report["after"] = summarize(out).to_dict()
+    report["after"] = summarize(out, input_shapes=shapes).to_dict()
     report.update(
         run_record(
             report, seed=ctx.seed, device=device, model_path=ctx.model_path, data_path=ctx.data_path

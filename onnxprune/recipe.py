@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxprune.errors import PassOptionError, RecipeError
+from onnxprune.errors import OnnxPruneError, PassOptionError, RecipeError
+from onnxprune.input_shapes import as_input_shapes
 from onnxprune.passes.base import Pass
 from onnxprune.passes.registry import get_pass
 
-RUN_KEYS = {"data", "eval_data", "device", "seed", "output", "report"}
+RUN_KEYS = {"data", "eval_data", "device", "seed", "output", "report", "input_shapes"}
 PATH_KEYS = {"data", "eval_data", "output", "report"}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -65,6 +66,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         )
     recipe = Recipe()
     for key, value in doc.items():
+        if key == "input_shapes":  # ["x:1,3,224,224"] or {x = [1, 3, 224, 224]}
+            recipe.settings[key] = _input_shapes(path, value)
+            continue
         _check_setting(path, key, value)
         resolve = key in PATH_KEYS and value != "-"  # report = "-": stdout, as for --report -
         recipe.settings[key] = (path.parent / value) if resolve else value
@@ -80,6 +84,18 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         except PassOptionError as exc:
             raise PassOptionError(f"{path}: [[pass]] number {i}: {exc}") from exc
     return recipe
+
+
+def _input_shapes(path: Path, value: Any) -> dict[str, list[int]]:
+    """The recipe's ``input_shapes`` as a dict (:func:`onnxprune.input_shapes.as_input_shapes`).
+
+    Raises:
+        RecipeError: naming the file and what is wrong.
+    """
+    try:
+        return as_input_shapes(value, "input_shapes")
+    except OnnxPruneError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
 
 
 def _check_setting(path: Path, key: str, value: Any) -> None:

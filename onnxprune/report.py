@@ -77,6 +77,8 @@ def summary_table(
             numeric = isinstance(b, int) and not isinstance(b, bool) and key not in ("opset",)
             row.append(f"{a / b:.3f}" if numeric and b else "")
         table.add_row(*row)
+    if before.get("macs_note"):  # symbolic dims no --input-shape fixed
+        table.caption = before["macs_note"]
     return table
 
 

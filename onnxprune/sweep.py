@@ -178,6 +178,7 @@ def run_sweep(
     external_data: bool | None = None,
     on_point: Callable[[float, dict[str, Any]], None] | None = None,
     plan: OutputPlan | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Run ``chain`` (validate appended if missing) once per value of option ``key``.
 
@@ -186,7 +187,7 @@ def run_sweep(
         chain: the passes; those with an option ``key`` get each value.
         values: the values, in order.
         key: the option to sweep.
-        data, eval_data, device, seed, model_path: as for :func:`onnxprune.run`.
+        data, eval_data, device, seed, model_path, input_shapes: as for :func:`onnxprune.run`.
         save_to: a folder to save each point's model in (``NAME.KEY-VALUE.onnx``), or None;
             the models are staged and moved into place together at the end (none on failure).
         external_data: as for :func:`onnxprune.save`.
@@ -207,7 +208,7 @@ def run_sweep(
         "onnxprune": __version__,
         "model": str(model_path) if model_path else None,
         "providers": [],
-        "before": summarize(model).to_dict(),
+        "before": summarize(model, input_shapes=input_shapes).to_dict(),
         "sweep": {"key": key, "values": list(values), "passes": [p.name for p in chain]},
         "points": [],
         "plot": None,
@@ -232,6 +233,7 @@ def run_sweep(
                 device=device,
                 seed=seed,
                 model_path=model_path,
+                input_shapes=input_shapes,
             )
             report["providers"] = rep["providers"]
             output = None

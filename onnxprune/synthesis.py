@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,25 +57,34 @@ def load_data(
     *,
     samples: int = SYNTH_SAMPLES,
     seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Dataset:
     """The .npz at ``path`` checked against ``model`` (:func:`load_npz`), or, when ``path`` is
-    None, ``samples`` inputs synthesised from ``model`` with ``seed`` (:func:`synthesize`).
+    None, ``samples`` inputs synthesised from ``model`` with ``seed`` and the shapes the user
+    fixed, ``input_shapes`` (:func:`synthesize`).
 
     Raises:
         DataError: as :func:`load_npz`, or an input dtype that cannot be synthesised.
     """
     if path is not None:
         return load_npz(path, model)
-    return synthesize(model, samples, seed)
+    return synthesize(model, samples, seed, input_shapes)
 
 
-def synthesize(model: onnx.ModelProto, samples: int = 8, seed: int = 0) -> Dataset:
+def synthesize(
+    model: onnx.ModelProto,
+    samples: int = 8,
+    seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> Dataset:
     """Random inputs that fit the model: floats ~ N(0, 1), integers in [0, 10) (and below the
     size of a table they index), bools, strings (from a consumer's vocabulary, if it has one);
     a sequence input holds :data:`SEQUENCE_LENGTH` such tensors, an optional input one.
 
     Sizes: ``samples`` on axis 0 (a model with a fixed batch is fed slices of it); fixed dims
-    as declared; a symbolic one what the graph needs (:mod:`onnxprune.input_hints`), else
+    as declared; the other dims of an input in ``input_shapes`` (``--input-shape``, checked
+    by :func:`onnxprune.input_shapes.check_input_shapes`) as given; a symbolic one what the
+    graph needs (:mod:`onnxprune.input_hints`), else
     :data:`SYNTH_DIM`, or 1 when onnxruntime rejects :data:`SYNTH_DIM` (one trial run on one
     batch, made only when such dims exist).
 
@@ -82,7 +92,7 @@ def synthesize(model: onnx.ModelProto, samples: int = 8, seed: int = 0) -> Datas
         DataError: an input of a type that cannot be synthesised, or symbolic dims that no
             trial size fits; the message names the input and says to pass --data.
     """
-    plan = _SynthesisPlan.make(model)
+    plan = _SynthesisPlan.make(model, input_shapes or {})
     fill = _fitting_fill(model, plan, seed) if plan.free else SYNTH_DIM
     return Dataset(plan.inputs(samples, seed, fill), None, "synthetic", synthetic=True)
 
@@ -97,8 +107,11 @@ class _SynthesisPlan:
     free: dict[str, list[str]]  # input -> its symbolic dims nothing determines
 
     @classmethod
-    def make(cls, model: onnx.ModelProto) -> _SynthesisPlan:
-        """Read the inputs; raise DataError for one whose type cannot be synthesised."""
+    def make(
+        cls, model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]
+    ) -> _SynthesisPlan:
+        """Read the inputs (dims the user fixed replace the declared ones); raise DataError
+        for one whose type cannot be synthesised."""
         types = {}
         real = set(graph_input_names(model.graph))
         for vi in model.graph.input:
@@ -108,7 +121,11 @@ class _SynthesisPlan:
             if tensor is None or tensor.elem_type not in _SYNTHESISABLE:
                 what = kind if tensor is None else onnx.TensorProto.DataType.Name(tensor.elem_type)
                 raise DataError(f"input {vi.name!r}: cannot synthesise a {what} value; pass --data")
-            types[vi.name] = (kind, tensor.elem_type, declared_dims(tensor))
+            dims = declared_dims(tensor)
+            given = input_shapes.get(vi.name)
+            if given is not None and len(given) == len(dims):
+                dims = [int(d) for d in given]
+            types[vi.name] = (kind, tensor.elem_type, dims)
         hints = input_hints(model, {n: len(d) for n, (_, _, d) in types.items()})
         named: dict[str, int] = {}
         for name, (_, _, dims) in types.items():

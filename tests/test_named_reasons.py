@@ -244,11 +244,13 @@ def test_recurrent_layers_and_subgraph_layers_are_listed() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     layers = {u.layer: u for u in onnxprune.uncovered_layers(model)}
-    assert set(layers) == {"Conv inner_conv", "LSTM lstm"}
+    assert set(layers) == {"Conv inner_conv"}
     assert layers["Conv inner_conv"].reason.startswith("inside the body of If gate")
     assert layers["Conv inner_conv"].channels == 4
-    assert "LSTM is not followed" in layers["LSTM lstm"].reason
-    assert layers["LSTM lstm"].channels == 2
+    # the LSTM has a rule now: its hidden size is a group of its own, pinned with the reason
+    (lstm,) = [g for g in onnxprune.channel_groups(model) if g.spaces[0].op == "LSTM"]
+    assert not lstm.prunable and lstm.channels == 2
+    assert any("state interface" in r for r in lstm.reasons)
 
 
 def test_inspect_prints_the_layers_in_no_group(tmp_path: Path) -> None:

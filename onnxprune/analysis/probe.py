@@ -9,6 +9,7 @@ zero). The tensors are exposed on the model itself, without a copy (:mod:`onnxpr
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,12 +40,14 @@ def probe(
     providers: list[str] | None = None,
     *,
     data: Dataset | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Probe:
     """Run ``model`` on two samples (one when its batch is fixed) exposing every tensor.
 
-    The samples are synthesised with ``seed``, or the first ones of ``data`` when given.
+    The samples are synthesised with ``seed`` (and ``input_shapes``, the shapes the user
+    fixed), or the first ones of ``data`` when given.
     """
-    shapes = {k: tuple(v) for k, v in infer_shapes(model).items()}
+    shapes = {k: tuple(v) for k, v in infer_shapes(model, input_shapes=input_shapes).items()}
     tensors = [out for node in model.graph.node for out in node.output if out]
     try:
         sess = exposed_session(model, tensors, providers or [CPU], optimize=False)
@@ -55,11 +58,11 @@ def probe(
     # batch 1 even where the input says otherwise, so try 1 as well
     for samples in dict.fromkeys([fixed_batch(model, data) or 2, 1]):
         try:
-            feeds = synthesize(model, samples, seed).inputs
+            feeds = synthesize(model, samples, seed, input_shapes).inputs
         except DataError as exc:  # no synthetic input fits: shapes from inference only
             return Probe(shapes, {}, str(exc))
         try:
-            feeds = _inputs(model, samples, seed, data)
+            feeds = _inputs(model, samples, seed, data, input_shapes)
             values = run_model(sess, feeds)
         except DataError as exc:
             error = str(exc)
@@ -78,11 +81,15 @@ def probe_run(model: onnx.ModelProto, ctx: Context) -> Probe:
     synthesised with the run's seed (a model no synthetic input fits is then probed for shapes
     only, with the reason): every onnxruntime run of a chain sees the user's data."""
     data = ctx.data(model) if ctx.data_path is not None else None
-    return probe(model, ctx.seed, ctx.providers, data=data)
+    return probe(model, ctx.seed, ctx.providers, data=data, input_shapes=ctx.input_shapes)
 
 
 def _inputs(
-    model: onnx.ModelProto, samples: int, seed: int, data: Dataset | None
+    model: onnx.ModelProto,
+    samples: int,
+    seed: int,
+    data: Dataset | None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """``samples`` inputs for ``model``: synthesised, or the first ones of ``data``.
 
@@ -90,7 +97,7 @@ def _inputs(
         DataError: ``data`` has fewer samples, or lacks an input.
     """
     if data is None:
-        return synthesize(model, samples, seed).inputs
+        return synthesize(model, samples, seed, input_shapes).inputs
     if len(data) < samples:
         raise DataError(f"{data.source}: {len(data)} sample(s), the probe needs {samples}")
     return next(batches(model, data, batch_size=samples, limit=samples))

@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.analysis.groups import chosen_positions, classes_of, last_channel_classes
+from onnxprune.analysis.handlers.recurrent import RECURRENT
 from onnxprune.analysis.labels import (
     ClassId,
     GroupRewrite,
@@ -28,6 +29,7 @@ from onnxprune.analysis.state import NOTHING_TO_PRUNE, Analysis
 from onnxprune.analysis.walk import analyse, outer_names_read_by_subgraphs
 from onnxprune.cost import count_parameters
 from onnxprune.graph import (
+    add_gate_bias,
     add_output_bias,
     allow_unlisted_initializers,
     get_init,
@@ -339,6 +341,9 @@ def _add_to_bias(
 ) -> None:
     """Add ``delta`` to the sink's output bias and keep that bias a member of its outputs."""
     node = sink.node
+    if node.op_type in RECURRENT:  # the gates' input bias; the hidden size stays
+        add_gate_bias(graph, node, delta.astype(dtype))
+        return
     if node.op_type == "Conv":
         delta = delta.reshape(delta.shape[0], -1).sum(axis=1)  # [Cout]
     out_lab = an.labels.get(node.output[0])  # before a MatMul's output moves to a new Add

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx
 
+from onnxprune.analysis.handlers.recurrent import RECURRENT
 from onnxprune.analysis.labels import Sink, State
 from onnxprune.graph import add_output_bias, attr, bias_add_after, get_init, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
@@ -257,4 +258,7 @@ def _unsupported(ws: Workspace, sink: Sink) -> str:
             return "channel axis is not axis 1"
         auto = attr(node, "auto_pad", b"NOTSET")
         return "" if auto in (b"NOTSET", "NOTSET") else "auto_pad convolutions are not refitted"
+    if node.op_type in RECURRENT:
+        why = "its output is not linear in X (gates and a recurrent state)"
+        return f"{node.op_type} is not refitted: {why}"
     return f"{node.op_type} is not refitted"

@@ -24,7 +24,15 @@ from collections.abc import Callable
 
 import onnx
 
-from onnxprune.analysis.handlers import elementwise, layers, quantized, reshape, shapes, targets
+from onnxprune.analysis.handlers import (
+    elementwise,
+    layers,
+    quantized,
+    recurrent,
+    reshape,
+    shapes,
+    targets,
+)
 from onnxprune.analysis.state import Analysis
 from onnxprune.errors import OnnxPruneError
 
@@ -104,6 +112,7 @@ BUILTIN: dict[Handler, tuple[str, ...]] = {
     layers.conv_transpose: ("ConvTranspose",),
     layers.gemm: ("Gemm",),
     layers.matmul: ("MatMul",),
+    recurrent.recurrent: recurrent.RECURRENT,
     shapes.transpose: ("Transpose",),
     shapes.squeeze_like: ("Squeeze", "Unsqueeze"),
     reshape.reshape: ("Reshape", "Flatten"),
