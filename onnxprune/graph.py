@@ -306,3 +306,16 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto:
             np.array(v, np.float32 if name == "value_floats" else np.int64)
         )
     raise ValueError(f"Constant attribute {name} is not a dense tensor")
+
+
+def outer_names_read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Names that any subgraph of ``graph``, at any depth, reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                for g in iter_graphs(sub):
+                    for n in g.node:
+                        names.update(n.input)
+    return names

@@ -35,6 +35,18 @@ FLOAT_TYPES = frozenset(
         onnx.TensorProto.BFLOAT16,
     )
 )
+INT_TYPES = frozenset(
+    (
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.UINT64,
+    )
+)
 PROVENANCE_KEY = "onnxprune"
 MODEL_ARGUMENT = "a file path (str or os.PathLike) or an onnx.ModelProto"
 

@@ -21,6 +21,7 @@ from onnxprune.data import Dataset, declared_dims, fixed_batch, load_npz, unwrap
 from onnxprune.errors import DataError, PassFailedError
 from onnxprune.graph import graph_input_names
 from onnxprune.input_hints import InputHints, input_hints
+from onnxprune.model import FLOAT_TYPES, INT_TYPES
 from onnxprune.runner import run_model
 from onnxprune.runtime import session
 
@@ -29,26 +30,7 @@ SYNTH_SAMPLES = 32
 SEQUENCE_LENGTH = 2
 INT_HIGH = 10
 _WORDS = ("the", "a", "model", "input", "text", "value", "zero", "one")
-_FLOATS = frozenset(
-    (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
-    )
-)
-_SYNTHESISABLE = _FLOATS | {
-    onnx.TensorProto.BOOL,
-    onnx.TensorProto.STRING,
-    onnx.TensorProto.INT8,
-    onnx.TensorProto.INT16,
-    onnx.TensorProto.INT32,
-    onnx.TensorProto.INT64,
-    onnx.TensorProto.UINT8,
-    onnx.TensorProto.UINT16,
-    onnx.TensorProto.UINT32,
-    onnx.TensorProto.UINT64,
-}
+_SYNTHESISABLE = FLOAT_TYPES | INT_TYPES | {onnx.TensorProto.BOOL, onnx.TensorProto.STRING}
 
 
 def load_data(
@@ -174,7 +156,7 @@ class _SynthesisPlan:
 
     def _random(self, rng: np.random.Generator, name: str, elem: int, shape: list[int]) -> Any:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-        if elem in _FLOATS:
+        if elem in FLOAT_TYPES:
             return rng.standard_normal(shape).astype(dtype)
         if elem == onnx.TensorProto.BOOL:
             return rng.integers(0, 2, shape).astype(bool)

@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import attr, iter_graphs
+from onnxprune.graph import attr, outer_names_read_by_subgraphs
+from onnxprune.model import INT_TYPES
 
 MAX_ELEMENTS = 64
 """Larger tensors are data, not shapes: they are not followed."""
@@ -39,17 +40,6 @@ FOLLOWED = frozenset(
     | {"Mul", "Add", "Sub", "Div", "Mod", "Max", "Min", "Neg"}
 )
 """The op types :func:`value` follows."""
-
-_INT_TYPES = {
-    onnx.TensorProto.INT8,
-    onnx.TensorProto.INT16,
-    onnx.TensorProto.INT32,
-    onnx.TensorProto.INT64,
-    onnx.TensorProto.UINT8,
-    onnx.TensorProto.UINT16,
-    onnx.TensorProto.UINT32,
-    onnx.TensorProto.UINT64,
-}
 
 
 @dataclass(frozen=True)
@@ -168,7 +158,7 @@ class Evaluator:
     def read_by_subgraphs(self) -> set[str]:
         """Names that any subgraph of the main graph reads (computed once)."""
         if self._inner is None:
-            self._inner = _names_read_by_subgraphs(self.an.graph)
+            self._inner = outer_names_read_by_subgraphs(self.an.graph)
         return self._inner
 
     def value(self, tensor: str, depth: int = 0) -> Value | None:
@@ -223,7 +213,7 @@ class Evaluator:
 
 def _same(ev: Evaluator, index: int, node: onnx.NodeProto, ins: list[Value | None]) -> Value | None:
     """Identity, Unsqueeze, Squeeze, Reshape (of a shape tensor), Cast to an integer type."""
-    if node.op_type == "Cast" and attr(node, "to", 0) not in _INT_TYPES:
+    if node.op_type == "Cast" and attr(node, "to", 0) not in INT_TYPES:
         return None
     data = ins[0]
     if data is None:
@@ -375,15 +365,3 @@ def size_readers(an: Analysis, tensor: str, dim: Dim) -> list[str]:
                 seen.add(node.output[0])
                 todo.append(node.output[0])
     return bad
-
-
-def _names_read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                for g in iter_graphs(sub):
-                    for n in g.node:
-                        names.update(n.input)
-    return names

@@ -15,7 +15,7 @@ from onnxprune.analysis.handlers import HANDLERS, handler_key, is_default_domain
 from onnxprune.analysis.handlers.targets import settle
 from onnxprune.analysis.labels import Member
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import iter_graphs, node_name
+from onnxprune.graph import node_name, outer_names_read_by_subgraphs
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analysis:
@@ -71,16 +71,3 @@ def _pin_shared_members(an: Analysis) -> None:
                 an.pin(m.ids, f"initializer {name!r} is a graph input or output")
         for m in ms[1:]:
             an.union(ms[0].ids, m.ids, f"initializer {name!r} shared inconsistently")
-
-
-def outer_names_read_by_subgraphs(graph: onnx.GraphProto) -> set[str]:
-    """Names that any subgraph of ``graph``, at any depth, reads."""
-    names: set[str] = set()
-    for node in graph.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                for g in iter_graphs(sub):
-                    for n in g.node:
-                        names.update(n.input)
-    return names

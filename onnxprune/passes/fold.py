@@ -26,13 +26,14 @@ from onnxprune.analysis.labels import (
 )
 from onnxprune.analysis.probe import Probe, probe_run, shrink_shapes
 from onnxprune.analysis.state import NOTHING_TO_PRUNE, Analysis
-from onnxprune.analysis.walk import analyse, outer_names_read_by_subgraphs
+from onnxprune.analysis.walk import analyse
 from onnxprune.cost import count_parameters
 from onnxprune.graph import (
     add_gate_bias,
     add_output_bias,
     allow_unlisted_initializers,
     get_init,
+    outer_names_read_by_subgraphs,
     prepare_for_pruning,
     remove_attr,
     set_attr,

@@ -14,9 +14,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.analysis.labels import ShapeRewrite
-from onnxprune.analysis.walk import outer_names_read_by_subgraphs
 from onnxprune.errors import InternalError
-from onnxprune.graph import get_init, unique_name
+from onnxprune.graph import get_init, outer_names_read_by_subgraphs, unique_name
 
 
 def rewrite_shape_target(
