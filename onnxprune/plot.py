@@ -1,4 +1,10 @@
-"""The sweep plot: accuracy (or cosine) and the latency and MACs ratios against the swept value.
+"""The sweep plot: one panel per metric against the swept value, on a shared x axis.
+
+The panels are the score (accuracy, or the lowest output cosine), the cost (MACs and
+parameter ratios) and, when timed, the latency ratio with its bootstrap interval. Each panel
+draws the gate that applies to its metric, marks (red x) the points where that gate failed,
+and marks the sweep's ``recommended`` point (the smallest that passes every gate).
+:func:`panels` builds the data, :func:`figure` draws it, :func:`write_plot` saves it.
 
 matplotlib is optional (``onnxprune[plot]``): it is imported only here, when a plot is asked
 for, and :func:`require_matplotlib` lets the CLI fail before any work when it is missing.
@@ -7,7 +13,8 @@ for, and :func:`require_matplotlib` lets the CLI fail before any work when it is
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,77 +58,200 @@ def plot_file(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _gate_lines(ax: Any, ratios: Any, report: Mapping[str, Any], metric: str) -> None:
-    """Dashed lines at the gate limits of the first point's validate pass."""
-    if not report["points"]:
-        return
-    options = validate_sections(report["points"][0])[-1]["options"]
-    row = report["points"][0]["row"]
-    if metric == "accuracy" and options.get("max_accuracy_drop") is not None:
+SCORE_GATES = ("max_accuracy_drop", "min_cosine", "finite")  # gates on the output's quality
+LATENCY_GATES = ("max_latency_ratio",)
+
+
+@dataclass
+class Series:
+    """One line of a panel: a label, y per point (None: not measured), optional [low, high]."""
+
+    label: str
+    y: list[float | None]
+    interval: list[tuple[float, float] | None] | None = None
+
+
+@dataclass
+class Panel:
+    """One metric's panel: its lines, reference and gate levels, failed and recommended points.
+
+    ``failed`` holds (x, y, gate names) for each point where a gate of this panel failed.
+    """
+
+    name: str
+    ylabel: str
+    series: list[Series]
+    reference: float | None = None
+    gate: float | None = None
+    gate_label: str = ""
+    failed: list[tuple[float, float, list[str]]] = field(default_factory=list)
+
+
+def _gates(point: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The gates of a point's last validate section."""
+    sections = validate_sections(point)
+    return list(sections[-1].get("gates", [])) if sections else []
+
+
+def _failed(
+    points: Sequence[Mapping[str, Any]],
+    x: list[float],
+    ys: list[float | None],
+    names: tuple[str, ...],
+    fallback: float | None,
+) -> list[tuple[float, float, list[str]]]:
+    """(x, y, failed gate names) where a gate in ``names`` failed; y is the gate level when unmeasured."""
+    out = []
+    for xi, yi, point in zip(x, ys, points, strict=True):
+        bad = [g["name"] for g in _gates(point) if g["name"] in names and not g["passed"]]
+        if bad:
+            out.append((xi, yi if yi is not None else (fallback or 0.0), sorted(set(bad))))
+    return out
+
+
+def _limit(points: Sequence[Mapping[str, Any]], name: str) -> float | None:
+    """The limit of gate ``name`` (the first point that checked it), or None."""
+    for point in points:
+        for g in _gates(point):
+            if g["name"] == name:
+                return float(g["limit"])
+    return None
+
+
+def _score_panel(points: Sequence[Mapping[str, Any]], x: list[float]) -> Panel:
+    rows = [p["row"] for p in points]
+    metric = rows[0]["metric"] if rows else "accuracy"
+    reference = rows[0]["reference"] if rows else None
+    ys = [r["score"] for r in rows]
+    panel = Panel(metric, metric, [Series(metric, ys)], reference=reference)
+    if metric == "accuracy":
+        drop = _limit(points, "max_accuracy_drop")
+        if drop is not None and reference is not None:
+            panel.gate, panel.gate_label = reference - drop, f"gate: drop <= {drop:g}"
+    else:
+        cosine = _limit(points, "min_cosine")
+        if cosine is not None:
+            panel.gate, panel.gate_label = cosine, f"gate: cosine >= {cosine:g}"
+    panel.failed = _failed(points, x, ys, SCORE_GATES, panel.gate)
+    return panel
+
+
+def _cost_panel(points: Sequence[Mapping[str, Any]]) -> Panel:
+    params = [
+        (validate_sections(p)[-1]["cost"]["ratio"]["parameters"] if validate_sections(p) else None)
+        for p in points
+    ]
+    macs = Series("MACs ratio", [p["row"]["macs_ratio"] for p in points])
+    return Panel("cost", "pruned / original", [macs, Series("parameter ratio", params)], 1.0)
+
+
+def _latency_panel(points: Sequence[Mapping[str, Any]], x: list[float]) -> Panel | None:
+    latencies = [(validate_sections(p) or [{}])[-1].get("latency") for p in points]
+    if not any(latencies):
+        return None
+    ys = [lat["ratio"] if lat else None for lat in latencies]
+    bands = [tuple(lat["interval"]) if lat and lat.get("interval") else None for lat in latencies]
+    series = Series("latency ratio", ys, bands)
+    panel = Panel("latency", "latency ratio", [series], reference=1.0)
+    limit = _limit(points, "max_latency_ratio")
+    if limit is not None:
+        panel.gate, panel.gate_label = limit, f"gate: ratio <= {limit:g}"
+    panel.failed = _failed(points, x, ys, LATENCY_GATES, panel.gate)
+    return panel
+
+
+def panels(report: Mapping[str, Any]) -> list[Panel]:
+    """The plot's panels, top to bottom: score, cost and (when timed) latency."""
+    points = report["points"]
+    x = [p["row"]["value"] for p in points]
+    out = [_score_panel(points, x), _cost_panel(points)]
+    latency = _latency_panel(points, x)
+    return out + ([latency] if latency else [])
+
+
+def title(report: Mapping[str, Any]) -> str:
+    """``NAME: sweep of KEY; recommended KEY=V (point I)``, or that no point passes every gate."""
+    name = Path(report["model"]).name if report.get("model") else "model"
+    key = report["sweep"]["key"]
+    rec = report.get("recommended")
+    if rec is None:
+        return f"{name}: sweep of {key}; no point passes every gate"
+    return f"{name}: sweep of {key}; recommended {key}={rec['value']:g} (point {rec['index'] + 1})"
+
+
+def _draw(ax: Any, panel: Panel, x: list[float], rec: Mapping[str, Any] | None) -> None:
+    """One panel: its lines (with interval bars), reference, gate, failures and the pick."""
+    styles = iter([("o-", "tab:blue"), ("^:", "tab:green"), ("s--", "tab:purple")])
+    if panel.name == "latency":
+        styles = iter([("s-", "tab:orange")])
+    for s in panel.series:
+        fmt, color = next(styles)
+        pts = [(xi, yi) for xi, yi in zip(x, s.y, strict=True) if yi is not None]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts, strict=True), fmt, color=color, label=s.label)
+        if s.interval:
+            for xi, yi, band in zip(x, s.y, s.interval, strict=True):
+                if band is not None and yi is not None:
+                    ax.errorbar(
+                        [xi],
+                        [yi],
+                        yerr=[[yi - band[0]], [band[1] - yi]],
+                        color=color,
+                        capsize=3,
+                        lw=1,
+                    )
+    if panel.reference is not None:
         ax.axhline(
-            row["reference"] - options["max_accuracy_drop"],
-            color="tab:blue",
-            ls="--",
-            lw=1,
-            label="accuracy gate",
+            panel.reference, color="gray", ls=":", lw=1, label=f"original ({panel.reference:.4g})"
         )
-    if metric == "cosine" and options.get("min_cosine") is not None:
-        ax.axhline(options["min_cosine"], color="tab:blue", ls="--", lw=1, label="cosine gate")
-    if options.get("max_latency_ratio") is not None:
-        ratios.axhline(
-            options["max_latency_ratio"], color="tab:red", ls="-.", lw=1, label="latency gate"
-        )
+    if panel.gate is not None:
+        ax.axhline(panel.gate, color="tab:red", ls="--", lw=1, label=panel.gate_label)
+    if panel.failed:
+        fx, fy = [f[0] for f in panel.failed], [f[1] for f in panel.failed]
+        ax.plot(fx, fy, "x", color="red", ms=11, mew=2.5, label="gate failed", zorder=5)
+    if rec is not None:
+        ax.axvline(rec["value"], color="tab:green", lw=6, alpha=0.2, label="recommended")
+        i = rec["index"]
+        ys = [s.y[i] for s in panel.series if s.y[i] is not None]
+        if ys:
+            ax.plot([rec["value"]] * len(ys), ys, "*", color="gold", mec="black", ms=15, zorder=6)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="x-small")
 
 
-def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Plot accuracy (or cosine) and latency and MACs ratios against the swept value; save PNG.
+def figure(report: Mapping[str, Any]) -> Any:
+    """The sweep's figure: one panel per metric (:func:`panels`), one shared x axis.
 
     Raises:
         MissingDependency: matplotlib is not installed.
-        ModelSaveError: the file cannot be written.
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    path = Path(path)
-    rows = [p["row"] for p in report["points"]]
-    x = [r["value"] for r in rows]
-    metric = rows[0]["metric"] if rows else "accuracy"
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    x = [p["row"]["value"] for p in report["points"]]
+    built = panels(report)
+    fig = Figure(figsize=(7.5, 2.6 * len(built) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(x, [r["score"] for r in rows], "o-", color="tab:blue", label=metric)
-    if rows and rows[0]["reference"] is not None:
-        ax.axhline(rows[0]["reference"], color="tab:blue", ls=":", lw=1, label=f"original {metric}")
-    ax.set_xlabel(report["sweep"]["key"])
-    ax.set_ylabel(metric, color="tab:blue")
-    ax.grid(alpha=0.3)
-    ratios = ax.twinx()
-    ratios.plot(
-        x, [r["latency_ratio"] for r in rows], "s--", color="tab:red", label="latency ratio"
-    )
-    ratios.plot(x, [r["macs_ratio"] for r in rows], "^:", color="tab:green", label="MACs ratio")
-    ratios.axhline(1.0, color="gray", lw=0.8)
-    ratios.set_ylabel("pruned / original")
-    _gate_lines(ax, ratios, report, metric)
-    if metric == "accuracy":
-        ax.set_ylim(0, 1.02)
-    failed = [r for r in rows if not r["gates_passed"]]
-    if failed:
-        ax.plot(
-            [r["value"] for r in failed],
-            [r["score"] for r in failed],
-            "x",
-            color="black",
-            ms=10,
-            label="gate failed",
-        )
-    handles = ax.get_legend_handles_labels()
-    extra = ratios.get_legend_handles_labels()
-    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="best", fontsize="small")
-    name = Path(report["model"]).name if report.get("model") else "model"
-    ax.set_title(f"{name}: {metric} and cost against {report['sweep']['key']}")
+    axes = fig.subplots(len(built), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, built, strict=True):
+        _draw(ax, panel, x, report.get("recommended"))
+    axes[-1].set_xlabel(report["sweep"]["key"])
+    fig.suptitle(title(report))
+    return fig
+
+
+def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Draw the sweep's figure (:func:`figure`) and save it to ``path``.
+
+    Raises:
+        MissingDependency: matplotlib is not installed.
+        ModelSaveError: the file cannot be written.
+    """
+    path = Path(path)
+    fig = figure(report)
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:

@@ -273,6 +273,13 @@ def sweep_table(report: Mapping[str, Any]) -> Table:
             _cell(r["latency_ratio"], ".3f"),
             verdict if checked_gates(point) else "not checked",
         )
+    if "recommended" in report:
+        rec = report["recommended"]
+        table.caption = (
+            f"recommended: {key}={rec['value']:g}, the smallest point that passes every gate"
+            if rec
+            else "recommended: none (no point passes every gate)"
+        )
     return table
 
 

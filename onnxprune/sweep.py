@@ -29,7 +29,7 @@ from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
 from onnxprune.provenance import run_record, written_digests
 from onnxprune.runtime import Device
-from onnxprune.validation.gates import validate_sections
+from onnxprune.validation.gates import checked_gates, failed_gates, validate_sections
 from onnxprune.version import __version__
 
 MAX_POINTS = 200
@@ -163,6 +163,28 @@ def point_row(value: float, passes: Sequence[Mapping[str, Any]]) -> dict[str, An
     }
 
 
+def recommend(points: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The smallest point that passes every gate: ``{value, index}``, or None when none does.
+
+    A point passes when its gates were checked and none failed; the smallest has the lowest
+    MACs ratio, then the fewest parameters, then the lowest index.
+    """
+    passing = [
+        (_or_inf(p["row"]["macs_ratio"]), p["row"]["parameters"], i)
+        for i, p in enumerate(points)
+        if checked_gates(p) and not failed_gates(p)
+    ]
+    if not passing:
+        return None
+    index = min(passing)[2]
+    return {"value": points[index]["value"], "index": index}
+
+
+def _or_inf(ratio: float | None) -> float:
+    """A ratio for ordering: a missing one sorts last."""
+    return math.inf if ratio is None else ratio
+
+
 def run_sweep(
     model: onnx.ModelProto,
     chain: Sequence[Pass],
@@ -196,7 +218,8 @@ def run_sweep(
             commits; without one, the sweep makes and commits its own.
 
     Returns:
-        The sweep report: ``before``, ``sweep`` (key, values, passes) and ``points``.
+        The sweep report: ``before``, ``sweep`` (key, values, passes), ``points`` and
+        ``recommended`` (:func:`recommend`).
 
     Raises:
         OnnxPruneError: as for :func:`onnxprune.run`, or a key no pass has.
@@ -211,6 +234,7 @@ def run_sweep(
         "before": summarize(model, input_shapes=input_shapes).to_dict(),
         "sweep": {"key": key, "values": list(values), "passes": [p.name for p in chain]},
         "points": [],
+        "recommended": None,
         "plot": None,
         **run_record(
             {"points": []}, seed=seed, device=device, model_path=model_path, data_path=data
@@ -253,6 +277,7 @@ def run_sweep(
             report["points"].append(entry)
             if on_point is not None:
                 on_point(value, entry)
+    report["recommended"] = recommend(report["points"])
     return report
 
 

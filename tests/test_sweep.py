@@ -155,6 +155,7 @@ def test_sweep_writes_table_report_plot_and_models(tmp_path, random_prune):
         "before",
         "sweep",
         "points",
+        "recommended",
         "plot",
         "versions",  # schema 2
         "seed",
