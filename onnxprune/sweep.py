@@ -166,18 +166,25 @@ def point_row(value: float, passes: Sequence[Mapping[str, Any]]) -> dict[str, An
 def recommend(points: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The smallest point that passes every gate: ``{value, index}``, or None when none does.
 
-    A point passes when its gates were checked and none failed; the smallest has the lowest
-    MACs ratio, then the fewest parameters, then the lowest index.
+    A point counts when its gates were checked and none failed, and it made the model smaller
+    (a point that removed nothing is no recommendation); the smallest has the lowest MACs
+    ratio, then the fewest parameters, then the lowest index.
     """
     passing = [
         (_or_inf(p["row"]["macs_ratio"]), p["row"]["parameters"], i)
         for i, p in enumerate(points)
-        if checked_gates(p) and not failed_gates(p)
+        if checked_gates(p) and not failed_gates(p) and _shrank(p)
     ]
     if not passing:
         return None
     index = min(passing)[2]
     return {"value": points[index]["value"], "index": index}
+
+
+def _shrank(point: Mapping[str, Any]) -> bool:
+    """Whether the point's model has fewer parameters or MACs than the original."""
+    ratio = validate_sections(point)[-1]["cost"]["ratio"]
+    return any(ratio.get(k) is not None and ratio[k] < 1 for k in ("parameters", "macs"))
 
 
 def _or_inf(ratio: float | None) -> float:
