@@ -53,7 +53,7 @@ class _Display:
         for row in (self.row, *rows):
             self.bar.update(row, visible=row == inner)
         label = ": ".join(f.label for f in self.stack) or "onnxprune"
-        self.bar.update(inner, description=label)
+        self.bar.update(inner, description=label, refresh=True)
 
     @contextmanager
     def open(self, frame: _Frame) -> Iterator[None]:
@@ -81,6 +81,11 @@ def active() -> bool:
     return _current.get() is not None
 
 
+def stderr_console() -> Console:
+    """The console the display draws on by default: stderr (a test may replace this)."""
+    return Console(stderr=True)
+
+
 def _bar(console: Console) -> Progress:
     """The one-line transient bar (rule 3)."""
     return Progress(
@@ -102,7 +107,7 @@ def _bar(console: Console) -> Progress:
 def display(*, quiet: bool = False, console: Console | None = None) -> Iterator[None]:
     """Open the display for the ``with`` block (rule 1); a no-op under ``quiet`` or when the
     console (stderr by default) is not a terminal."""
-    out = console if console is not None else Console(stderr=True)
+    out = console if console is not None else stderr_console()
     if quiet or not out.is_terminal or _current.get() is not None:
         yield
         return
