@@ -14,6 +14,7 @@ import click
 import onnx
 from rich.console import Console, RenderableType
 
+from onnxprune import progress
 from onnxprune.analysis.inspect import inspect_model
 from onnxprune.cost import summarize
 from onnxprune.input_shapes import check_input_shapes
@@ -35,7 +36,6 @@ from onnxprune.report import (
     report_json,
     run_view,
     summary_table,
-    sweep_progress,
     sweep_view,
     uncovered_table,
     write_json,
@@ -59,7 +59,7 @@ def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, A
     plan, report_file = plan_files(job)
     model_file = plan.add_model("-o", target, job.external_data)
     model = load_checked(plan, job)
-    with plan, out.status(f"running {', '.join(p.name for p in chain)}"):
+    with plan, progress.display(quiet=out.quiet):
         new, report = run(
             model,
             chain,
@@ -119,8 +119,7 @@ def sweep(
         add_points(plan, "-o", job.output, job.model, key, values, job.external_data)
     chain = with_gates(job.chain, always=True, **gates)
     model = load_checked(plan, job)
-    with plan, sweep_progress(out) as progress:
-        task = progress.add_task(f"sweep {key}", total=len(values))
+    with plan, progress.display(quiet=out.quiet), progress.task(len(values), key) as advance:
         report = run_sweep(
             model,
             chain,
@@ -133,7 +132,7 @@ def sweep(
             model_path=job.model,
             save_to=job.output,
             external_data=job.external_data,
-            on_point=lambda *_: progress.advance(task),
+            on_point=lambda *_: advance(),
             plan=plan,
             input_shapes=job.input_shapes,
         )

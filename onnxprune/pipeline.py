@@ -27,6 +27,7 @@ from onnxprune.input_shapes import as_input_shapes, check_input_shapes
 from onnxprune.model import MODEL_ARGUMENT, add_provenance, load, wrong_type
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.passes.registry import ENTRY_POINT_GROUP, parse_pass_spec
+from onnxprune.progress import step
 from onnxprune.provenance import run_record
 from onnxprune.runtime import Device, providers_for
 from onnxprune.version import __version__
@@ -218,7 +219,8 @@ def _apply(
     after = ", ".join(before) or "none"
     start = time.perf_counter()
     try:
-        result = p(work, ctx)
+        with step(p.name):
+            result = p(work, ctx)
     except PassContractError as exc:
         exc.passes_before = after
         raise

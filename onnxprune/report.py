@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, RenderableType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -364,18 +363,6 @@ def final_line(verdict: str, seconds: float, argv: Sequence[str]) -> str:
     checked and held, FAILED naming every failed gate, else DONE saying what was not checked.
     """
     return f"{verdict} | {seconds:.2f} s | onnxprune {' '.join(argv)}"
-
-
-def sweep_progress(console: Console) -> Progress:
-    """The transient progress bar of a sweep: description, bar, points done, time."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 def report_json(report: Mapping[str, Any]) -> str:

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ import onnxruntime as ort
 
 from onnxprune.data import Dataset, fixed_batch, input_specs
 from onnxprune.errors import DataError, RunFailed, first_line
+from onnxprune.progress import task
 from onnxprune.runtime import CPU, session
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def run_batches(
         data: the inputs.
         fetch: tensors to fetch from every session (None: each session's outputs).
         batch_size, limit, max_batches: as :func:`plan`.
-        progress: show a progress bar on stderr when it is a terminal.
+        progress: report the batches to the progress display (:mod:`onnxprune.progress`).
 
     Yields:
         Each feed, and per session the fetched values by name. Nothing of a batch is kept
@@ -275,6 +275,10 @@ def run_batches(
         yield from _run(sessions, names, model, data, p, progress)
 
 
+def _no_advance(steps: int = 1) -> None:
+    """``advance()`` of a run that reports no progress."""
+
+
 def _run(
     sessions: Sequence[ort.InferenceSession],
     names: list[list[str]],
@@ -284,8 +288,8 @@ def _run(
     progress: bool,
 ) -> Iterator[tuple[Values, list[Values]]]:
     """The batches of plan ``p`` through every session."""
-    bar, advance = _progress(progress, p.count)
-    with bar:
+    bar = task(p.count, "batches") if progress else nullcontext(_no_advance)
+    with bar as advance:
         for index, feed in enumerate(_feeds(model, data, p)):
             values = []
             for which, (sess, fetch) in enumerate(zip(sessions, names, strict=True)):
@@ -300,18 +304,6 @@ def _run(
             yield feed, values
             del feed, values  # the caller is done with this batch: drop it before the next run
             advance()
-
-
-def _progress(enabled: bool, total: int) -> tuple[AbstractContextManager, Callable[[], None]]:
-    """A rich progress bar on stderr when asked for and stderr is a terminal; else a no-op."""
-    if not (enabled and sys.stderr.isatty()):
-        return nullcontext(), lambda: None
-    from rich.console import Console
-    from rich.progress import Progress
-
-    bar = Progress(console=Console(stderr=True), transient=True)
-    task = bar.add_task("running", total=total)
-    return bar, lambda: bar.advance(task)
 
 
 def stream(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import onnx
 
+from onnxprune import progress
 from onnxprune.analysis.handlers.recurrent import RECURRENT
 from onnxprune.analysis.labels import Sink, State
 from onnxprune.graph import add_output_bias, attr, bias_add_after, get_init, set_init
@@ -93,9 +94,11 @@ class Refit(Pass):
         original = exposed_session(
             require_original(ws.ctx, self.name), sorted({u.output for u in units}), ws.ctx.providers
         )
-        for unit in units:
-            self._stream(ws, [unit], original)
-            report_units.append(self._solve(ws.model.graph, unit))
+        with progress.task(len(units), "units") as advance:
+            for unit in units:
+                self._stream(ws, [unit], original)
+                report_units.append(self._solve(ws.model.graph, unit))
+                advance()
         return PassResult(
             ws.model, True, {"refitted": len(units), "skipped": skipped, "layers": report_units}
         )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
+from onnxprune import progress
 from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
 from onnxprune.analysis.state import NOTHING_TO_PRUNE
 from onnxprune.errors import PassOptionError
@@ -350,11 +351,13 @@ class Vote(Pass):
         covered = plan(ws.model, data).samples
         labels = data.labels[:covered] if data.labels is not None else None
         scores = {}
-        for name, classes in candidates.items():
-            trial = copy.deepcopy(ws.model)
-            zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
-            got = list(outputs(trial, data, ws.ctx.providers).values())
-            scores[name] = choice_score(reference, got, labels)
+        with progress.task(len(candidates), "selection candidates") as advance:
+            for name, classes in candidates.items():
+                trial = copy.deepcopy(ws.model)
+                zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
+                got = list(outputs(trial, data, ws.ctx.providers).values())
+                scores[name] = choice_score(reference, got, labels)
+                advance()
         best = min(scores, key=lambda n: (scores[n][0], scores[n][1], n != "vote"))
         report = {
             "selected": best,

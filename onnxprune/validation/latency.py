@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune import progress
+
 Clock = Callable[[], float]
 CONFIDENCE = 0.99  # two-sided: each tail of the interval holds 0.5%
 RESAMPLES = 2000
@@ -110,11 +112,13 @@ def interleaved(
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for r in range(runs):
-        for i in round_order(len(fns), r):
-            start = clock()
-            fns[i]()
-            times[i].append(clock() - start)
+    with progress.task(runs, "latency runs") as advance:
+        for r in range(runs):
+            for i in round_order(len(fns), r):
+                start = clock()
+                fns[i]()
+                times[i].append(clock() - start)
+            advance()
     return times
 
 
