@@ -47,6 +47,7 @@ def run(
     ctx: Context | None = None,
     inplace: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Apply ``passes`` in order to a copy of ``model``.
 
@@ -66,6 +67,9 @@ def run(
         input_shapes: fixed sizes for dynamic input dims, ``{"x": [1, 3, 224, 224]}`` or
             ``["x:1,3,224,224"]`` (``--input-shape``): synthetic inputs and the cost
             summaries use them; each must keep its input's rank and fixed dims.
+        cache: results shared with other runs on the same model, data and seed (keyed by
+            the model's content): a sweep hands every point one dict, so activation
+            statistics are computed once for all points.
 
     Returns:
         The new model (with provenance in its metadata) and a JSON-ready report, whose
@@ -105,6 +109,7 @@ def run(
             seed=seed,
             model_path=Path(model_path) if model_path is not None else None,
             input_shapes=shapes,
+            cache=cache if cache is not None else {},
         )
     report: dict[str, Any] = {
         "onnxprune": __version__,

@@ -254,6 +254,7 @@ def run_sweep(
         for f in model_data_files(model_path) if model_path else []:
             own.add_input("the input model's external data", f)
         add_points(own, "save_to", save_to, model_path, key, values, external_data)
+    cache: dict[str, Any] = {}  # calibration statistics, computed once for every point
     with own if own is not None else contextlib.nullcontext():
         for value, passes in zip(values, chains, strict=True):
             new, rep = run(
@@ -265,6 +266,7 @@ def run_sweep(
                 seed=seed,
                 model_path=model_path,
                 input_shapes=input_shapes,
+                cache=cache,
             )
             report["providers"] = rep["providers"]
             output = None

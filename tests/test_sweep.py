@@ -250,3 +250,25 @@ def test_main_command_unchanged_without_sweep(tmp_path):
     result = cli(MODEL, "-p", "cleanup", "-o", tmp_path / "o.onnx", "-q")
     assert result.exit_code == 0 and result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]
+
+
+def test_a_sweep_calibrates_once_for_all_its_points(monkeypatch):
+    """Every point votes on the same model with the same data: one calibration run serves all."""
+    from onnxprune.pruning import calibrate
+
+    runs = []
+    real = calibrate.collect
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "collect", counting)
+    digits = Path(__file__).resolve().parents[1] / "models" / "digits"
+    model = onnxprune.load(digits / "torch_cnn.onnx")
+    chain = [onnxprune.get_pass("vote")(criteria=["act_mean", "l1"], select="local")]
+    report = run_sweep(
+        model, chain, [0.25, 0.5, 0.75], data=digits / "torch_cnn.calib.npz", device="cpu"
+    )
+    assert len(report["points"]) == 3
+    assert len(runs) == 1
