@@ -32,6 +32,7 @@ class Probe:
     values: dict[str, np.ndarray] = field(default_factory=dict)
     error: str = ""
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = "a synthetic batch"  # where ``inputs`` came from, for reports
 
 
 def probe(
@@ -72,7 +73,8 @@ def probe(
             continue
         # sequences and absent optionals have no tensor shape
         shapes.update({k: v.shape for k, v in values.items() if isinstance(v, np.ndarray)})
-        return Probe(shapes, values, inputs=feeds)
+        source = f"samples of {data.source}" if data is not None else Probe.source
+        return Probe(shapes, values, inputs=feeds, source=source)
     return Probe(shapes, {}, error)
 
 

@@ -147,8 +147,7 @@ class Fold(Pass):
             if not plan.removed:
                 break
             if self.verify and reference is None:  # the input model, before the first cut
-                where = f"samples of {ctx.data_path}" if ctx.data_path else "a synthetic batch"
-                reference = plain_reference(model, first, ctx.providers, where)
+                reference = plain_reference(model, first, ctx.providers)
             changes = _shape_changes(an, plan)
             removed_total += apply_plan(model, an, plan)
             shapes = shrink_shapes(pr.shapes, changes)

@@ -32,11 +32,8 @@ class Reference:
     source: str = "a synthetic batch"  # where the inputs came from, for the report
 
 
-def plain_reference(
-    model: onnx.ModelProto, pr: Probe, providers: list[str], source: str = "a synthetic batch"
-) -> Reference:
-    """The outputs of ``model`` on the probe's inputs (from ``source``) from a plain session
-    (see Reference)."""
+def plain_reference(model: onnx.ModelProto, pr: Probe, providers: list[str]) -> Reference:
+    """The outputs of ``model`` on the probe's inputs from a plain session (see Reference)."""
     if not pr.values:
         why = "the probe could not run it" + (" (probe_error says why)" if pr.error else "")
         return Reference({}, {}, providers, f"onnxruntime cannot run the input model: {why}")
@@ -44,7 +41,7 @@ def plain_reference(
         outputs = run_model(model, pr.inputs, providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
         return Reference({}, {}, providers, f"onnxruntime cannot run the input model: {exc}")
-    return Reference(pr.inputs, outputs, providers, source=source)
+    return Reference(pr.inputs, outputs, providers, source=pr.source)
 
 
 def output_tolerance(dtype: np.dtype) -> float:
