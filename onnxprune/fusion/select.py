@@ -8,10 +8,13 @@ Rules:
        else by its agreement with the full ensemble's argmax; ties between candidates go to
        the higher mean combined value at the reference class (the label, or the full
        ensemble's argmax), then to the earlier member.
-    3. ``forward`` (Caruana et al. 2004, greedy selection with replacement): start empty, add
-       the member that scores best, ``rounds`` times; a member added k times weighs k. Of
-       every prefix and the full ensemble, the best score less ``tolerance`` is the target;
-       the candidate with the fewest members that meets it is kept.
+    3. ``forward`` (Caruana et al. 2004, greedy selection with replacement and sorted
+       initialisation): from an empty bag, and from the n best members alone that score best
+       together, add the member that scores best, ``rounds`` times; a member added k times
+       weighs k. Of every ensemble tried (the n best for each n, every step of both runs, the
+       full ensemble) the best
+       score less ``tolerance`` is the target; the one with the fewest members that meets it
+       is kept (then the higher score).
     4. ``backward``: start from the full ensemble (its weights); drop, one at a time, the
        member whose removal scores best, while the score stays at least the full ensemble's
        less ``tolerance``; the survivors keep their weights, renormalised.
@@ -108,26 +111,54 @@ def contributions(parts: list[np.ndarray], weights: np.ndarray, scorer: Scorer) 
     return out
 
 
+Tried = tuple[tuple[float, float], np.ndarray, int]  # (score, weights or counts, members)
+
+
+def _greedy(
+    parts: list[np.ndarray], counts: np.ndarray, scorer: Scorer, rounds: int, run: str
+) -> tuple[list[Tried], list[dict]]:
+    """``rounds`` greedy additions with replacement from the bag ``counts``."""
+    counts = counts.copy()
+    tried: list[Tried] = []
+    steps: list[dict] = []
+    one = np.eye(len(parts))
+    for _ in range(rounds):
+        best, neg = max((_score(parts, counts + one[i], scorer), -i) for i in range(len(parts)))
+        counts[-neg] += 1
+        tried.append((best, counts.copy(), int((counts > 0).sum())))
+        steps.append({"run": run, "add": -neg, "score": round(best[0], 6)})
+    return tried, steps
+
+
 def forward(
     parts: list[np.ndarray], full: np.ndarray, scorer: Scorer, rounds: int, tolerance: float
 ) -> Selection:
-    """Greedy forward selection with replacement (rule 3); ``full`` are the full ensemble's
-    weights."""
-    counts = np.zeros(len(parts))
-    tried: list[tuple[tuple[float, float], np.ndarray, int]] = []
-    steps = []
-    for _ in range(rounds):
-        one = np.eye(len(parts))
-        best, neg = max((_score(parts, counts + one[i], scorer), -i) for i in range(len(parts)))
-        pick = -neg
-        counts[pick] += 1
-        tried.append((best, counts.copy(), int((counts > 0).sum())))
-        steps.append({"add": pick, "score": round(best[0], 6)})
+    """Greedy forward selection with replacement (rule 3), from an empty bag and from the best
+    members alone; ``full`` are the full ensemble's weights."""
+    tried: list[Tried] = []
+    alone = [scorer(p) for p in parts]
+    ranked = sorted(range(len(parts)), key=lambda i: (alone[i], -i), reverse=True)
+    for n in range(1, len(parts) + 1):  # sorted initialisation: the best n members
+        top = np.zeros(len(parts))
+        top[ranked[:n]] = 1.0
+        tried.append((_score(parts, top, scorer), top, n))
+    start = max(tried, key=lambda t: (t[0], -t[2]))
+    steps: list[dict] = [
+        {
+            "run": "best",
+            "start": [int(i) for i in np.flatnonzero(start[1])],
+            "score": round(start[0][0], 6),
+        }
+    ]
+    for run, counts in (("empty", np.zeros(len(parts))), ("best", start[1])):
+        more, trail = _greedy(parts, counts, scorer, rounds, run)
+        tried += more
+        steps += trail
     full_score = _score(parts, full, scorer)
     tried.append((full_score, full.copy(), int((full > 0).sum())))
     target = max(t[0][0] for t in tried) - tolerance
     meets = [t for t in tried if t[0][0] >= target - 1e-12]
-    chosen = min(meets, key=lambda t: (t[2], -t[0][0], -t[0][1], int(t[1].sum())))
+    chosen = min(meets, key=lambda t: (t[2], -t[0][0], -t[0][1], float(t[1].sum())))
     w = chosen[1] / chosen[1].sum()
     return Selection(w, chosen[0][0], full_score[0], "", steps)
 

@@ -239,6 +239,8 @@ class Fuse(Pass):
             for key in ("add", "drop"):
                 if key in step:
                     step[key] = names[step[key]]
+            if "start" in step:
+                step["start"] = [names[i] for i in step["start"]]
         kept = [n for n, w in zip(names, chosen.weights, strict=True) if w > 0]
         report = {
             "select": self.select,
