@@ -8,7 +8,7 @@ Rules:
        channels-first transposes. A candidate fits when every axis but the samples axis
        matches: equal sizes, or the same dim name; a named dim against another name or a size
        is a *possible* match. Candidates that order the non-1 axes alike read the same data
-       and count as one.
+       and count as one (the one with the fewest nodes stands for them).
     3. The candidate with the most sure matches wins, a sure identity before a transpose; two
        different candidates with as many sure matches are ambiguous, none fitting is
        impossible: both are one-line errors naming the member and both shapes, and the
@@ -126,6 +126,10 @@ def _fit(fused: Dims, member: Dims, perm: tuple[int, ...]) -> tuple[int, Adapter
     return sure, Adapter(None if is_identity else perm, squeeze, unsqueeze, "", maybe)
 
 
+def _nodes(a: Adapter) -> int:
+    return (a.perm is not None) + bool(a.squeeze) + bool(a.unsqueeze)
+
+
 def _key(fused: Dims, perm: tuple[int, ...]) -> tuple[int, ...]:
     """What a candidate reads (rule 2): the order in which it takes the non-1 axes."""
     return tuple(p for p in perm if fused[p] != 1)
@@ -195,8 +199,13 @@ def plan_adapter(
             continue
         key = _key(fused, perm)
         rank = (fit[0], name == "identity" and not fit[1].assumed)
-        if key not in candidates or rank > candidates[key][:2]:
-            candidates[key] = (*rank, name, fit[1])
+        if key in candidates:  # the same data either way: the rank of the best, fewest nodes
+            old = candidates[key]
+            rank = max(rank, old[:2])
+            if _nodes(old[3]) <= _nodes(fit[1]):
+                candidates[key] = (*rank, old[2], old[3])
+                continue
+        candidates[key] = (*rank, name, fit[1])
     hint = f"set it by hand: layout={member}:nhwc, nchw, same or a perm like 0.2.3.1"
     if not candidates:
         raise UnsupportedModelError(

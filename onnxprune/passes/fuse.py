@@ -63,7 +63,6 @@ class Fuse(Pass):
     """
 
     name: ClassVar[str] = "fuse"
-    in_place: ClassVar[bool] = False
     members: tuple[str, ...] = option(
         (), "the other models (a.onnx+b.onnx), from the working folder"
     )
@@ -163,7 +162,9 @@ class Fuse(Pass):
             ir_version=ir,
             domains=domains,
         )
-        return PassResult(fused, True, self._report(branches, weights, fit, opset, ir) | report)
+        report = self._report(branches, weights, fit, opset, ir) | report
+        model.CopyFrom(fused)  # the model given becomes the ensemble (in place, as vote)
+        return PassResult(model, True, report)
 
     def _manual(self, members: list[Member]) -> dict[str, str]:
         """The ``layout`` option as member name -> mapping; a member is named by its path as
@@ -314,5 +315,6 @@ class Fuse(Pass):
                 f"pass fuse: combine=weights needs {WEIGHTS_MODULE}.merge_weights, which this "
                 "installation lacks; use combine=mean, weighted, vote or concat"
             )
-        merged, section = merge([model, *others], self.align)
-        return PassResult(merged, True, {"combine": "weights", "align": self.align, **section})
+        merged, section = merge([copy.deepcopy(model), *others], self.align)
+        model.CopyFrom(merged)
+        return PassResult(model, True, {"combine": "weights", "align": self.align, **section})
