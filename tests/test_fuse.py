@@ -25,17 +25,14 @@ def path(name: str) -> str:
     return str(DIGITS / f"{name}.onnx")
 
 
-def test_images(name: str) -> tuple[np.ndarray, np.ndarray]:
+def images(name: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(DIGITS / f"{name}.test.npz") as npz:
         return npz["input"], npz["labels"]
 
 
-test_images.__test__ = False  # a helper, not a test
-
-
 def standalone(name: str) -> np.ndarray:
     """The member's own output on the test images in its own layout (float64)."""
-    x, _ = test_images(name)
+    x, _ = images(name)
     (out,) = ort_run(path(name), {"input": x}).values()
     return out.astype(np.float64)
 
@@ -59,7 +56,7 @@ def fuse(first: str, spec: str, **kwargs) -> tuple[onnx.ModelProto, dict]:
 
 
 def fused_run(model: onnx.ModelProto, first: str) -> dict[str, np.ndarray]:
-    x, _ = test_images(first)
+    x, _ = images(first)
     return ort_run(model, {"input": x})
 
 
@@ -95,7 +92,7 @@ def test_weighted_fits_weights_that_raise_the_likelihood_of_the_labels():
     probs = [softmax(standalone(n)) for n in order("torch_cnn")]
     got = fused_run(model, "torch_cnn")["output"]
     np.testing.assert_allclose(
-        got, sum(w * p for w, p in zip(weights, probs, strict=True)), atol=1e-5
+        got, sum(w * p for w, p in zip(weights, probs, strict=True)), atol=1e-6, rtol=0
     )
     # fitted on the calibration labels: their likelihood beats equal weights there
     with np.load(DIGITS / "torch_cnn.calib.npz") as npz:
@@ -186,3 +183,14 @@ def test_names_are_prefixed_per_member():
     outputs = {o for n in model.graph.node for o in n.output} - {"output"}
     assert {o.split("/", 1)[0] for o in outputs} == prefixes | {"fuse"}
     assert [i.name for i in model.graph.input] == ["input"]
+
+
+def test_vote_weights_and_a_member_fused_twice(tmp_path):
+    spec = f"fuse:members={path('torch_cnn')}+{path('keras_cnn')},combine=vote,weights=1+1+3"
+    model, report = onnxprune.run(path("torch_cnn"), [spec], device="cpu")
+    names = [m["name"] for m in report["passes"][0]["members"]]
+    assert names == ["torch_cnn", "torch_cnn_2", "keras_cnn"]
+    onnx.checker.check_model(model, full_check=True)
+    cnn, keras = standalone("torch_cnn"), standalone("keras_cnn")
+    want = 0.4 * np.eye(10)[cnn.argmax(axis=1)] + 0.6 * np.eye(10)[keras.argmax(axis=1)]
+    np.testing.assert_allclose(fused_run(model, "torch_cnn")["output"], want, atol=TOL)

@@ -169,6 +169,7 @@ def test_an_ambiguous_member_is_refused_until_the_layout_is_given(tmp_path):
         ("fuse:members={m},weights=1+1", "weights= is for combine=weighted or vote"),
         ("fuse:members={m},combine=weighted,weights=1+1+1", "gives 3 weight(s) for 2 models"),
         ("fuse:members={m},combine=concat,select=forward", "select= needs combine=mean"),
+        ("fuse:members={m},combine=concat,label=true", "label=true is for combine=mean"),
         ("fuse:members={m},select=backward", "select= needs evaluation data"),
         ("fuse:members={m},combine=weighted", "fits them on --data's labels"),
     ],

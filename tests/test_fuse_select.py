@@ -85,7 +85,7 @@ def test_the_pruned_ensemble_is_what_the_report_says(mode, noise):
     want = sum(weights[n] * softmax(outs[n]) for n in kept)
     x, y = images()
     (got,) = ort_run(model, {"input": x}).values()
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     assert section["score_kept"] == pytest.approx(np.mean(got.argmax(axis=1) == y), abs=1e-6)
     full = np.mean([softmax(o) for o in outs.values()], axis=0)
     assert section["score_full"] == pytest.approx(np.mean(full.argmax(axis=1) == y), abs=1e-6)
@@ -140,7 +140,7 @@ def test_without_labels_members_are_kept_by_agreement(noise, tmp_path):
     full = np.mean([softmax(o) for o in outs.values()], axis=0)
     np.testing.assert_array_equal(got.argmax(axis=1), full.argmax(axis=1))
     want = sum(w * softmax(outs[n]) for n, w in weights.items() if w > 0)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
 def test_a_tolerance_keeps_fewer_members(noise):

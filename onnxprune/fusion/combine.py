@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 from onnxprune.errors import UnsupportedModelError
 from onnxprune.fusion.adapters import Adapter, show
 from onnxprune.fusion.members import Member, input_dims, output_of, prefixed, rename_input
-from onnxprune.graph import iter_graphs
+from onnxprune.graph import allow_unlisted_initializers, iter_graphs
 
 FUSE = "fuse/"  # prefix of the combination's own nodes and tensors
 
@@ -189,6 +189,7 @@ def fused_model(
     for key in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, key, getattr(template, key))
     model.metadata_props.extend(template.metadata_props)
+    allow_unlisted_initializers(model)  # a member's initializers listed as inputs are no longer
     return model
 
 

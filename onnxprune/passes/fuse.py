@@ -104,6 +104,10 @@ class Fuse(Pass):
             )
         if self.weights and not sum(self.weights) > 0:
             raise ValueError("weights= must not all be 0")
+        if self.label and self.combine in ("concat", "weights"):
+            raise ValueError(
+                f"label=true is for combine=mean, weighted or vote, not {self.combine}"
+            )
         if self.select != "none" and self.combine in ("concat", "weights"):
             raise ValueError(f"select= needs combine=mean, weighted or vote, not {self.combine}")
 
@@ -256,7 +260,7 @@ class Fuse(Pass):
             "selection": {
                 "steps": chosen.steps,
                 "members": {
-                    n: {"alone": round(a, 6), "marginal": c, "weight": round(float(w), 6)}
+                    n: {"alone": round(a, 6), "marginal": c, "weight": float(w)}
                     for n, a, c, w in zip(names, alone, marginal, chosen.weights, strict=True)
                 },
             },
@@ -293,7 +297,7 @@ class Fuse(Pass):
                     "input": show(input_dims(single_input(b.member))),
                     "adapter": b.adapter.how,
                     "outputs": "logits" if b.logits else "probabilities",
-                    "weight": round(float(w), 6),
+                    "weight": float(w),
                     "kept": bool(w > 0),
                     "notes": b.member.notes,
                 }
