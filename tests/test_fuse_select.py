@@ -4,11 +4,15 @@ and vote, fold and scope=global work across the members of a fused graph."""
 from __future__ import annotations
 
 import collections
+import json
+import re
+import shlex
 
 import numpy as np
 import onnx
 import pytest
-from conftest import MODELS, ort_run
+from conftest import MODELS, ROOT, ort_run
+from conftest import invoke as cli
 from onnx import numpy_helper
 
 import onnxprune
@@ -191,3 +195,23 @@ def test_a_global_vote_spreads_one_budget_over_the_members():
     free = sum(g["channels"] for g in vote["groups"])
     assert vote["channels_pruned"] == int(0.3 * free)  # one budget for the whole ensemble
     assert set(pruned) == set(NAMES) and pruned != per_scope["local"][0]
+
+
+def test_the_readme_fusion_example_runs(tmp_path):
+    """README's Fusion command, as written there (output into tmp_path): it passes validate's
+    default gate on the held-out digits."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Fusion\n.*?```bash\n(.*?)```", text, re.S)
+    assert block, "README.md lost its Fusion example"
+    lines = block.group(1).replace("\\\n", " ").splitlines()
+    folder = lines[0].partition("=")[2]
+    args = shlex.split(lines[1].replace("$D", str(ROOT / folder)))
+    assert args[0] == "onnxprune"
+    out = tmp_path / "ens.onnx"
+    args = [str(out) if a == "/tmp/digits.ens.onnx" else a for a in args[1:]]
+    result = cli(*args, "--report", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "passed" and out.exists()
+    fuse, vote, fold = report["passes"][:3]
+    assert fuse["select"] == "backward" and fold["channels_removed"] == vote["channels_pruned"]
