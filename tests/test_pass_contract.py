@@ -33,7 +33,7 @@ from onnxprune.pruning.decision import GroupDecision
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"
-BUILTINS = {"cleanup", "fold", "magnitude", "refit", "stats", "validate", "vote"}
+BUILTINS = {"cleanup", "fold", "fuse", "magnitude", "refit", "stats", "validate", "vote"}
 
 
 @dataclass

@@ -1,0 +1,2 @@
+"""Model fusion: members loaded and reconciled (``members``), adapted to one input
+(``adapters``), combined into one graph (``combine``), pruned as an ensemble (``select``)."""
