@@ -33,6 +33,7 @@ import onnx
 
 import onnxprune
 from onnxprune.cost import summarize
+from onnxprune.data import load_npz
 from onnxprune.fusion.weights import merge_weights
 from onnxprune.passes.registry import available_passes
 from onnxprune.runtime import session
@@ -127,22 +128,29 @@ def ensemble_row(
 
 
 def merge_rows(seeds: list[str], labels: np.ndarray) -> tuple[list[Row], list[dict]]:
-    """Weight-space merges of ``seeds`` with and without alignment, and their statistics."""
+    """Weight-space merges of the first 3 and of all ``seeds``, with and without alignment,
+    with and without REPAIR on the calibration split; the statistics of
+    the aligned merge of all seeds comes last."""
     models = [onnxprune.load(DIGITS / f"{n}.onnx") for n in seeds]
     x, _ = test_split(seeds[0])
+    calib = load_npz(DIGITS / f"{split_of(seeds[0])}.calib.npz", models[0])
     rows, stats = [], []
-    for align in (False, True):
-        merged, st = merge_weights(models, align, names=seeds)
-        onnx.checker.check_model(merged, full_check=True)
-        acc = float(np.mean(probabilities(merged, x).argmax(1) == labels))
-        macs, params = cost(merged)
-        note = "aligned (weight matching)" if align else "plain mean, no alignment"
-        if align:
-            before = np.mean([np.mean(s["correlation_before"]) for s in st["sets"]])
-            after = np.mean([np.mean(s["correlation_after"]) for s in st["sets"]])
-            note += f"; matched-channel correlation {before:.3f} -> {after:.3f}"
-        rows.append(Row(f"weight merge of {len(seeds)} torch_cnn seeds", acc, macs, params, note))
-        stats.append(st)
+    for count in sorted({3, len(seeds)}):
+        for align, data in ((False, None), (True, None), (False, calib), (True, calib)):
+            merged, st = merge_weights(models[:count], align, names=seeds[:count], data=data)
+            onnx.checker.check_model(merged, full_check=True)
+            acc = float(np.mean(probabilities(merged, x).argmax(1) == labels))
+            macs, params = cost(merged)
+            note = "aligned (weight matching)" if align else "plain mean, no alignment"
+            if align:
+                before = np.mean([np.mean(s["correlation_before"]) for s in st["sets"]])
+                after = np.mean([np.mean(s["correlation_after"]) for s in st["sets"]])
+                note += f", matched-channel correlation {before:.3f} -> {after:.3f}"
+            note += "; REPAIR on calib" if data is not None else ""
+            title = f"weight merge of {count} torch_cnn seeds"
+            rows.append(Row(title, acc, macs, params, note))
+            if align and data is None:
+                stats.append(st)
     return rows, stats
 
 
@@ -166,7 +174,9 @@ def run_cli(chain: list[str], out: Path) -> str:
 def fused_rows(chain: list[str], labels: np.ndarray) -> tuple[list[Row], list[str]]:
     """The fuse pass's ensemble (combine=mean) and the selection + vote + fold chain, each
     evaluated on the test split; the commands run."""
-    members = "+".join(str(DIGITS / f"{n}.onnx") for n in MEMBERS[1:] if (DIGITS / f"{n}.onnx").exists())
+    members = "+".join(
+        str(DIGITS / f"{n}.onnx") for n in MEMBERS[1:] if (DIGITS / f"{n}.onnx").exists()
+    )
     x, _ = test_split("torch_cnn")
     plans = [
         ("fused via the fuse pass (combine=mean)", [f"fuse:members={members},combine=mean"]),
@@ -237,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [n for n in CNN_SEEDS if n in probs]
     ens = [
         ensemble_row(f"output ensemble, all {len(names)} members", names, probs, labels, rows),
-        ensemble_row("output ensemble, torch_cnn + keras_cnn + torch_encoder", CROSS, probs, labels, rows),
+        ensemble_row(
+            "output ensemble, torch_cnn + keras_cnn + torch_encoder", CROSS, probs, labels, rows
+        ),
         ensemble_row(f"output ensemble, {len(seeds)} torch_cnn seeds", seeds, probs, labels, rows),
     ]
     merges, stats = merge_rows(seeds, labels)
@@ -260,7 +272,7 @@ def report(
     n_test: int,
 ) -> str:
     """The whole markdown document."""
-    aligned = stats[1]
+    aligned = stats[-1]
     per_set = "\n".join(
         f"| {s['group']} | {s['channels']} | {', '.join(s['members'][:3])}{' ...' if len(s['members']) > 3 else ''} | "
         f"{' / '.join(f'{v:.3f}' for v in s['correlation_before'])} | "
@@ -291,7 +303,10 @@ def report(
         "",
         "One model with one member's cost: the seeds' parameters averaged, with or without first",
         "permuting each seed's channels onto the first's (weight matching within each channel",
-        "group of the analysis; BN statistics averaged too, not re-estimated).",
+        "group of the analysis), then, on the rows marked REPAIR, each hidden Conv/Gemm's output",
+        "channels rescaled on the calibration split so that their mean and standard deviation",
+        "are the members' mean (`merge_weights(..., data=...)`; the torch export has its BN",
+        "folded into the convolutions, so there are no BN statistics to reset).",
         "",
         table(merges),
         "",
@@ -308,8 +323,14 @@ def report(
     ]
     if commands:
         lines += ["Commands:", "", *(f"    {c}" for c in commands), ""]
-    lines += ["Alignment statistics (JSON):", "", "```json", json.dumps(
-        {k: v for k, v in aligned.items() if k != "sets"}, indent=1), "```", ""]
+    lines += [
+        "Alignment statistics (JSON):",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in aligned.items() if k != "sets"}, indent=1),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

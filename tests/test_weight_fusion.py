@@ -15,8 +15,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+from onnxprune.data import Dataset
 from onnxprune.errors import ArchitectureMismatch, ArgumentError
 from onnxprune.fusion.assignment import best_assignment, hungarian
+from onnxprune.fusion.repair import repair
 from onnxprune.fusion.weights import merge_weights
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
@@ -182,7 +184,7 @@ def test_unaligned_merge_is_the_plain_mean() -> None:
 
 def test_trained_seeds_merge_into_a_model_that_runs() -> None:
     models = [onnxprune.load(p) for p in SEEDS]
-    merged, stats = merge_weights(models, names=[p.stem for p in SEEDS])
+    merged, stats = onnxprune.merge_weights(models, names=[p.stem for p in SEEDS])
     onnx.checker.check_model(merged, full_check=True)
     assert stats["models"] == [p.stem for p in SEEDS]
     assert stats["verified"] == [True, True, True]
@@ -209,7 +211,9 @@ def test_other_architectures_are_refused_naming_the_first_difference() -> None:
     wider["b3"] = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match=r"initializer 'b3' is float32\[5\], not float32\[4\]"):
         merge_weights([model, _with(model, wider)])
-    with pytest.raises(ArchitectureMismatch, match="torch_cnn_seed1 is not the architecture of keras"):
+    with pytest.raises(
+        ArchitectureMismatch, match="torch_cnn_seed1 is not the architecture of keras"
+    ):
         merge_weights(
             [onnxprune.load(DIGITS / "keras_cnn.onnx"), onnxprune.load(SEEDS[1])],
             names=["keras", "torch_cnn_seed1"],
@@ -238,3 +242,39 @@ def test_builtin_assignment_is_optimal() -> None:
         big[np.arange(60), hungarian(big)].sum()
         == pytest.approx(big[np.arange(60), best_assignment(-big)].sum())
     )
+
+
+def _moments(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """Per-channel mean and std of ``names`` on ``x``, by onnxruntime with the tensors as
+    extra outputs."""
+    probe_model = copy.deepcopy(model)
+    probe_model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(probe_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = sess.run(names, {"x": x})
+    return [np.stack([v.mean(axis=(0, 2, 3)), v.std(axis=(0, 2, 3))]) for v in values]
+
+
+def test_repair_gives_hidden_channels_the_members_mean_statistics() -> None:
+    """REPAIR: each hidden conv's output channels get the members' mean mean and std on the
+    data; the last Gemm (a graph output) is left as it is."""
+    x = np.random.default_rng(1).normal(size=(64, 2, 6, 6)).astype(np.float32)
+    data = Dataset({"x": x}, None, "test")
+    merged, members = _cnn(5), [_cnn(6), _cnn(7)]
+    before = _params(merged)
+    assert len(repair(merged, members, data)) == 2
+    hidden = ["c1", "c2"]
+    got = _moments(merged, hidden, x)
+    targets = [_moments(m, hidden, x) for m in members]
+    for k in range(len(hidden)):
+        np.testing.assert_allclose(got[k][0], np.mean([t[k][0] for t in targets], 0), atol=1e-4)
+        np.testing.assert_allclose(got[k][1], np.mean([t[k][1] for t in targets], 0), rtol=1e-3)
+    assert np.array_equal(_params(merged)["w3"], before["w3"])
+    assert not np.allclose(_params(merged)["w2"], before["w2"])
+
+
+def test_merge_with_data_repairs_and_identical_checkpoints_stay_put() -> None:
+    model = _cnn(0)
+    x = np.random.default_rng(2).normal(size=(32, 2, 6, 6)).astype(np.float32)
+    merged, stats = merge_weights([model, copy.deepcopy(model)], data=Dataset({"x": x}, None, "t"))
+    assert len(stats["repaired"]) == 2
+    np.testing.assert_allclose(_run(merged, x), _run(model, x), rtol=1e-4, atol=1e-4)

@@ -28,8 +28,10 @@ from onnxprune.analysis.labels import ClassId
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse
+from onnxprune.data import Dataset
 from onnxprune.errors import ArchitectureMismatch, ArgumentError
 from onnxprune.fusion.assignment import BACKEND, best_assignment
+from onnxprune.fusion.repair import repair
 from onnxprune.graph import prepare_for_pruning
 from onnxprune.runtime import session
 from onnxprune.synthesis import synthesize
@@ -67,6 +69,7 @@ def merge_weights(
     names: Sequence[str] | None = None,
     rounds: int = ROUNDS,
     seed: int = 0,
+    data: Dataset | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The first model's graph with every float parameter averaged over ``models`` (none is
     modified), after permuting each checkpoint's channels onto the first's when ``align``.
@@ -77,7 +80,10 @@ def merge_weights(
     for the models when given). Identical checkpoints give back the first exactly. The dict
     has, per set of aligned classes, the mean correlation of matched channels with the first
     model's before and after alignment (one figure per other model), and the sets not aligned
-    with why.
+    with why. With ``data``, the merged model's hidden producers are then rescaled on it
+    so that their channels' statistics are the members' mean (REPAIR:
+    :func:`~onnxprune.fusion.repair.repair`; identical checkpoints then come back to float
+    rounding only).
 
     Example::
 
@@ -97,7 +103,11 @@ def merge_weights(
         stats["assignment"] = BACKEND
         stats["not_aligned"] = skipped
         stats["sets"] = [
-            {"group": s.group, "channels": len(s.classes), "members": sorted({x.init for x in s.slots})}
+            {
+                "group": s.group,
+                "channels": len(s.classes),
+                "members": sorted({x.init for x in s.slots}),
+            }
             for s in sets
         ]
         for s in stats["sets"]:
@@ -124,6 +134,9 @@ def merge_weights(
             continue  # the first model's tensor, untouched
         mean = np.mean(np.stack(values).astype(np.float64), axis=0).astype(values[0].dtype)
         merged.graph.initializer[k].CopyFrom(numpy_helper.from_array(mean, t.name))
+    if data is not None:
+        checkpoints = [with_params(m, a) for m, a in zip(models, arrays, strict=True)]
+        stats["repaired"] = repair(merged, checkpoints, data)
     return merged, stats
 
 
@@ -149,7 +162,9 @@ def check_same_architecture(
         if (x.op_type, x.domain) != (y.op_type, y.domain):
             fail(f"{label} is {y.op_type}, not {x.op_type}")
         if list(x.input) != list(y.input) or list(x.output) != list(y.output):
-            fail(f"{label} reads {list(y.input)} -> {list(y.output)}, not {list(x.input)} -> {list(x.output)}")
+            fail(
+                f"{label} reads {list(y.input)} -> {list(y.output)}, not {list(x.input)} -> {list(x.output)}"
+            )
         xa = {t.name: t.SerializeToString() for t in x.attribute}
         ya = {t.name: t.SerializeToString() for t in y.attribute}
         if xa != ya:
