@@ -41,7 +41,14 @@ from onnxprune.runtime import session
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
 CNN_SEEDS = ["torch_cnn", "torch_cnn_seed1", "torch_cnn_seed2", "torch_cnn_seed3"]
-MEMBERS = [*CNN_SEEDS, "keras_cnn", "torch_encoder", "torch_encoder_seed1", "torch_encoder_seed2"]
+MEMBERS = [
+    *CNN_SEEDS,
+    "keras_cnn",
+    "keras_cnn_seed1",
+    "torch_encoder",
+    "torch_encoder_seed1",
+    "torch_encoder_seed2",
+]
 CROSS = ["torch_cnn", "keras_cnn", "torch_encoder"]
 DEFAULT_SELECT = "fuse:members={members},combine=mean,select=forward"
 DEFAULT_CHAIN = [DEFAULT_SELECT, "vote:sparsity=0.25", "fold"]
