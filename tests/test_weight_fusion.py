@@ -278,3 +278,56 @@ def test_merge_with_data_repairs_and_identical_checkpoints_stay_put() -> None:
     merged, stats = merge_weights([model, copy.deepcopy(model)], data=Dataset({"x": x}, None, "t"))
     assert len(stats["repaired"]) == 2
     np.testing.assert_allclose(_run(merged, x), _run(model, x), rtol=1e-4, atol=1e-4)
+
+
+def _split_cnn(seed: int) -> onnx.ModelProto:
+    """Conv(8) -> Split [4, 4] -> Relu | Sigmoid -> Concat -> Conv(6) -> GAP -> Gemm(4)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_f32(rng, 8, 2, 3, 3), "w1"),
+        numpy_helper.from_array(_f32(rng, 8), "b1"),
+        numpy_helper.from_array(np.array([4, 4], np.int64), "sizes"),
+        numpy_helper.from_array(_f32(rng, 6, 8, 3, 3), "w2"),
+        numpy_helper.from_array(_f32(rng, 6), "b2"),
+        numpy_helper.from_array(_f32(rng, 4, 6), "w3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Split", ["c1", "sizes"], ["a", "b"], axis=1),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Sigmoid", ["b"], ["sb"]),
+        helper.make_node("Concat", ["ra", "sb"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "split",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_channels_never_change_sides_of_a_split() -> None:
+    """The two halves of a Split are read by different ops: each half is its own set, and a
+    copy shuffled within each half is aligned back exactly."""
+    model = _split_cnn(0)
+    rng = np.random.default_rng(5)
+    p1 = np.concatenate([rng.permutation(4), 4 + rng.permutation(4)])
+    p = _params(model)
+    shuffled = _with(model, {**p, "w1": p["w1"][p1], "b1": p["b1"][p1], "w2": p["w2"][:, p1]})
+    x = np.random.default_rng(0).normal(size=(5, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(shuffled, x), _run(model, x), rtol=1e-4, atol=1e-5)
+    merged, stats = merge_weights([model, shuffled])
+    split_sets = [s for s in stats["sets"] if "w1" in s["members"]]
+    assert sorted(s["channels"] for s in split_sets) == [4, 4]
+    for name, value in p.items():
+        assert np.array_equal(_params(merged)[name], value), name
