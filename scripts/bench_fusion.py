@@ -185,9 +185,14 @@ def fused_rows(chain: list[str], labels: np.ndarray) -> tuple[list[Row], list[st
         str(DIGITS / f"{n}.onnx") for n in MEMBERS[1:] if (DIGITS / f"{n}.onnx").exists()
     )
     x, _ = test_split("torch_cnn")
+    seeds = "+".join(str(DIGITS / f"{n}.onnx") for n in CNN_SEEDS[1:])
     plans = [
         ("fused via the fuse pass (combine=mean)", [f"fuse:members={members},combine=mean"]),
         ("after member selection + vote + fold", [p.format(members=members) for p in chain]),
+        (
+            f"fuse:combine=weights of {len(CNN_SEEDS)} torch_cnn seeds (align=on)",
+            [f"fuse:members={seeds},combine=weights,align=on"],
+        ),
     ]
     if not fuse_available():
         return [Row(t, None, None, None, "not run: no fuse pass registered") for t, _ in plans], []
@@ -361,8 +366,9 @@ def report(
         "",
         "## The fuse pass (filled when it is registered)",
         "",
-        "Both rows run the CLI on torch_cnn with every other member (`--data` the calibration",
-        "split) and are evaluated here on the test split. The second row's chain is `--chain`",
+        "The rows run the CLI on torch_cnn with every other member (the last: with the other",
+        "torch_cnn seeds; `--data` the calibration split) and are evaluated here on the test",
+        "split. The second row's chain is `--chain`",
         f"(default: {' '.join(f'`-p {c}`' for c in DEFAULT_CHAIN)}; `{{members}}` is filled in).",
         "",
         table(fused),
