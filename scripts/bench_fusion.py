@@ -142,21 +142,34 @@ def merge_rows(seeds: list[str], labels: np.ndarray) -> tuple[list[Row], list[di
     x, _ = test_split(seeds[0])
     calib = load_npz(DIGITS / f"{split_of(seeds[0])}.calib.npz", models[0])
     rows, stats = [], []
+    plans = [
+        ("weights", False, False, "plain mean, no alignment"),
+        ("weights", True, False, "weight matching"),
+        ("weights", False, True, "plain mean, no alignment; REPAIR on calib"),
+        ("weights", True, True, "weight matching; REPAIR on calib"),
+        ("activations", True, False, "activation matching on calib"),
+        ("activations", True, True, "activation matching on calib; REPAIR on calib"),
+    ]
     for count in sorted({3, len(seeds)}):
-        for align, data in ((False, None), (True, None), (False, calib), (True, calib)):
-            merged, st = merge_weights(models[:count], align, names=seeds[:count], data=data)
+        for match, align, fix, note in plans:
+            merged, st = merge_weights(
+                models[:count],
+                align,
+                names=seeds[:count],
+                data=calib if fix or match == "activations" else None,
+                match=match,  # type: ignore[arg-type]
+                repair_with_data=fix,
+            )
             onnx.checker.check_model(merged, full_check=True)
             acc = float(np.mean(probabilities(merged, x).argmax(1) == labels))
             macs, params = cost(merged)
-            note = "aligned (weight matching)" if align else "plain mean, no alignment"
             if align:
                 before = np.mean([np.mean(s["correlation_before"]) for s in st["sets"]])
                 after = np.mean([np.mean(s["correlation_after"]) for s in st["sets"]])
-                note += f", matched-channel correlation {before:.3f} -> {after:.3f}"
-            note += "; REPAIR on calib" if data is not None else ""
+                note += f" (weight correlation {before:.3f} -> {after:.3f})"
             title = f"weight merge of {count} torch_cnn seeds"
             rows.append(Row(title, acc, macs, params, note))
-            if align and data is None:
+            if align and not fix and match == "weights":
                 stats.append(st)
     return rows, stats
 
@@ -281,14 +294,14 @@ def reading(
         f"* Output ensemble of all members: {ens[0].accuracy:.4f} against the best member's "
         f"{best.accuracy:.4f}, at {(ens[0].macs or 0) / (best.macs or 1):.1f}x its MACs."
     ]
-    plain = [r for r in merges if "no alignment" in r.note and "REPAIR" not in r.note]
-    matched = [r for r in merges if "aligned" in r.note and "REPAIR" not in r.note]
-    repaired = [r for r in merges if "aligned" in r.note and "REPAIR" in r.note]
     worst = min(r.accuracy or 0.0 for r in rows if r.name.startswith("torch_cnn"))
-    for a, b, c in zip(plain, matched, repaired, strict=True):
+    for k in range(0, len(merges), 6):
+        a, b, c, d, e, f = merges[k : k + 6]
         out.append(
-            f"* {a.name}: {a.accuracy:.4f} without alignment, {b.accuracy:.4f} aligned, "
-            f"{c.accuracy:.4f} aligned + REPAIR; the weakest seed alone has {worst:.4f}."
+            f"* {a.name}: {a.accuracy:.4f} without alignment, {b.accuracy:.4f} with weight "
+            f"matching, {e.accuracy:.4f} with activation matching; with REPAIR "
+            f"{c.accuracy:.4f} / {d.accuracy:.4f} / {f.accuracy:.4f}. The weakest seed alone "
+            f"has {worst:.4f}."
         )
     if fused[0].accuracy is not None:
         verdict = "holds" if fused[0].accuracy >= (best.accuracy or 0.0) else "does not hold"
@@ -347,7 +360,9 @@ def report(
         "",
         "One model with one member's cost: the seeds' parameters averaged, with or without first",
         "permuting each seed's channels onto the first's (weight matching within each channel",
-        "group of the analysis), then, on the rows marked REPAIR, each hidden Conv/Gemm's output",
+        "group of the analysis; or activation matching: the correlation of the channels'",
+        "activations on the calibration split), then, on the rows marked REPAIR, each hidden",
+        "Conv/Gemm's output",
         "channels rescaled on the calibration split so that their mean and standard deviation",
         "are the members' mean (`merge_weights(..., data=...)`; the torch export has its BN",
         "folded into the convolutions, so there are no BN statistics to reset).",

@@ -147,6 +147,21 @@ def test_permuted_copy_is_aligned_back_exactly(residual: bool) -> None:
     assert not np.allclose(_run(unaligned, x), _run(model, x), atol=1e-3)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_activation_matching_aligns_a_permuted_copy_back_exactly(residual: bool) -> None:
+    model = _cnn(4, residual)
+    shuffled = _permuted(model, 9)
+    x = np.random.default_rng(3).normal(size=(48, 2, 6, 6)).astype(np.float32)
+    merged, stats = merge_weights(
+        [model, shuffled], data=Dataset({"x": x}, None, "t"), match="activations"
+    )
+    assert stats["match"] == "activations" and stats["verified"] == [True]
+    assert all(s["correlation_after"] == [1.0] for s in stats["sets"])
+    np.testing.assert_allclose(_run(merged, x), _run(model, x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ArgumentError, match="match='activations' needs data"):
+        merge_weights([model, shuffled], match="activations")
+
+
 def test_permuted_fixture_is_aligned_back_exactly() -> None:
     """torch_cnn with its first conv's 16 channels shuffled (weight rows, BN vectors, the
     next conv's input columns): merging it with the original gives the original."""

@@ -3,36 +3,31 @@ architecture, after each checkpoint's channels are permuted to match the first's
 
 Channels of a group may be permuted freely when every tensor tied to them moves with them: the
 channel analysis lists those tensors (its *members*: producers' output axis, consumers' input
-axis, BN and bias vectors). Classes are interchangeable when they sit in the same tensors the
-same number of times (so a Split or a Slice never swaps channels between its parts); pinned
-classes stay where they are. Alignment is weight matching (git re-basin): per set of
-interchangeable classes, the assignment that maximises the inner product of the members'
-slices with the first model's, coordinate ascent over the sets for a few rounds, started from
-a match of each slice's sorted values (blind to the other sets' order, so a permuted copy is
-found at once). Every aligned checkpoint is checked to compute what it computed before.
+axis, BN and bias vectors), and :mod:`onnxprune.fusion.channels` the classes a permutation may
+exchange. Alignment is weight matching (git re-basin): per set of interchangeable classes, the
+assignment that maximises the inner product of the members' slices with the first model's,
+coordinate ascent over the sets for a few rounds, started from a match of each slice's sorted
+values (blind to the other sets' order, so a permuted copy is found at once); or, with data,
+activation matching (:mod:`onnxprune.fusion.activations`). Every aligned checkpoint is checked
+to compute what it computed before.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.analysis.labels import ClassId
-from onnxprune.analysis.probe import probe
-from onnxprune.analysis.state import Analysis
-from onnxprune.analysis.walk import analyse
 from onnxprune.data import Dataset
 from onnxprune.errors import ArchitectureMismatch, ArgumentError
+from onnxprune.fusion.activations import align_by_activations
 from onnxprune.fusion.assignment import BACKEND, best_assignment
+from onnxprune.fusion.channels import ClassSet, features, interchangeable_sets, permute
 from onnxprune.fusion.repair import repair
-from onnxprune.graph import prepare_for_pruning
 from onnxprune.runtime import session
 from onnxprune.synthesis import synthesize
 
@@ -43,25 +38,6 @@ CHECK_SAMPLES = 4
 """Synthetic samples an aligned checkpoint is run on against its unaligned self."""
 
 
-@dataclass
-class Slot:
-    """One member of a set of interchangeable classes: ``positions[c]`` are the positions of
-    class ``c`` (in the set's order) along ``axis`` of initializer ``init``."""
-
-    init: str
-    axis: int
-    positions: np.ndarray  # [classes, positions per class]
-
-
-@dataclass
-class ClassSet:
-    """Interchangeable channel classes of one group, and the members that carry them."""
-
-    group: int
-    classes: list[ClassId]
-    slots: list[Slot]
-
-
 def merge_weights(
     models: Sequence[onnx.ModelProto],
     align: bool = True,
@@ -70,6 +46,8 @@ def merge_weights(
     rounds: int = ROUNDS,
     seed: int = 0,
     data: Dataset | None = None,
+    match: Literal["weights", "activations"] = "weights",
+    repair_with_data: bool = True,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The first model's graph with every float parameter averaged over ``models`` (none is
     modified), after permuting each checkpoint's channels onto the first's when ``align``.
@@ -83,7 +61,8 @@ def merge_weights(
     with why. With ``data``, the merged model's hidden producers are then rescaled on it
     so that their channels' statistics are the members' mean (REPAIR:
     :func:`~onnxprune.fusion.repair.repair`; identical checkpoints then come back to float
-    rounding only).
+    rounding only; ``repair_with_data=False`` skips it). ``match="activations"`` aligns by the correlation of the channels'
+    activations on ``data`` instead (:mod:`onnxprune.fusion.activations`; needs ``data``).
 
     Example::
 
@@ -94,10 +73,16 @@ def merge_weights(
     labels = list(names) if names is not None else [f"model {i + 1}" for i in range(len(models))]
     if len(labels) != len(models):
         raise ArgumentError(f"merge_weights: {len(labels)} names for {len(models)} models")
+    if match not in ("weights", "activations"):
+        raise ArgumentError(f"merge_weights: match must be weights or activations, not {match!r}")
+    if match == "activations" and data is None:
+        raise ArgumentError("merge_weights: match='activations' needs data")
     for i, m in enumerate(models[1:], 1):
         check_same_architecture(models[0], m, labels[0], labels[i])
     arrays = [float_initializers(m) for m in models]
     stats: dict[str, Any] = {"align": align, "models": labels, "sets": [], "not_aligned": []}
+    if align:
+        stats["match"] = match
     if align:
         sets, skipped = interchangeable_sets(models[0], arrays[0], seed)
         stats["assignment"] = BACKEND
@@ -115,7 +100,11 @@ def merge_weights(
         stats["verified"] = []
         for b in range(1, len(models)):
             before = [matched_correlation(s, arrays[0], arrays[b]) for s in sets]
-            aligned, used = align_to(arrays[0], arrays[b], sets, rounds)
+            if match == "activations" and data is not None:
+                aligned = align_by_activations(models[0], models[b], arrays[b], sets, data)
+                used = 1
+            else:
+                aligned, used = align_to(arrays[0], arrays[b], sets, rounds)
             ok = same_outputs(models[b], aligned, seed)
             if ok:
                 arrays[b] = aligned
@@ -134,7 +123,7 @@ def merge_weights(
             continue  # the first model's tensor, untouched
         mean = np.mean(np.stack(values).astype(np.float64), axis=0).astype(values[0].dtype)
         merged.graph.initializer[k].CopyFrom(numpy_helper.from_array(mean, t.name))
-    if data is not None:
+    if data is not None and repair_with_data:
         checkpoints = [with_params(m, a) for m, a in zip(models, arrays, strict=True)]
         stats["repaired"] = repair(merged, checkpoints, data)
     return merged, stats
@@ -197,99 +186,6 @@ def float_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if np.issubdtype(arr.dtype, np.floating):
             out[t.name] = arr
     return out
-
-
-def interchangeable_sets(
-    model: onnx.ModelProto, params: dict[str, np.ndarray], seed: int = 0
-) -> tuple[list[ClassSet], list[dict[str, Any]]]:
-    """The sets of classes a permutation may exchange, per group of ``model``, and the groups
-    left as they are (with the reason)."""
-    work = copy.deepcopy(model)
-    prepare_for_pruning(work.graph)
-    an = analyse(work, probe(work, seed).shapes)
-    roots = an.roots()
-    pinned = set(an.pinned_roots())
-    sets: list[ClassSet] = []
-    skipped: list[dict[str, Any]] = []
-    for g in an.groups():
-        classes = sorted(
-            {ClassId(int(roots[i])) for s in g.spaces for i in range(s.start, s.start + s.size)}
-            - pinned
-        )
-        if len(classes) < 2:
-            skipped.append({"group": g.index, "reason": "fewer than two free channels"})
-            continue
-        found, reason = class_sets(an, roots, g.index, classes, params)
-        if reason:
-            skipped.append({"group": g.index, "reason": reason})
-        sets.extend(found)
-    return sets, skipped
-
-
-def class_sets(
-    an: Analysis,
-    roots: np.ndarray,
-    group: int,
-    classes: list[ClassId],
-    params: dict[str, np.ndarray],
-) -> tuple[list[ClassSet], str]:
-    """Split ``classes`` by where they occur (members and labelled tensors, with counts): each
-    part of two or more is a :class:`ClassSet`. Returns the reason when none can be aligned."""
-    wanted = set(classes)
-    where: dict[ClassId, list[tuple[str, int]]] = defaultdict(list)
-    member_positions: dict[tuple[str, int], dict[ClassId, np.ndarray]] = {}
-    carriers = [(f"m:{m.init}:{m.axis}", m.ids) for m in an.members]
-    carriers += [(f"t:{name}", lab.ids) for name, lab in an.labels.items()]
-    seen: set[str] = set()
-    for key, ids in carriers:
-        if key in seen:
-            continue
-        seen.add(key)
-        of = np.where(ids >= 0, roots[np.maximum(ids, 0)], -1)
-        by_class: dict[ClassId, np.ndarray] = {}
-        for c in set(of.tolist()) & wanted:
-            by_class[ClassId(c)] = np.flatnonzero(of == c)
-            where[ClassId(c)].append((key, len(by_class[ClassId(c)])))
-        if key.startswith("m:") and by_class:
-            init, axis = key[2:].rsplit(":", 1)
-            member_positions[(init, int(axis))] = by_class
-    bad = sorted({init for (init, _a) in member_positions if init not in params})
-    if bad:
-        return [], f"member {bad[0]!r} is not a float initializer of the model"
-    parts: dict[tuple[tuple[str, int], ...], list[ClassId]] = defaultdict(list)
-    for c in classes:
-        parts[tuple(sorted(where[c]))].append(c)
-    sets = []
-    for sig, cs in parts.items():
-        if len(cs) < 2:
-            continue
-        keys = {k for k, _n in sig if k.startswith("m:")}
-        slots = [
-            Slot(init, axis, np.stack([pos[c] for c in cs]))
-            for (init, axis), pos in member_positions.items()
-            if f"m:{init}:{axis}" in keys
-        ]
-        if slots:
-            sets.append(ClassSet(group, cs, slots))
-    return sets, "" if sets else "no two free channels sit in the same tensors alike"
-
-
-def features(arr: np.ndarray, slot: Slot) -> np.ndarray:
-    """Rows of ``arr`` per class of ``slot``: [classes, everything else], as float64."""
-    moved = np.moveaxis(arr, slot.axis, 0)[slot.positions]
-    return moved.reshape(slot.positions.shape[0], -1).astype(np.float64)
-
-
-def permute(arrays: dict[str, np.ndarray], cset: ClassSet, perm: np.ndarray) -> None:
-    """In ``arrays``, class ``i`` of ``cset`` takes the values of class ``perm[i]``."""
-    for slot in cset.slots:
-        arr = arrays[slot.init].copy()
-        dst: list[Any] = [slice(None)] * arr.ndim
-        src: list[Any] = [slice(None)] * arr.ndim
-        dst[slot.axis] = slot.positions.ravel()
-        src[slot.axis] = slot.positions[perm].ravel()
-        arr[tuple(dst)] = arrays[slot.init][tuple(src)]
-        arrays[slot.init] = arr
 
 
 def similarity(
