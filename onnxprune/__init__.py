@@ -16,6 +16,7 @@ from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.context import Context
 from onnxprune.cost import summarize
 from onnxprune.errors import OnnxPruneError
+from onnxprune.fusion.weights import merge_weights
 from onnxprune.model import load, save
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import available_passes, get_pass, register_pass
@@ -33,6 +34,7 @@ __all__ = [
     "channel_groups",
     "get_pass",
     "load",
+    "merge_weights",
     "option",
     "register_handler",
     "register_pass",

@@ -84,6 +84,11 @@ class InputMismatch(ValidationFailed):
     """Raised when the pruned model cannot take an input that the original model takes."""
 
 
+class ArchitectureMismatch(OnnxPruneError, ValueError):
+    """Raised when models that must share one architecture (weight-space fusion) differ; the
+    message names the model and the first difference (a ValueError too, for API callers)."""
+
+
 class InternalError(Exception):
     """A bug in onnxprune: an invariant of its own was broken. Please report it."""
 

@@ -6,7 +6,9 @@ Writes ``keras_cnn.onnx`` + ``keras_cnn.sample.npz`` (first 4 test images, Keras
 its ``MANIFEST.json`` entry via ``common.save_fixture``, plus ``keras_cnn.calib.npz`` and
 ``keras_cnn.test.npz`` (images [N, 8, 8, 1] keyed by the ONNX input name, and ``labels``).
 NHWC input ``input`` with a dynamic batch, opset 17. The test accuracy of Keras and of
-onnxruntime on the exported file are printed and must agree.
+onnxruntime on the exported file are printed and must agree. ``keras_cnn_seed1`` is the same
+recipe from seed 1 (a member for model fusion): same split, so it reuses ``keras_cnn``'s
+calib/test files. ``train_digits.py keras NAME...`` trains only those.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ BATCH = 32
 LEARNING_RATE = 3e-3
 MIN_ACCURACY = 0.95
 SAMPLE = 4
+SEEDS = {NAME: 0, f"{NAME}_seed1": 1}
+"""Every model this script makes, by name, with its training seed."""
 
 
 def build_model() -> keras.Model:
@@ -48,9 +52,9 @@ def build_model() -> keras.Model:
     return keras.Model(inp, keras.layers.Dense(10, name="fc2")(x), name="digits_cnn")
 
 
-def train(images: np.ndarray, labels: np.ndarray) -> keras.Model:
+def train(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> keras.Model:
     """Seeded Adam training on NHWC images; returns the model (use it in inference mode)."""
-    export_tf.seed_all(0)
+    export_tf.seed_all(seed)
     model = build_model()
     model.compile(
         optimizer=keras.optimizers.Adam(LEARNING_RATE),
@@ -76,36 +80,50 @@ def save_split(path: Path, input_name: str, images: np.ndarray, labels: np.ndarr
     np.savez(path, **{input_name: images, "labels": labels})
 
 
-def main() -> None:
-    """Train, export, save sample/calib/test splits, and check Keras vs onnxruntime accuracy."""
+def main(names: list[str] | None = None) -> None:
+    """Train and export the models named (all of :data:`SEEDS` when none)."""
+    unknown = sorted(set(names or []) - set(SEEDS))
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {list(SEEDS)}")
+    for name, seed in SEEDS.items():
+        if not names or name in names:
+            build_and_export(name, seed)
+
+
+def build_and_export(name: str, seed: int) -> None:
+    """Train, export, save sample (and, for seed 0, calib/test splits), and check Keras vs
+    onnxruntime accuracy."""
     (x_train, y_train), (x_calib, y_calib), (x_test, y_test) = (
         (images[..., None], labels) for images, labels in split()
     )
-    model = train(x_train, y_train)
+    model = train(x_train, y_train, seed)
     keras_acc = accuracy(export_tf.keras_outputs(model, x_test), y_test)
     if keras_acc < MIN_ACCURACY:
-        raise AssertionError(f"Keras test accuracy {keras_acc:.4f} < {MIN_ACCURACY}")
+        raise AssertionError(f"{name}: Keras test accuracy {keras_acc:.4f} < {MIN_ACCURACY}")
 
     proto = export_tf.export_keras(model, (None, 8, 8, 1))
     input_name = proto.graph.input[0].name
     sample = x_test[:SAMPLE]
-    notes = json.dumps(
-        {
-            "keras_test_accuracy": round(keras_acc, 4),
-            "test_images": len(y_test),
-            "training": f"Adam({LEARNING_RATE}), {EPOCHS} epochs, batch {BATCH}, seed 0",
-            "input": "NHWC [N, 8, 8, 1] in [0, 1]; dynamic batch; sample = first 4 test images",
-        }
-    )
+    notes: dict[str, object] = {
+        "keras_test_accuracy": round(keras_acc, 4),
+        "test_images": len(y_test),
+        "training": f"Adam({LEARNING_RATE}), {EPOCHS} epochs, batch {BATCH}, seed {seed}",
+        "input": "NHWC [N, 8, 8, 1] in [0, 1]; dynamic batch; sample = first 4 test images",
+    }
+    if name != NAME:
+        notes["data"] = (
+            f"same split as {NAME}: use {NAME}.calib.npz and {NAME}.test.npz (no files of its own)"
+        )
     path = export_tf.save_and_check(
-        FRAMEWORK, NAME, proto, sample, export_tf.keras_outputs(model, sample), notes
+        FRAMEWORK, name, proto, sample, export_tf.keras_outputs(model, sample), json.dumps(notes)
     )
-    save_split(MODELS / FRAMEWORK / f"{NAME}.calib.npz", input_name, x_calib, y_calib)
-    save_split(MODELS / FRAMEWORK / f"{NAME}.test.npz", input_name, x_test, y_test)
+    if name == NAME:
+        save_split(MODELS / FRAMEWORK / f"{NAME}.calib.npz", input_name, x_calib, y_calib)
+        save_split(MODELS / FRAMEWORK / f"{NAME}.test.npz", input_name, x_test, y_test)
 
     onnx_acc = accuracy(ort_logits(path, input_name, x_test), y_test)
     print(
-        f"{NAME}: test accuracy keras {keras_acc:.4f}, onnxruntime {onnx_acc:.4f} "
+        f"{name}: test accuracy keras {keras_acc:.4f}, onnxruntime {onnx_acc:.4f} "
         f"({len(y_test)} images)"
     )
     if onnx_acc != keras_acc:
@@ -113,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -4,7 +4,9 @@
 
 Writes ``models/digits/torch_cnn`` and ``torch_encoder`` (``.onnx``, ``.sample.npz``, manifest
 entry via ``common.save_fixture``) plus ``<name>.calib.npz`` and ``<name>.test.npz``: the model's
-input array under its input name and ``labels``. Both models take a dynamic batch axis ``N``.
+input array under its input name and ``labels``. The same recipes from other seeds
+(``torch_cnn_seed1..3``, ``torch_encoder_seed1..2``: members for model fusion) share seed 0's
+split, so they reuse its calib/test files. ``train_digits.py torch NAME...`` trains only those. Both models take a dynamic batch axis ``N``.
 Trained deterministically on CPU in a few seconds; onnxruntime must agree with torch on the test
 split (outputs within 1e-4, identical accuracy).
 """
@@ -85,19 +87,44 @@ class Spec:
     lr: float
     opset: int
     min_accuracy: float
+    seed: int = 0
 
+    @property
+    def split_name(self) -> str:
+        """The model whose calib/test files this one reads: seeds share seed 0's split files."""
+        return self.name.split("_seed")[0]
+
+
+def cnn_spec(seed: int = 0) -> Spec:
+    """The digits CNN trained from ``seed`` (named ``torch_cnn_seed<k>`` past seed 0)."""
+    name = "torch_cnn" if seed == 0 else f"torch_cnn_seed{seed}"
+    return Spec(name, DigitsCNN, lambda images: images[:, None], 30, 3e-3, 20, 0.95, seed)
+
+
+def encoder_spec(seed: int = 0) -> Spec:
+    """The digits encoder trained from ``seed`` (named ``torch_encoder_seed<k>`` past seed 0)."""
+    name = "torch_encoder" if seed == 0 else f"torch_encoder_seed{seed}"
+    return Spec(name, DigitsEncoder, lambda images: images, 60, 2e-3, 17, 0.90, seed)
+
+
+SEEDS = (1, 2, 3)
+"""Extra seeds of each architecture (same split, same recipe): members for model fusion."""
 
 SPECS = (
-    Spec("torch_cnn", DigitsCNN, lambda images: images[:, None], 30, 3e-3, 20, 0.95),
-    Spec("torch_encoder", DigitsEncoder, lambda images: images, 60, 2e-3, 17, 0.90),
+    cnn_spec(),
+    encoder_spec(),
+    *(cnn_spec(s) for s in SEEDS),
+    *(encoder_spec(s) for s in SEEDS[:2]),
 )
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float) -> nn.Module:
+def train(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int = 0
+) -> nn.Module:
     """Adam on cross-entropy, mini-batches of 64 in a seeded order; returns the model in eval."""
     inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(labels), generator=generator).split(64):
@@ -135,8 +162,8 @@ def build_and_export(spec: Spec, splits: tuple[tuple[np.ndarray, np.ndarray], ..
     (train_x, train_y), (calib_x, calib_y), (test_x, test_y) = (
         (spec.shape(images), labels) for images, labels in splits
     )
-    seed_all(0)
-    model = train(randomize(spec.factory()), train_x, train_y, spec.epochs, spec.lr)
+    seed_all(spec.seed)
+    model = train(randomize(spec.factory()), train_x, train_y, spec.epochs, spec.lr, spec.seed)
     torch_logits = predict(model, test_x)
     torch_acc = accuracy(torch_logits, test_y)
     if torch_acc < spec.min_accuracy:
@@ -148,9 +175,14 @@ def build_and_export(spec: Spec, splits: tuple[tuple[np.ndarray, np.ndarray], ..
     )
     notes = {
         "torch_test_accuracy": round(torch_acc, 4),
-        "train": f"Adam lr={spec.lr}, {spec.epochs} epochs, batch 64, seed 0",
+        "train": f"Adam lr={spec.lr}, {spec.epochs} epochs, batch 64, seed {spec.seed}",
         "input": f"[N,{','.join(map(str, test_x.shape[1:]))}] float32 in [0,1]",
     }
+    if spec.split_name != spec.name:
+        notes["data"] = (
+            f"same split as {spec.split_name}: use {spec.split_name}.calib.npz and "
+            f"{spec.split_name}.test.npz (no files of its own)"
+        )
     path = save_fixture(
         FRAMEWORK,
         spec.name,
@@ -166,8 +198,9 @@ def build_and_export(spec: Spec, splits: tuple[tuple[np.ndarray, np.ndarray], ..
     ort_acc = accuracy(ort_predict(path, test_x), test_y)
     if ort_acc != torch_acc:
         raise AssertionError(f"{spec.name}: ORT accuracy {ort_acc} != torch {torch_acc}")
-    save_split(spec.name, "calib", calib_x, calib_y)
-    save_split(spec.name, "test", test_x, test_y)
+    if spec.split_name == spec.name:
+        save_split(spec.name, "calib", calib_x, calib_y)
+        save_split(spec.name, "test", test_x, test_y)
     return {
         "name": spec.name,
         "torch_acc": torch_acc,
@@ -177,12 +210,17 @@ def build_and_export(spec: Spec, splits: tuple[tuple[np.ndarray, np.ndarray], ..
     }
 
 
-def main() -> None:
-    """Train and export every digits model; print accuracies (torch vs onnxruntime)."""
+def main(names: list[str] | None = None) -> None:
+    """Train and export the digits models named (all when none); print accuracies (torch vs
+    onnxruntime). An unknown name is an error listing the known ones."""
+    specs = [s for s in SPECS if not names or s.name in names]
+    unknown = sorted(set(names or []) - {s.name for s in SPECS})
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {[s.name for s in SPECS]}")
     torch.set_num_threads(1)
     splits = digits_data.split()
     (MODELS / FRAMEWORK).mkdir(parents=True, exist_ok=True)
-    rows = [build_and_export(spec, splits) for spec in SPECS]
+    rows = [build_and_export(spec, splits) for spec in specs]
     print(f"{'name':<15}{'nodes':>6}{'torch acc':>11}{'ort acc':>9}  max|ort-torch|")
     for r in rows:
         print(
@@ -192,4 +230,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

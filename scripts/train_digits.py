@@ -2,6 +2,10 @@
 
     bash scripts/fixtures/env.sh torch && .venvs/torch/bin/python scripts/train_digits.py torch
     bash scripts/fixtures/env.sh tf    && .venvs/tf/bin/python    scripts/train_digits.py keras
+    .venvs/torch/bin/python scripts/train_digits.py torch torch_cnn_seed1 torch_cnn_seed2
+
+Names after the framework train only those models (seeds: ``torch_cnn_seed1..3``,
+``torch_encoder_seed1..2``, ``keras_cnn_seed1``); without names, every model of the framework.
 
 Each model is saved with a sample (framework output), a calibration split
 (``<model>.calib.npz``) and the held-back test split (``<model>.test.npz``): arrays keyed by the
@@ -19,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 
 def main(argv: list[str]) -> int:
     """Dispatch to the framework's trainer (each runs in its own virtual environment)."""
-    if len(argv) != 1 or argv[0] not in ("torch", "keras"):
-        print("usage: train_digits.py torch|keras", file=sys.stderr)
+    if not argv or argv[0] not in ("torch", "keras"):
+        print("usage: train_digits.py torch|keras [NAME ...]", file=sys.stderr)
         return 2
     if argv[0] == "torch":
         import digits_torch as trainer
     else:
         import digits_keras as trainer
-    trainer.main()
+    trainer.main(argv[1:])
     return 0
 
 

@@ -3,7 +3,7 @@ errors: each a one-line message naming the member and the shapes, exit 2."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 
 import numpy as np
 import onnx
@@ -188,17 +188,27 @@ def test_weighted_without_labels_says_so(tmp_path):
     assert "which has none" in err and "weights=" in err
 
 
-def test_combine_weights_dispatches_to_weight_space_fusion(tmp_path):
-    """Until onnxprune.fusion.weights exists it is a clear error; once it does, identical
-    checkpoints merge into the checkpoint."""
-    spec = f"fuse:members={CNN},combine=weights"
-    if importlib.util.find_spec("onnxprune.fusion.weights") is None:
-        err = one_line_error(cli(CNN, "-p", spec, "-o", tmp_path / "o.onnx"))
-        assert "combine=weights needs onnxprune.fusion.weights.merge_weights" in err
-        return
-    merged, _ = onnxprune.run(CNN, [spec], device="cpu")
+def test_combine_weights_of_identical_checkpoints_gives_the_checkpoint():
+    """combine=weights is weight-space fusion: a checkpoint merged with itself comes back."""
+    merged, _ = onnxprune.run(CNN, [f"fuse:members={CNN},combine=weights"], device="cpu")
     with np.load(DIGITS / "torch_cnn.test.npz") as npz:
         feeds = {"input": npz["input"]}
     (want,) = ort_run(CNN, feeds).values()
     (got,) = ort_run(merged, feeds).values()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_combine_weights_with_data_repairs_and_matches_activations(tmp_path):
+    """With --data the merge is REPAIRed and may align by activations; without, that is refused."""
+    seed = DIGITS / "torch_cnn_seed1.onnx"
+    spec = f"fuse:members={seed},combine=weights,match=activations"
+    err = one_line_error(cli(CNN, "-p", spec, "-o", tmp_path / "o.onnx"))
+    assert "match=activations needs --data" in err
+    report = tmp_path / "r.json"
+    out = tmp_path / "m.onnx"
+    calib = DIGITS / "torch_cnn.calib.npz"
+    res = cli(CNN, "-p", spec, "--data", calib, "-o", out, "--report", report, "-q")
+    assert res.exit_code == 0, res.stderr
+    section = json.loads(report.read_text())["passes"][0]
+    assert section["repair"] is True and section["match"] == "activations"
+    assert out.exists()

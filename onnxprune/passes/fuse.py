@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -22,6 +21,7 @@ from onnxprune.fusion.members import (
     single_input,
     unique_names,
 )
+from onnxprune.fusion.weights import merge_weights
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.runner import outputs
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from onnxprune.data import Dataset
 
 DETECT_SAMPLES = 256  # samples that decide whether a member's outputs are logits
-WEIGHTS_MODULE = "onnxprune.fusion.weights"
 
 
 @register_pass
@@ -91,6 +90,9 @@ class Fuse(Pass):
         0.0, "select: accuracy the kept members may lose against the full ensemble", low=0, high=1
     )
     align: bool = option(True, "combine=weights: align channels before averaging")
+    match: Literal["weights", "activations"] = option(
+        "weights", "combine=weights: align by weight correlation, or by activations on --data"
+    )
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -124,7 +126,7 @@ class Fuse(Pass):
         first = str(ctx.model_path) if ctx.model_path else "model"
         sources = [first, *self.members]
         if self.combine == "weights":
-            return self._weights_merge(model, [m for _, m in loaded])
+            return self._weights_merge(model, [m for _, m in loaded], sources, ctx)
         names = unique_names(sources)
         members = [Member(names[0], first, model)]
         members += [Member(n, p, m) for n, (p, m) in zip(names[1:], loaded, strict=True)]
@@ -305,20 +307,21 @@ class Fuse(Pass):
             ],
         }
 
-    def _weights_merge(self, model: onnx.ModelProto, others: list[onnx.ModelProto]) -> PassResult:
-        """``combine=weights``: weight-space fusion, by ``onnxprune.fusion.weights``."""
-        try:
-            module = importlib.import_module(WEIGHTS_MODULE)
-        except ModuleNotFoundError as exc:
-            if exc.name != WEIGHTS_MODULE:
-                raise
-            module = None
-        merge = getattr(module, "merge_weights", None)
-        if merge is None:
-            raise UnsupportedModelError(
-                f"pass fuse: combine=weights needs {WEIGHTS_MODULE}.merge_weights, which this "
-                "installation lacks; use combine=mean, weighted, vote or concat"
-            )
-        merged, section = merge([copy.deepcopy(model), *others], self.align)
+    def _weights_merge(
+        self,
+        model: onnx.ModelProto,
+        others: list[onnx.ModelProto],
+        sources: list[str],
+        ctx: Context,
+    ) -> PassResult:
+        """``combine=weights``: weight-space fusion (:func:`~onnxprune.fusion.weights.merge_weights`);
+        with ``--data`` the merge is REPAIRed on it and ``match=activations`` is possible."""
+        data = ctx.data(model) if ctx.data_path is not None else None
+        if self.match == "activations" and data is None:
+            raise PassOptionError("pass fuse: match=activations needs --data (real inputs)")
+        merged, section = merge_weights(
+            [copy.deepcopy(model), *others], self.align, names=sources, data=data, match=self.match
+        )
         model.CopyFrom(merged)
-        return PassResult(model, True, {"combine": "weights", "align": self.align, **section})
+        details = {"combine": "weights", "align": self.align, "match": self.match}
+        return PassResult(model, True, details | {"repair": data is not None} | section)
