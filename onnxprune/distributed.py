@@ -33,13 +33,7 @@ from typing import Any, Protocol, TypeVar
 import onnx
 
 from onnxprune.data import Dataset
-from onnxprune.errors import (
-    ArgumentError,
-    DeviceError,
-    MissingDependency,
-    OnnxPruneError,
-    first_line,
-)
+from onnxprune.errors import ArgumentError, DeviceError, MissingDependency, first_line
 from onnxprune.runner import plan
 
 RAY_INSTALL = "pip install 'onnxprune[ray]'"
@@ -238,7 +232,8 @@ class Workers:
         keyword arguments and result picklable.
 
         Raises:
-            OnnxPruneError: the one a task raised (a DataError, a PassFailedError...).
+            Exception: the one a task raised (a DataError, a PassFailedError...), as ``fn``
+                raises it in one process.
             DeviceError: the cluster cannot be reached, or lost a task.
         """
         p = plan(model, data, batch_size=batch_size)
@@ -252,8 +247,8 @@ class Workers:
             return list(ray.get(refs))
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, OnnxPruneError):
-                raise cause from None
+            if isinstance(cause, Exception):  # what the same call raises in one process
+                raise cause from exc
             raise DeviceError(f"--workers: a Ray task failed: {first_line(exc)}") from exc
         except ray.exceptions.RayError as exc:
             raise DeviceError(f"--workers: the Ray cluster lost a task: {first_line(exc)}") from exc

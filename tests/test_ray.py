@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,8 @@ def ray_head() -> Iterator[str]:
     os.environ.update(RAY_ENV)  # this process joins it too: same (disabled) token auth
     port = _free_port()
     ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():  # Ray installed outside this interpreter's folder
+        ray_cli = Path(shutil.which("ray") or "ray")
     head = subprocess.Popen(
         [
             str(ray_cli),
@@ -252,13 +255,20 @@ def test_fixed_batch_drops_the_tail_once(ray_head: str) -> None:
 
 
 @needs_ray
-def test_a_task_error_comes_back_as_is(ray_head: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [("data", DataError, "no array for model input"), ("tensor", ValueError, "'nope' is not")],
+)
+def test_a_task_error_comes_back_as_is(ray_head: str, case: str, error: type, match: str) -> None:
     model, data, tensors = _digits()
-    wrong = Dataset({"not_the_input": data.inputs["input"]}, None, "wrong.npz")
+    if case == "data":
+        data = Dataset({"not_the_input": data.inputs["input"]}, None, "wrong.npz")
+    else:
+        tensors = {"nope": 1}
     workers = Workers(2, ray_head)
     try:
-        with pytest.raises(DataError, match="no array for model input"):
-            workers.map(collect, model, wrong, tensors=tensors)
+        with pytest.raises(error, match=match):  # as collect raises it in one process
+            workers.map(collect, model, data, tensors=tensors)
     finally:
         workers.close()
 
