@@ -139,7 +139,7 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     type=click.IntRange(min=1),
     default=None,
     metavar="N",
-    help="Calibrate on N Ray tasks, one shard of the data each (needs onnxprune[ray]).",
+    help="Calibrate and validate on N Ray tasks, a shard of the data each (needs onnxprune[ray]).",
 )
 @click.option(
     "--ray-address",

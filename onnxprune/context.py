@@ -31,8 +31,8 @@ class Context:
         cache: results computed once and shared by passes (activation statistics...).
         input_shapes: input name -> the shape the user fixed (``--input-shape``): synthetic
             inputs and costs use it.
-        workers: Ray tasks that calibration runs on, one shard of the data each
-            (``--workers``); None runs it in this process.
+        workers: Ray tasks that calibration and validate's evaluation run on, one shard of
+            the data each (``--workers``); None runs them in this process.
     """
 
     original: onnx.ModelProto | None

@@ -1,4 +1,4 @@
-"""Calibration over shards of the data as Ray tasks (``--workers N``, ``--ray-address ADDR``).
+"""Calibration and evaluation over shards of the data as Ray tasks (``--workers N``, ``--ray-address``).
 
 Rules:
     1. Ray is optional (``pip install 'onnxprune[ray]'``): it is imported only here, and

@@ -74,9 +74,9 @@ def run(
         cache: results shared with other runs on the same model, data and seed (keyed by
             the model's content): a sweep hands every point one dict, so activation
             statistics are computed once for all points.
-        workers: run calibration (activation statistics) as this many Ray tasks, one shard of
-            the data each, merged (:mod:`onnxprune.distributed`; needs ``onnxprune[ray]``);
-            None runs it in this process.
+        workers: run calibration (activation statistics) and validate's evaluation as this
+            many Ray tasks, one shard of the data each, merged (:mod:`onnxprune.distributed`;
+            needs ``onnxprune[ray]``); None runs them in this process.
         ray_address: the Ray cluster to join (with ``workers``); None starts a local cluster
             of ``workers`` CPUs for this run and stops it at the end.
 

@@ -36,10 +36,14 @@ from onnxprune.data import Dataset, load_npz
 from onnxprune.distributed import Workers, pack, shard_ranges, unpack
 from onnxprune.errors import DataError
 from onnxprune.pruning.calibrate import ChannelStats, activation_stats, collect
+from onnxprune.runtime import session
+from onnxprune.validation.pair import run_pair
+from onnxprune.validation.sharded import sharded_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models/digits/torch_cnn.onnx"
 CALIB = ROOT / "models/digits/torch_cnn.calib.npz"
+TEST = ROOT / "models/digits/torch_cnn.test.npz"
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (onnxprune[ray])")
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -271,6 +275,31 @@ def test_a_task_error_comes_back_as_is(ray_head: str, case: str, error: type, ma
             workers.map(collect, model, data, tensors=tensors)
     finally:
         workers.close()
+
+
+@needs_ray
+def test_validate_on_two_workers_compares_the_same_outputs(ray_head: str) -> None:
+    chain = ["vote:sparsity=0.5,round_to=4", "validate:runs=0"]
+    kw = {"data": CALIB, "eval_data": TEST}
+    _, alone = onnxprune.run(DIGITS, chain, **kw)
+    _, shared = onnxprune.run(DIGITS, chain, **kw, workers=2, ray_address=ray_head)
+    a, b = alone["passes"][1], shared["passes"][1]
+    assert a["outputs"][0]["max_abs"] > 0 and a["outputs"][0]["shape"][0] == 359
+    assert a["outputs"] == b["outputs"] and a["classification"] == b["classification"]
+    assert a["gates"] == b["gates"]
+
+
+@needs_ray
+def test_sharded_pair_outputs_equal_one_process(ray_head: str) -> None:
+    original, _, _ = _digits()
+    pruned, _ = onnxprune.run(original, "vote:sparsity=0.5,round_to=4", data=CALIB)
+    data = load_npz(TEST, original)
+    ref, new, count = run_pair(session(original), session(pruned), original, data)
+    got = sharded_pair(Workers(2, ray_head), original, pruned, data, ["CPUExecutionProvider"])
+    assert got[2] == count == 359
+    for name in ref:  # the same batches through the same runtime: bit for bit
+        np.testing.assert_array_equal(got[0][name], ref[name])
+        np.testing.assert_array_equal(got[1][name], new[name])
 
 
 # ---------------------------------------------------------------------------------------------
