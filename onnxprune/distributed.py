@@ -1,4 +1,5 @@
-"""Calibration and evaluation over shards of the data as Ray tasks (``--workers N``, ``--ray-address``).
+"""Calibration and evaluation over shards of the data as Ray tasks (``--workers``,
+``--ray-address``).
 
 Rules:
     1. Ray is optional (``pip install 'onnxprune[ray]'``): it is imported only here, and
