@@ -23,6 +23,7 @@ import onnxruntime
 from rich.console import Console
 
 from onnxprune import commands
+from onnxprune.distributed import require_ray
 from onnxprune.errors import OnnxPruneError, ValidationFailed
 from onnxprune.job import build_job
 from onnxprune.report import (
@@ -134,6 +135,19 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     help="Fix the dynamic dims of input NAME for synthetic inputs and costs (repeatable).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Calibrate and validate on N Ray tasks, a shard of the data each (needs onnxprune[ray]).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDR",
+    help="With --workers: join the Ray cluster at ADDR [default: start a local one].",
+)
+@click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Store weights in OUT.data [default: only past 2 GB].",
@@ -193,6 +207,8 @@ def main(
     report_path: Path | None,
     seed: int | None,
     input_shapes: tuple[str, ...],
+    workers: int | None,
+    ray_address: str | None,
     external_data: bool | None,
     max_accuracy_drop: float | None,
     min_cosine: float | None,
@@ -241,6 +257,10 @@ def main(
             raise click.UsageError("--json needs --inspect (a run's JSON: --report FILE or -)")
         if plot_path is not None and sweep is None:
             raise click.UsageError("--plot needs --sweep")
+        if ray_address is not None and workers is None:
+            raise click.UsageError("--ray-address needs --workers N (the number of shards)")
+        if workers is not None:
+            require_ray()  # before any work
         job = build_job(
             model,
             pass_specs,
@@ -253,6 +273,8 @@ def main(
             external_data,
             eval_data=eval_data,
             input_shapes=input_shapes,
+            workers=workers,
+            ray_address=ray_address,
         )
         to_stdout = job.report_to_stdout or (inspect and as_json)
         if to_stdout:

@@ -70,6 +70,8 @@ def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, A
             model_path=job.model,
             inplace=True,
             input_shapes=job.input_shapes,
+            workers=job.workers,
+            ray_address=job.ray_address,
         )
         plan.write(model_file, lambda file: _write_model(new, file, job, target, report))
         report["output"] = str(target)
@@ -135,6 +137,8 @@ def sweep(
             on_point=lambda *_: advance(),
             plan=plan,
             input_shapes=job.input_shapes,
+            workers=job.workers,
+            ray_address=job.ray_address,
         )
         if plot is not None:
             plan.write(plot, lambda file: write_plot(report, file))

@@ -9,6 +9,7 @@ from typing import Any
 import onnx
 
 from onnxprune.data import Dataset
+from onnxprune.distributed import Workers
 from onnxprune.errors import InternalError
 from onnxprune.runtime import CPU
 from onnxprune.synthesis import load_data
@@ -30,6 +31,8 @@ class Context:
         cache: results computed once and shared by passes (activation statistics...).
         input_shapes: input name -> the shape the user fixed (``--input-shape``): synthetic
             inputs and costs use it.
+        workers: Ray tasks that calibration and validate's evaluation run on, one shard of
+            the data each (``--workers``); None runs them in this process.
     """
 
     original: onnx.ModelProto | None
@@ -40,6 +43,7 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)
     eval_data_path: Path | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    workers: Workers | None = None
     _data: Dataset | None = None
     _eval_data: Dataset | None = None
 

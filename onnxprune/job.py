@@ -39,6 +39,8 @@ class Job:
     recipe: Path | None = None
     eval_data: Path | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    workers: int | None = None
+    ray_address: str | None = None
 
     @property
     def report_to_stdout(self) -> bool:
@@ -58,6 +60,8 @@ def build_job(
     external_data: bool | None,
     eval_data: Path | None = None,
     input_shapes: tuple[str, ...] = (),
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> Job:
     """Merge the recipe (if any) and the command line; ``-p`` passes run after the recipe's,
     and an ``--input-shape`` replaces the recipe's shape of the same input."""
@@ -84,6 +88,8 @@ def build_job(
         recipe=recipe_path,
         eval_data=Path(eval_data) if eval_data is not None else None,
         input_shapes=shapes,
+        workers=workers,
+        ray_address=ray_address,
     )
 
 

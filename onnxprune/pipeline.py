@@ -14,6 +14,7 @@ import onnx
 
 from onnxprune.context import Context
 from onnxprune.cost import summarize
+from onnxprune.distributed import Workers
 from onnxprune.errors import (
     ArgumentError,
     DataError,
@@ -48,6 +49,8 @@ def run(
     inplace: bool = False,
     input_shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
     cache: dict[str, Any] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Apply ``passes`` in order to a copy of ``model``.
 
@@ -60,7 +63,8 @@ def run(
         device: ``auto`` (CUDA when usable, else CPU), ``cpu`` or ``cuda``.
         seed: seed for anything random.
         model_path: where the model came from (for messages and the report).
-        ctx: a prepared context (overrides data, eval_data, device, seed, model_path).
+        ctx: a prepared context (overrides data, eval_data, device, seed, model_path,
+            workers).
         inplace: let the first pass change ``model`` itself instead of a copy (saves one copy
             of the weights on large models; the CLI uses it). A copy is still kept as
             ``ctx.original`` when a pass in the chain declares ``needs_original``.
@@ -70,6 +74,11 @@ def run(
         cache: results shared with other runs on the same model, data and seed (keyed by
             the model's content): a sweep hands every point one dict, so activation
             statistics are computed once for all points.
+        workers: run calibration (activation statistics) and validate's evaluation as this
+            many Ray tasks, one shard of the data each, merged (:mod:`onnxprune.distributed`;
+            needs ``onnxprune[ray]``); None runs them in this process.
+        ray_address: the Ray cluster to join (with ``workers``); None starts a local cluster
+            of ``workers`` CPUs for this run and stops it at the end.
 
     Returns:
         The new model (with provenance in its metadata) and a JSON-ready report, whose
@@ -80,6 +89,7 @@ def run(
         ArgumentError: an argument of the wrong type (or a negative seed); the message names it.
         DataError: an input shape that does not fit its input (naming it and its declared
             shape).
+        MissingDependency: ``workers`` without Ray installed.
         OnnxPruneError: a bad pass spec or option, bad data, or a pass that failed (one from
             another distribution that crashes is a :class:`PassFailedError` naming it).
     """
@@ -92,6 +102,9 @@ def run(
     _check_arguments(data, seed, model_path, ctx, inplace, eval_data)
     for p in chain:  # every option error before any work
         p.check_options()
+    if ray_address is not None and workers is None:
+        raise ArgumentError("onnxprune.run: ray_address needs workers (--workers N)")
+    pool = Workers(workers, ray_address) if workers is not None and ctx is None else None
     shapes = as_input_shapes(input_shapes) if ctx is None else ctx.input_shapes
     check_input_shapes(model, shapes)
     if ctx is None:
@@ -110,6 +123,7 @@ def run(
             model_path=Path(model_path) if model_path is not None else None,
             input_shapes=shapes,
             cache=cache if cache is not None else {},
+            workers=pool,
         )
     report: dict[str, Any] = {
         "onnxprune": __version__,
@@ -119,12 +133,16 @@ def run(
         "passes": [],
     }
     current = model
-    for index, p in enumerate(chain):
-        # later passes get the previous pass's private result: no copy needed
-        work = current if index or inplace else copy.deepcopy(current)
-        result, section = _apply(p, work, ctx, [q.name for q in chain[:index]])
-        report["passes"].append(section)
-        current = result.model
+    try:
+        for index, p in enumerate(chain):
+            # later passes get the previous pass's private result: no copy needed
+            work = current if index or inplace else copy.deepcopy(current)
+            result, section = _apply(p, work, ctx, [q.name for q in chain[:index]])
+            report["passes"].append(section)
+            current = result.model
+    finally:
+        if pool is not None:
+            pool.close()  # the local cluster stops; a joined one only loses this client
     out = current if chain else copy.deepcopy(model)
     add_provenance(
         out,

@@ -208,6 +208,8 @@ def run_sweep(
     on_point: Callable[[float, dict[str, Any]], None] | None = None,
     plan: OutputPlan | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run ``chain`` (validate appended if missing) once per value of option ``key``.
 
@@ -216,7 +218,8 @@ def run_sweep(
         chain: the passes; those with an option ``key`` get each value.
         values: the values, in order.
         key: the option to sweep.
-        data, eval_data, device, seed, model_path, input_shapes: as for :func:`onnxprune.run`.
+        data, eval_data, device, seed, model_path, input_shapes, workers, ray_address: as for
+            :func:`onnxprune.run`.
         save_to: a folder to save each point's model in (``NAME.KEY-VALUE.onnx``), or None;
             the models are staged and moved into place together at the end (none on failure).
         external_data: as for :func:`onnxprune.save`.
@@ -267,6 +270,8 @@ def run_sweep(
                 model_path=model_path,
                 input_shapes=input_shapes,
                 cache=cache,
+                workers=workers,
+                ray_address=ray_address,
             )
             report["providers"] = rep["providers"]
             output = None

@@ -38,6 +38,7 @@ from onnxprune.validation.pair import (
     run_pair,
     symbolic_dims,
 )
+from onnxprune.validation.sharded import sharded_pair
 from onnxprune.validation.slow import is_slower, slow_causes, slow_message
 
 if TYPE_CHECKING:
@@ -158,7 +159,12 @@ class Validate(Pass):
         check_inputs(original, model)
         ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=False)
         new_sess = _pruned_session(model, ctx.providers, self.threads)
-        ref, new, count = run_pair(ref_sess, new_sess, original, data)
+        if ctx.workers is None:
+            ref, new, count = run_pair(ref_sess, new_sess, original, data)
+        else:  # --workers: one Ray task per shard of the data, joined in shard order
+            ref, new, count = sharded_pair(
+                ctx.workers, original, model, data, ctx.providers, self.threads
+            )
         labels = data.labels[:count] if data.labels is not None else None
         scored = self._label_output(ref)
         limits = self.limits(labels is not None and scored is not None)

@@ -428,7 +428,10 @@ def activation_stats(
     data = ctx.data(model)
     if data.synthetic:
         log.warning(SYNTHETIC_WARNING)
-    stats = collect(model, tensors, data, providers=ctx.providers, progress=progress)
+    if ctx.workers is None:
+        stats = collect(model, tensors, data, providers=ctx.providers, progress=progress)
+    else:  # one Ray task per shard of the data, merged in shard order
+        stats = ctx.workers.merged(collect, model, data, tensors=tensors, providers=ctx.providers)
     ctx.cache[key] = stats
     return stats
 
