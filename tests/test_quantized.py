@@ -374,3 +374,18 @@ def test_magnitude_sparsifies_quantized_weights_at_their_zero_point(
     }
     _assert_still_quantized(new)
     assert np.isfinite(run_model(new, _x())["y"]).all()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_parameters_count_the_quantized_weights_not_the_scales(tmp_path: Path, per_channel) -> None:
+    """A QDQ model has the parameters of its float model: int8 weights and int32 biases
+    count, scales and zero points do not; fold's counts follow the channels it removes."""
+    from onnxprune.cost import count_parameters
+
+    model = quantized(float_cnn(), tmp_path, per_channel)
+    assert count_parameters(model) == count_parameters(float_cnn())
+    zeroed, _ = onnxprune.run(copy.deepcopy(model), ["vote:sparsity=0.5,round_to=1"])
+    folded, report = onnxprune.run(zeroed, ["fold"])
+    section = report["passes"][0]
+    assert section["parameters_before"] == count_parameters(float_cnn())
+    assert section["parameters_after"] == count_parameters(folded) < section["parameters_before"]
