@@ -25,6 +25,7 @@ import onnxprune
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "models" / "real"
+NOTES = "Reading the table"
 
 
 def split(calib: Path, folder: Path) -> tuple[Path, Path]:
@@ -103,7 +104,9 @@ def main() -> None:
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__} (CPU). Latency "
         "ratios of models this small are dominated by per-node overhead.\n\n"
     )
-    args.out.write_text(header + "\n".join(lines) + "\n")
+    old = args.out.read_text() if args.out.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else ""  # the hand-written reading stays
+    args.out.write_text(header + "\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     print(f"wrote {args.out}")
 
 
