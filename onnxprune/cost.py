@@ -93,10 +93,21 @@ def _proto_overhead(model: onnx.ModelProto) -> int:
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of floating-point initializers and Constant-node tensors, in every graph."""
+    """Elements of the weights, in every graph: floating-point initializers and Constant-node
+    tensors, and the quantized data (int8/uint8 weights, int32 biases) a DequantizeLinear
+    reads; the scale of a QuantizeLinear/DequantizeLinear is no parameter (so a QDQ model
+    counts about what its float model does)."""
+    quantized: set[str] = set()
+    scales: set[str] = set()
+    for g in iter_graphs(model.graph):
+        for n in g.node:
+            if n.op_type == "DequantizeLinear" and n.input:
+                quantized.add(n.input[0])
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1:
+                scales.add(n.input[1])
     total = 0
     for t in iter_initializers(model.graph):
-        if _is_float(t.data_type):
+        if t.name in quantized or (_is_float(t.data_type) and t.name not in scales):
             total += int(np.prod(t.dims, dtype=np.int64))
     for g in iter_graphs(model.graph):
         for n in g.node:

@@ -25,17 +25,21 @@ import onnxprune
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "models" / "real"
+NOTES = "Reading the table"
+MARKS = ("const/", "axes/")  # arrays kept whole (an input may have a '/' in its name)
 
 
 def split(calib: Path, folder: Path) -> tuple[Path, Path]:
     """Two .npz files: the first and the second half of the samples (markers kept whole)."""
     with np.load(calib) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    samples = next(len(v) for k, v in arrays.items() if "/" not in k and v.ndim)
+    samples = next(len(v) for k, v in arrays.items() if not k.startswith(MARKS) and v.ndim)
     half = max(1, samples // 2)
     parts = []
     for name, lo, hi in (("calib", 0, half), ("eval", half, samples)):
-        part = {k: (v if "/" in k or not v.ndim else v[lo:hi]) for k, v in arrays.items()}
+        part = {
+            k: (v if k.startswith(MARKS) or not v.ndim else v[lo:hi]) for k, v in arrays.items()
+        }
         path = folder / f"{calib.stem}.{name}.npz"
         np.savez(path, **part)
         parts.append(path)
@@ -103,7 +107,9 @@ def main() -> None:
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__} (CPU). Latency "
         "ratios of models this small are dominated by per-node overhead.\n\n"
     )
-    args.out.write_text(header + "\n".join(lines) + "\n")
+    old = args.out.read_text() if args.out.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else ""  # the hand-written reading stays
+    args.out.write_text(header + "\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     print(f"wrote {args.out}")
 
 

@@ -12,16 +12,7 @@ from pathlib import Path
 
 import pytest
 
-_QDQ_WEIGHTS = (
-    "QDQ: every weight is an int8 initializer behind DequantizeLinear; magnitude sparsifies "
-    "float initializers only and finds none"
-)
-GAPS: dict[tuple[str, str], str] = {
-    ("magnitude", "real/digits_cnn_qdq_per_channel"): _QDQ_WEIGHTS,
-    ("magnitude", "real/digits_cnn_qdq_per_tensor"): _QDQ_WEIGHTS,
-    ("magnitude", "real/digits_encoder_qdq_per_channel"): _QDQ_WEIGHTS,
-    ("magnitude", "real/digits_encoder_qdq_per_tensor"): _QDQ_WEIGHTS,
-}
+GAPS: dict[tuple[str, str], str] = {}
 
 
 def fixture_id(path: str | Path) -> str:

@@ -23,7 +23,7 @@ from onnxruntime.quantization import (
 )
 
 import onnxprune
-from onnxprune.analysis.dequant import dequantize
+from onnxprune.analysis.dequant import dequantize, find_dequantized
 from onnxprune.analysis.handlers.quantized import QOPERATOR_REASON
 from onnxprune.analysis.inspect import channel_groups
 from onnxprune.analysis.labels import State
@@ -333,3 +333,59 @@ def test_vote_with_data_and_refit_on_a_qdq_model(qdq_cnns, tmp_path: Path) -> No
     folded, r = onnxprune.run(copy.deepcopy(zeroed), ["fold"])
     assert r["passes"][0]["channels_removed"] == 8
     np.testing.assert_array_equal(run_model(folded, _x())["y"], run_model(zeroed, _x())["y"])
+
+
+def _real(model: onnx.ModelProto, output: str) -> np.ndarray:
+    """The real value of the weight a DequantizeLinear makes as ``output``."""
+    inits = {t.name: t for t in model.graph.initializer}
+    d = find_dequantized(model.graph, inits)[output]
+    return dequantize(d, lambda n: numpy_helper.to_array(inits[n]))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("weight_type", [QuantType.QInt8, QuantType.QUInt8])
+def test_magnitude_sparsifies_quantized_weights_at_their_zero_point(
+    tmp_path: Path, per_channel: bool, weight_type: QuantType
+) -> None:
+    """The int8/uint8 data behind DequantizeLinear: per output row, the half with the smallest
+    real |w| is set to its zero point (so it dequantizes to exactly 0); the rest is kept."""
+    model = quantized(float_cnn(), tmp_path, per_channel, weight_type=weight_type)
+    new, report = onnxprune.run(copy.deepcopy(model), ["magnitude:sparsity=0.5"])
+    section = report["passes"][0]
+    assert section["weights"] == 3  # conv1, conv2 and the Gemm
+    deq = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for name in ("w1_quantized", "w2_quantized"):
+        node = deq[name]
+
+        before, after = _real(model, node.output[0]), _real(new, node.output[0])
+        q_before = np.asarray(get_init(model.graph, name))
+        q_after = np.asarray(get_init(new.graph, name))
+        assert q_after.dtype == q_before.dtype
+        rows_b, rows_a = before.reshape(len(before), -1), after.reshape(len(after), -1)
+        k = rows_b.shape[1] // 2
+        for b, a in zip(rows_b, rows_a, strict=True):
+            gone = a == 0
+            assert gone.sum() >= k
+            kept = ~gone
+            np.testing.assert_array_equal(a[kept], b[kept])  # the others are untouched
+            assert np.abs(b[gone]).max() <= np.abs(b[kept]).min()  # the smallest went
+    assert {t.name: list(t.dims) for t in new.graph.initializer} == {
+        t.name: list(t.dims) for t in model.graph.initializer
+    }
+    _assert_still_quantized(new)
+    assert np.isfinite(run_model(new, _x())["y"]).all()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_parameters_count_the_quantized_weights_not_the_scales(tmp_path: Path, per_channel) -> None:
+    """A QDQ model has the parameters of its float model: int8 weights and int32 biases
+    count, scales and zero points do not; fold's counts follow the channels it removes."""
+    from onnxprune.cost import count_parameters
+
+    model = quantized(float_cnn(), tmp_path, per_channel)
+    assert count_parameters(model) == count_parameters(float_cnn())
+    zeroed, _ = onnxprune.run(copy.deepcopy(model), ["vote:sparsity=0.5,round_to=1"])
+    folded, report = onnxprune.run(zeroed, ["fold"])
+    section = report["passes"][0]
+    assert section["parameters_before"] == count_parameters(float_cnn())
+    assert section["parameters_after"] == count_parameters(folded) < section["parameters_before"]

@@ -90,6 +90,15 @@ def dequantize(d: Dequantized, get: ArrayGetter) -> np.ndarray:
     return real.astype(scale.dtype)
 
 
+def zero_points(d: Dequantized, get: ArrayGetter) -> np.ndarray:
+    """The zero point of every element of ``d``'s data, broadcastable over it (0 without one):
+    the code that dequantizes to exactly 0."""
+    rank = len(np.shape(get(d.data)))
+    if d.zero_point is None:
+        return np.zeros((), np.asarray(get(d.data)).dtype)
+    return _along(np.asarray(get(d.zero_point)), d.axis, rank)
+
+
 def zero_code(d: Dequantized, get: ArrayGetter, axis: int, positions: np.ndarray) -> np.ndarray:
     """What to write into ``data`` at ``positions`` of ``axis`` so those slices dequantize to
     exactly 0: the zero point (0 without one), shaped to broadcast over the selected slices."""

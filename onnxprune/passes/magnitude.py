@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.analysis.dequant import Dequantized, dequantize, find_dequantized, zero_points
 from onnxprune.graph import attr
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
@@ -36,6 +37,7 @@ class _Layer:
     in_axis: int
     input: str
     input_axis: int
+    quantized: Dequantized | None = None
 
 
 @register_pass
@@ -45,7 +47,8 @@ class Magnitude(Pass):
 
     Rules:
         1. Constant weights of Conv, Gemm and MatMul nodes (initializers or Constant nodes) are
-           considered;
+           considered, and quantized ones (int8/uint8 data behind a DequantizeLinear of
+           initializers: scored by their real value, a zeroed entry set to its zero point);
            ``skip`` (a regex of node or weight names) leaves some out.
         2. ``method=magnitude`` scores |w|; ``method=wanda`` scores |w| x ||x_j|| with the
            input channel norms from the calibration data, compared per output row.
@@ -91,18 +94,26 @@ class Magnitude(Pass):
             if m_size and w.shape[ly.in_axis] % m_size:
                 skipped[ly.init] = f"{w.shape[ly.in_axis]} inputs are not a multiple of {m_size}"
                 continue
-            mat = np.moveaxis(w, (ly.out_axis, ly.in_axis), (0, 1))
+            real = w
+            zero = np.zeros((), w.dtype)
+            if ly.quantized is not None:
+
+                def get(name: str) -> np.ndarray:
+                    return numpy_helper.to_array(tensors[name])
+
+                real = dequantize(ly.quantized, get)
+                zero = np.broadcast_to(zero_points(ly.quantized, get), w.shape)
+            axes = (ly.out_axis, ly.in_axis)
+            mat = np.moveaxis(real, axes, (0, 1))
             shape = mat.shape
-            mat = mat.reshape(shape[0], shape[1], -1)  # [out, in, kernel]
-            score = np.abs(mat.astype(np.float64))
+            score = np.abs(mat.reshape(shape[0], shape[1], -1).astype(np.float64))  # [out, in, k]
             if ly.input in norms:
                 score = score * norms[ly.input][None, :, None]
-            mask = self._mask(score)
-            mat = np.where(mask, 0, mat).astype(w.dtype)
-            w = np.moveaxis(mat.reshape(shape), (0, 1), (ly.out_axis, ly.in_axis))
+            mask = np.moveaxis(self._mask(score).reshape(shape), (0, 1), axes)
+            w = np.where(mask, zero, w).astype(w.dtype)
             # in place, in the initializer or Constant node that holds it: no new tensors
             tensors[ly.init].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), ly.init))
-            z = int((w == 0).sum())
+            z = int((w == zero).sum())
             zeros += z
             total += w.size
             per_layer.append({"weight": ly.init, "sparsity": round(z / w.size, 4)})
@@ -145,19 +156,23 @@ def _weight_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return tensors
 
 
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+_CODES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
 def _layers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], skip: str) -> list[_Layer]:
     pattern = re.compile(skip) if skip else None
+    plain = {t.name: t for t in model.graph.initializer}
+    dequantized = find_dequantized(model.graph, plain)
     layers = []
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w = inits.get(node.input[1])
-        if (
-            w is None
-            or len(w.dims) < 2
-            or w.data_type
-            not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-        ):
+        quantized = dequantized.get(node.input[1]) if w is None else None
+        if quantized is not None:
+            w = inits[quantized.data]
+        if w is None or len(w.dims) < 2 or w.data_type not in (_CODES if quantized else _FLOATS):
             continue
         if pattern and (pattern.search(node.name) or pattern.search(w.name)):
             continue
@@ -166,13 +181,13 @@ def _layers(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], skip: st
             group = attr(node, "group", 1)
             if group != 1:
                 continue  # depthwise/grouped filters: too few inputs per output to sparsify
-            layers.append(_Layer(node, w.name, 0, 1, node.input[0], 1))
+            layers.append(_Layer(node, w.name, 0, 1, node.input[0], 1, quantized))
         elif node.op_type == "Gemm":
             attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
             if attrs.get("transA", 0):
                 continue
             out_axis, in_axis = (0, 1) if attrs.get("transB", 0) else (1, 0)
-            layers.append(_Layer(node, w.name, out_axis, in_axis, node.input[0], 1))
+            layers.append(_Layer(node, w.name, out_axis, in_axis, node.input[0], 1, quantized))
         else:
-            layers.append(_Layer(node, w.name, rank - 1, rank - 2, node.input[0], -1))
+            layers.append(_Layer(node, w.name, rank - 1, rank - 2, node.input[0], -1, quantized))
     return layers

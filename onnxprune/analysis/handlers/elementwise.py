@@ -49,6 +49,8 @@ ZERO_PRESERVING = {
     "Tan",
     "Asin",
     "CastLike",
+    "IsNaN",  # false at 0, as IsInf: the mask of a softmax's NaN rows (SDPA exports)
+    "IsInf",
 }
 
 # Unary ops applied per element whose f(0) is a constant other than 0.
@@ -57,8 +59,12 @@ CONST_MAKING = {"Sigmoid", "HardSigmoid", "Exp", "Softplus", "Cos", "Cosh", "Aco
 # Pools over the spatial axes (one value per channel and window).
 SPATIAL_CARRIERS = {"MaxPool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 
-# Elementwise ops of several inputs, with broadcasting.
-BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean"}
+# Elementwise ops of several inputs, with broadcasting (Where picks per element: the state
+# of its output is the join of all three, which holds whichever is picked).
+BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Mean", "Where"}
+
+# Ops of several inputs that are 0 where every input is 0.
+_SUMS = {"Add", "Sub", "Sum", "Mean", "Max", "Min"}
 
 # Reductions over axes other than the channel axis keep the channels.
 REDUCE = {
@@ -229,7 +235,8 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
     ``Shape -> Slice -> Cast -> Sqrt -> Div``) counts as a constant that cannot be sliced.
     Dividing by (or raising to) a channel pins it. State: Mul is :meth:`State.product` (zero
     absorbs), PRelu keeps its input's, the others :meth:`State.join` of their inputs (an
-    unlabelled input counts as at least CONST).
+    unlabelled input counts as at least CONST; for sums, a constant counts as ZERO where all
+    its entries of a channel are 0, so a zeroed bias keeps a zeroed channel ZERO).
     """
     ins = [t for t in node.input if t]
     labelled = [t for t in ins if t in an.labels]
@@ -259,6 +266,7 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
         an.pin_inputs(node, "divides by (or raises to) a channel that may be zero")
         return
     unlabelled_var = False
+    constant_states: list[np.ndarray] = []  # of constants: ZERO where a channel's entries are 0
     for idx, t in enumerate(node.input):
         if not t or t in an.labels:
             continue
@@ -266,11 +274,17 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
         axis = broadcast_axis(rank, len(shape), out_axis) if shape is not None else -1
         dim = shape[axis] if shape is not None and axis >= 0 else 1
         where = f"{node.op_type} {node_name(node)}"
-        if an.array(t) is not None:
+        arr = an.array(t)
+        if arr is not None:
             if dim == size:
                 an.member(node, idx, axis, ids)
+                value = np.asarray(arr)
+                rows = np.moveaxis(value, axis, 0).reshape(size, -1) if value.ndim else value
+                constant_states.append(State.of_constant(~rows.reshape(size, -1).any(axis=1)))
             elif dim != 1:
                 an.pin(ids, f"{where}: constant {t!r} does not match the channels")
+            else:
+                constant_states.append(State.of_constant(not np.asarray(arr).any()))
         elif data_independent(an, t):  # computed from constants and fixed sizes: a constant
             if dim == size:
                 an.pin(ids, f"{where}: {computed_constant(an, t)}: run -p cleanup first")
@@ -285,6 +299,8 @@ def elementwise(an: Analysis, node: onnx.NodeProto) -> None:
         state = State.product(*states, *others)
     elif node.op_type == "PRelu":
         state = states[0]
+    elif node.op_type in _SUMS and len(constant_states) == len(ins) - len(labelled):
+        state = State.join(*states, *constant_states, *others)  # x + 0 is x: a zero bias
     else:
         if len(labelled) < len(ins):
             others.append(State.CONST)

@@ -12,7 +12,7 @@ from onnxprune.analysis.handlers.shapes import selected_later
 from onnxprune.analysis.handlers.targets import TargetCheck, check_target, target_terms
 from onnxprune.analysis.labels import Labels, State
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import node_name
+from onnxprune.graph import attr, node_name
 
 
 @dataclass
@@ -146,15 +146,49 @@ def land(
 
 
 def _carrier(an: Analysis, node: onnx.NodeProto, ids: np.ndarray, axes: list[int]) -> int:
-    """Which part carries the labels (see :func:`land`)."""
+    """Which part carries the labels (see :func:`land`); a channel shuffle's inner part
+    (:func:`shuffle_rows`)."""
     for k in range(ids.ndim):
         moved = np.moveaxis(ids, k, 0).reshape(ids.shape[k], -1)
         if (moved == moved[:, :1]).all():  # ids constant across the other parts
             return k
+    if ids.ndim == 2 and is_shuffle(an, node, axes):
+        shuffle_rows(an, node, ids)
+        return 1
     k = ids.ndim - 2  # heads: the part before the innermost (d) ...
     if selected_later(an, node.output[0], axes[k]):
         k += 1  # ... unless it is picked apart later (q, k, v packed as [3, D]): then D
     return k
+
+
+def is_shuffle(an: Analysis, node: onnx.NodeProto, axes: list[int]) -> bool:
+    """Whether ``node`` splits the channels into ``[g, C/g]`` on adjacent axes that every
+    reader swaps with a Transpose: a channel shuffle (ShuffleNet)."""
+    readers = an.consumers(node.output[0])
+    if len(axes) != 2 or axes[1] != axes[0] + 1 or not readers:
+        return False
+    rank = len(an.shape(node.output[0]) or ())
+    swap = list(range(rank))
+    swap[axes[0]], swap[axes[1]] = axes[1], axes[0]
+    outputs = {o.name for o in an.graph.output}
+    return node.output[0] not in outputs and all(
+        r.op_type == "Transpose" and list(attr(r, "perm", None) or ()) == swap for r in readers
+    )
+
+
+def shuffle_rows(an: Analysis, node: onnx.NodeProto, ids: np.ndarray) -> None:
+    """A channel shuffle ``[g, m] -> [m, g]`` is a permutation of the channels: its label is
+    the inner position ``j`` and the ``g`` channels of each column go together, so every row
+    keeps ``m'`` of them and the shuffle stays a shuffle. When the rows are already whole
+    classes (the groups of a grouped Conv before it), the columns join them all: pinned, named."""
+    roots = an.roots()
+    if ids.shape[0] > 1 and all(len(np.unique(roots[row[row >= 0]])) == 1 for row in ids):
+        an.pin(
+            ids,
+            f"Reshape {node_name(node)}: channel shuffle of whole groups (a grouped Conv "
+            f"before it prunes whole groups, which the shuffle spreads over every group); "
+            f"equal numbers per group are not supported",
+        )
 
 
 def merge_map(src: tuple[int, ...], dst: tuple[int, ...], axis: int) -> tuple[int, int, int] | None:
