@@ -108,7 +108,8 @@ class Refit(Pass):
         return PassResult(ws.model, bool(kept), report)
 
     def _units(self, ws: Workspace) -> tuple[list[_Unit], dict[str, str]]:
-        units, skipped = [], {}
+        units: list[_Unit] = []
+        skipped: dict[str, str] = {}
         seen = set()
         for sink in ws.an.sinks:
             node = sink.node
@@ -166,7 +167,9 @@ class Refit(Pass):
 
     def _solve(self, graph: onnx.GraphProto, u: _Unit) -> dict[str, Any]:
         # outputs a pruning pass zeroed (their weight column is all zero) stay as they are
-        w_new, bias_new, info = solve(u.streams, u.keep, u.w, self.ridge, ~u.w.any(axis=0))
+        w_new, bias_new, info = solve(
+            u.streams, u.keep, u.w, self.ridge, np.asarray(~u.w.any(axis=0))
+        )
         every = u.streams.fit.merged(u.streams.held)
         before = every.mse(u.w, np.zeros_like(bias_new))
         after = every.mse(w_new, bias_new) if info["kept"] else before

@@ -75,15 +75,8 @@ class SinkRows:
         lam = RIDGE * max(float(np.trace(g)) / len(g), 1e-12)
         g[np.diag_indices_from(g)] += lam
         try:
-            factor = np.linalg.cholesky(g)
-            alpha = _cho_solve(factor, y1)
+            alpha = np.linalg.solve(g, y1)
         except np.linalg.LinAlgError:
             alpha = np.linalg.lstsq(g, y1, rcond=None)[0]
         resid = y2 - self.held[:, keep] @ (k1.T @ alpha)
         return float((resid * resid).sum() / len(resid))
-
-
-def _cho_solve(factor: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solve ``(L L') x = b`` from the lower Cholesky factor ``L``."""
-    inner = np.linalg.solve(factor, b)
-    return np.linalg.solve(factor.T, inner)

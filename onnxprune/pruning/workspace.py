@@ -53,15 +53,20 @@ class Workspace:
 
     @classmethod
     def open(
-        cls, model: onnx.ModelProto, ctx: Context, protect: str = "", mask: str = AUTO
+        cls,
+        model: onnx.ModelProto,
+        ctx: Context,
+        protect: str = "",
+        mask: str = AUTO,
+        who: str = "",
     ) -> Workspace:
         """Prepare ``model`` in place and analyse it; ``protect`` is a regex of node or
         initializer names whose groups must stay whole; ``mask`` chooses the padding-mask
-        input (:func:`onnxprune.pruning.masks.mask_input`)."""
+        input (:func:`onnxprune.pruning.masks.mask_input`; ``who`` names the pass in its errors)."""
         prepare_for_pruning(model.graph)
         allow_unlisted_initializers(model)  # an IR < 4 model lists them all as inputs
         an = analyse(model, probe_run(model, ctx).shapes)
-        ws = cls(model, an, an.groups(), ctx, mask=mask_input(model, mask, "workspace"))
+        ws = cls(model, an, an.groups(), ctx, mask=mask_input(model, mask, f"pass {who}"))
         if protect:
             pattern = re.compile(protect)
             for g in ws.groups:
@@ -201,7 +206,8 @@ def zero_and_compensate(
     classes: Collection[int],
     compensate: bool,
     model: onnx.ModelProto | None = None,
-) -> dict[str, int]:
+    after: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Zero ``classes`` in ``model`` (default: the workspace's own, or a copy of it); with
     ``compensate``, move their mean contribution into the biases.
 
@@ -209,7 +215,8 @@ def zero_and_compensate(
     compensation adds ``(mean - c) * W`` so that, after fold moves ``c * W`` too, the consumer
     receives the channel's calibration mean. A consumer is compensated only when that helps on
     rows it was not estimated from (:func:`compensation_helps`); the others are listed in
-    ``compensation_rejected``.
+    ``compensation_rejected``. ``after``: the values the zeroed channels have at their
+    consumers (:func:`zeroed_values` of these classes or more), when already known.
     """
     target = ws.model if model is None else model
     if not classes:
@@ -223,7 +230,7 @@ def zero_and_compensate(
     done = 0
     rejected: list[str] = []
     if compensate:
-        after = probe_run(target, ws.ctx).values
+        after = probe_run(target, ws.ctx).values if after is None else after
         roots = ws.an.roots()
         chosen = np.array(sorted(classes))
         for sink in ws.an.sinks:
@@ -235,6 +242,16 @@ def zero_and_compensate(
     if rejected:
         applied["compensation_rejected"] = rejected
     return applied
+
+
+def zeroed_values(ws: Workspace, classes: Collection[int]) -> dict[str, np.ndarray]:
+    """The probe's values of a copy of the model with ``classes`` zeroed: what each zeroed
+    channel is at its consumers (0, or a constant such as a sigmoid of 0), for any subset of
+    ``classes`` (a zeroed channel's value there depends on its own class only)."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(ws.model)
+    zero_classes(trial, ws.an, classes)
+    return probe_run(trial, ws.ctx).values
 
 
 def compensation_helps(x: np.ndarray, now: np.ndarray, w: np.ndarray, seed: int = 0) -> bool:
