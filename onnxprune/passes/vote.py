@@ -20,6 +20,7 @@ from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank
 from onnxprune.pruning.decision import GroupDecision, choice_score
 from onnxprune.pruning.ensemble import ensemble_arrays
 from onnxprune.pruning.free import free_first, free_mask
+from onnxprune.pruning.lsq import check_caps
 from onnxprune.pruning.masks import AUTO
 from onnxprune.pruning.shortfall import (
     LAST_CHANNEL,
@@ -231,6 +232,7 @@ class Vote(Pass):
             "round_to": multiple,
             "data": data.source,
             **({"mask_input": ws.mask} if ws.mask else {}),
+            **({"check_caps": check_caps()} if check != "off" else {}),
             **selection,
             **applied,
         }

@@ -1,12 +1,10 @@
 """Calibration: per-channel activation statistics and activation samples, computed by onnxruntime.
 
-:func:`collect` streams the wanted tensors over the data (:func:`onnxprune.runner.stream`)
-and folds each batch into per-channel accumulators (:class:`ChannelStats`) before the next
-runs: memory does not grow with the samples. :func:`collect_rows` keeps a uniform random subset
-of activation vectors (at most ``max_rows``) for least-squares fits; :func:`collect_sample` does
-both in one pass; :func:`activation_stats` and :func:`activation_rows` are the cached entry
-points for passes. Statistics run over every element but the channel axis (given by the caller),
-and skip padded tokens when a mask input is named (:mod:`onnxprune.pruning.masks`).
+:func:`collect` streams tensors over the data and folds each batch into per-channel
+accumulators (:class:`ChannelStats`, mergeable) before the next runs; :func:`collect_rows`
+keeps a bounded uniform subset of activation vectors; :func:`collect_sample` does both in one
+pass; :func:`activation_stats` / :func:`activation_rows` are the cached entry points. Padded
+tokens are skipped when a mask input is named (:mod:`onnxprune.pruning.masks`).
 """
 
 from __future__ import annotations
@@ -250,6 +248,9 @@ def collect(
     max_batches: int | None = None,
     *,
     mask: str | None = None,
+    rows: dict[str, np.ndarray] | None = None,
+    max_rows: int = 2048,
+    seed: int = 0,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of ``tensors`` (name -> channel axis) over ``data``.
 
@@ -268,6 +269,8 @@ def collect(
         mask: a padding-mask input ``[batch, sequence]``: positions where it is 0 are left
             out of every tensor shaped ``[batch, sequence]`` besides its channel axis
             (:func:`onnxprune.pruning.masks.positions`).
+        rows, max_rows, seed: a dict given as ``rows`` receives, from the same run, at most
+            ``max_rows`` sampled rows per tensor (:func:`collect_rows`).
 
     Returns:
         name -> :class:`ChannelStats`, in the order of ``tensors``.
@@ -277,17 +280,20 @@ def collect(
         DataError: the data gives no batch or lacks an input.
         PassFailedError: onnxruntime cannot run the model.
     """
-    stats, _ = collect_sample(
+    stats, sampled = collect_sample(
         model,
         tensors,
         data,
         providers,
-        max_rows=0,
+        max_rows=max_rows if rows is not None else 0,
+        seed=seed,
         batch_size=batch_size,
         progress=progress,
         max_batches=max_batches,
         mask=mask,
     )
+    if rows is not None:
+        rows.update(sampled)
     return stats
 
 
@@ -309,12 +315,8 @@ def collect_rows(
     a uniform random subset (seeded by ``seed``) is kept while streaming (memory
     ``O(max_rows * C)`` plus one batch). Other arguments as :func:`collect`.
 
-    Returns:
-        name -> float64 matrix ``[rows, C]``, rows in stream order (sample, then position).
-
-    Raises:
-        ValueError: as :func:`collect`, or ``max_rows < 1``.
-        DataError, PassFailedError: as :func:`collect`.
+    Returns name -> float64 matrix ``[rows, C]``, rows in stream order (sample, then position).
+    Raises as :func:`collect` (ValueError also for ``max_rows < 1``).
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
@@ -394,10 +396,7 @@ def activation_stats(
     (name, axis) pairs and the ``mask`` input (see :func:`collect`), so passes that ask for the
     same thing share one run; treat it as read-only. ``rows > 0`` samples that many rows per
     tensor in the same run, for :func:`activation_rows`. Without a data file the inputs are
-    synthetic, and a warning says so.
-
-    Raises:
-        ValueError, DataError, PassFailedError: as :func:`collect`.
+    synthetic, and a warning says so. Raises as :func:`collect`.
     """
     key = _cache_key(model, tensors, mask)
     if key in ctx.cache:
@@ -405,15 +404,17 @@ def activation_stats(
     data = ctx.data(model)
     if data.synthetic:
         log.warning(SYNTHETIC_WARNING)
-    stats, sampled = collect_sample(
+    sampled: dict[str, np.ndarray] = {}
+    stats = collect(
         model,
         tensors,
         data,
         ctx.providers,
-        max_rows=rows,
-        seed=ctx.seed,
         progress=progress,
         mask=mask,
+        rows=sampled if rows else None,
+        max_rows=rows,
+        seed=ctx.seed,
     )
     ctx.cache[key] = stats
     if rows:

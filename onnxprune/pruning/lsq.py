@@ -28,6 +28,17 @@ RIDGE = 1e-2  # ridge of the held-out refit, relative to the mean row energy
 HELD = 4  # one row in HELD is held out
 
 
+def check_caps() -> dict[str, object]:
+    """The caps of the check, as the pass reports them."""
+    return {
+        "rows": CHECK_ROWS,
+        "held_out": f"1 in {HELD}",
+        "sketch": SKETCH,
+        "ridge": RIDGE,
+        "cost": "O(rows^2 x inputs) per choice and consumer, no input covariance",
+    }
+
+
 @dataclass
 class SinkRows:
     """One consumer input, ready for the check: centred rows and the sketched weight."""

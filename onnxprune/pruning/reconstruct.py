@@ -64,6 +64,14 @@ class Sums:
             self.srr + other.srr,
         )
 
+    def restricted(self, keep: np.ndarray) -> Sums:
+        """The sums of the inputs ``keep`` only (weights elsewhere zero cost nothing)."""
+        if not self.n:
+            return self
+        return Sums(
+            self.n, self.sx[keep], self.sr, self.xtx[np.ix_(keep, keep)], self.xtr[keep], self.srr
+        )
+
     def mse(self, w: np.ndarray, b: np.ndarray) -> float:
         """Mean squared error per row of ``x w + b`` against ``r`` (0 without rows)."""
         if not self.n:
@@ -133,20 +141,22 @@ def solve(
     values = np.maximum(values, 0.0)
     base, pull = vectors.T @ cross, vectors.T @ w0[keep]
     all_mean_x, all_mean_r = every.sx / every.n, every.sr / every.n
+    held_keep = held.restricted(keep)
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
     for rel in (ridge,) if ridge is not None else RIDGES:
         lam = rel * energy
         w_keep = vectors @ ((base + lam * pull) / (values + lam)[:, None])
-        w = np.zeros_like(w0)
-        w[keep] = w_keep
+        w_keep[:, frozen] = w0[keep][:, frozen]
         b = all_mean_r - all_mean_x[keep] @ w_keep
-        w[:, frozen] = w0[:, frozen]
         b[frozen] = 0.0
-        err = held.mse(w, b)
+        err = held_keep.mse(w_keep, b)
         if best is None or err < best[0]:
-            best = (err, rel, w, b)
+            best = (err, rel, w_keep, b)
     assert best is not None
-    err, rel, w, b = best
+    err, rel, w_keep, b = best
+    w = np.zeros_like(w0)
+    w[keep] = w_keep
+    w[:, frozen] = w0[:, frozen]
     info.update(ridge=rel, held_before=before, held_after=err, kept=bool(err < before))
     if not info["kept"]:
         return w0, zero_b, info
