@@ -37,8 +37,14 @@ class _Unit:
     conv: dict[str, Any] | None = None  # kernel, pads, strides of a Conv (inputs as patches)
 
     def add(self, x: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
-        """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs."""
-        self.streams.add(x, target - current + x @ self.w)  # = target - (current bias)
+        """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs; the fit is for
+        the layer with the removed inputs' weight rows at zero (a constant input's part, which
+        zero padding may vary by row, goes to the fit's target)."""
+        now = target - current
+        gone = np.setdiff1d(np.arange(len(self.w)), self.keep)
+        xs = x[:, gone]
+        d = now + xs @ self.w[gone] if xs.any() else now
+        self.streams.add(x[:, self.keep], d, now)
 
 
 @register_pass
@@ -142,6 +148,11 @@ class Refit(Pass):
             units.append(_Unit(sink, out, axis, keep, alpha * w, streams, alpha, conv))
         return units, skipped
 
+    @staticmethod
+    def seed_of(u: _Unit) -> int:
+        """The sketch's seed for one layer (stable across runs)."""
+        return len(u.keep)
+
     def _stream(self, ws: Workspace, units: list[_Unit], old: Any) -> None:
         """One pass over the data, both models side by side, into each unit's equations."""
         wanted = sorted({u.sink.tensor for u in units} | {u.output for u in units})
@@ -167,12 +178,16 @@ class Refit(Pass):
 
     def _solve(self, graph: onnx.GraphProto, u: _Unit) -> dict[str, Any]:
         # outputs a pruning pass zeroed (their weight column is all zero) stay as they are
-        w_new, bias_new, info = solve(
-            u.streams, u.keep, u.w, self.ridge, np.asarray(~u.w.any(axis=0))
-        )
+        frozen = np.asarray(~u.w.any(axis=0))
+        dw, db, info = solve(u.streams, self.ridge, frozen, self.seed_of(u))
         every = u.streams.fit.merged(u.streams.held)
-        before = every.mse(u.w, np.zeros_like(bias_new))
-        after = every.mse(w_new, bias_new) if info["kept"] else before
+        before = every.now / every.n if every.n else 0.0
+        after = every.mse(dw, db) if info["kept"] else before
+        w_new = np.zeros_like(u.w)
+        w_new[u.keep] = u.w[u.keep] + dw
+        w_new[:, frozen] = u.w[:, frozen]
+        bias_new = db  # the zeroed inputs' rows become zero: their constant part is in db
+        bias_new[frozen] = 0.0
         node = u.sink.node
         taps = u.conv["taps"] if u.conv else 1
         report = {

@@ -1,13 +1,13 @@
 """Least-squares reconstruction of one linear layer that only helps (the maths of ``refit``).
 
-Rows (input vectors ``x`` and target residuals ``r``) are split as they stream: one in
-:data:`HELD` goes to the held-out sums, the rest to the fit sums. The new weights of the kept
-inputs solve a ridge problem on the fit rows that shrinks them towards their current values,
-``(C + lam I) w = c_xr + lam w0``, for every ridge on :data:`RIDGES` (times the mean input
-energy); the ridge with the lowest error on the held-out rows wins. The bias is then the
-least-squares one over all rows (which lowers the held-out error further). The result is kept
-only when its held-out error is below that of the current weights; otherwise the layer stays as
-it was (an exactly reconstructible layer stays exact).
+Rows (the kept inputs ``x`` and ``d = target - current output``) are split as they stream:
+one in :data:`HELD` goes to the held-out sums, the rest to the fit sums. The change of the kept
+inputs' weights solves a ridge problem on the fit rows, ``(C + lam I) dw = c_xd``, which
+shrinks the weights towards their current values, for every ridge on :data:`RIDGES` (times the
+mean input energy); the ridge with the lowest error on the held-out rows wins. The bias change
+is then the least-squares one over all rows (which lowers the held-out error further). The
+result is kept only when its held-out error is below that of no change; otherwise the layer
+stays as it was (an exactly reconstructible layer stays exact).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ HELD = 4  # one row in HELD is held out
 RIDGES = (1e-8, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean input energy
 ROWS_PER_INPUT = 4  # fit rows wanted per kept input; fewer: said in the layer's note
 MIN_HELD = 16  # fewer held-out rows than this: nothing is validated, the layer is left alone
+SKETCH = 32  # random projections of the outputs the ridge is chosen on
 
 
 @dataclass
@@ -33,9 +34,10 @@ class Sums:
     xtx: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     xtr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     srr: float = 0.0
+    now: float = 0.0  # sum of squared errors of the layer as it is
 
-    def add(self, x: np.ndarray, r: np.ndarray) -> None:
-        """Fold rows into the sums."""
+    def add(self, x: np.ndarray, r: np.ndarray, now: np.ndarray | None = None) -> None:
+        """Fold rows into the sums; ``now``: the rows' errors as the layer is (default ``r``)."""
         if not len(x):
             return
         if not self.n:
@@ -48,6 +50,7 @@ class Sums:
         self.xtx += x.T @ x
         self.xtr += x.T @ r
         self.srr += float((r * r).sum())
+        self.now += float((r * r).sum()) if now is None else float((now * now).sum())
 
     def merged(self, other: Sums) -> Sums:
         """Both sets of rows together."""
@@ -62,14 +65,7 @@ class Sums:
             self.xtx + other.xtx,
             self.xtr + other.xtr,
             self.srr + other.srr,
-        )
-
-    def restricted(self, keep: np.ndarray) -> Sums:
-        """The sums of the inputs ``keep`` only (weights elsewhere zero cost nothing)."""
-        if not self.n:
-            return self
-        return Sums(
-            self.n, self.sx[keep], self.sr, self.xtx[np.ix_(keep, keep)], self.xtr[keep], self.srr
+            self.now + other.now,
         )
 
     def mse(self, w: np.ndarray, b: np.ndarray) -> float:
@@ -100,64 +96,84 @@ class Streams:
     fit: Sums = field(default_factory=Sums)
     held: Sums = field(default_factory=Sums)
 
-    def add(self, x: np.ndarray, r: np.ndarray) -> None:
+    def add(self, x: np.ndarray, r: np.ndarray, now: np.ndarray | None = None) -> None:
         """Split the rows (one in :data:`HELD` held out, at random) and fold them in."""
         out = self.rng.random(len(x)) < 1.0 / HELD
-        self.fit.add(x[~out], r[~out])
-        self.held.add(x[out], r[out])
+        self.fit.add(x[~out], r[~out], None if now is None else now[~out])
+        self.held.add(x[out], r[out], None if now is None else now[out])
 
 
 def solve(
     streams: Streams,
-    keep: np.ndarray,
-    w0: np.ndarray,
     ridge: float | None = None,
     frozen: np.ndarray | None = None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """New weights [K, N] (rows outside ``keep`` zero) and bias change [N] for one layer, and
-    what was decided: ``kept`` (whether they beat the current weights ``w0`` on held-out rows),
-    the ridge, the held-out errors, a ``note`` when rows were short. ``ridge`` fixes the ridge
-    (relative) instead of choosing it on the held-out rows; ``frozen`` outputs keep ``w0`` and
-    no bias change. Rejected: ``w0`` and a zero bias."""
-    frozen = np.zeros(w0.shape[1], bool) if frozen is None else frozen
+    """The change of the kept inputs' weights [K, N] and of the bias [N] that fits the rows'
+    ``d`` (``x d_w + d_b``; the layer's target minus its output once the removed inputs' weight
+    rows are zero), and what was decided: ``kept`` (whether it
+    beats the layer as it is, ``now``, on the held-out rows), the ridge, the held-out errors, a ``note`` when rows
+    were short. The ridge shrinks the change towards zero, i.e. the weights towards their
+    current values; it is chosen on the held-out rows (on :data:`SKETCH` random projections of
+    the outputs; the final comparison is exact), or fixed by ``ridge`` (relative). ``frozen``
+    outputs do not change. Rejected: zeros."""
     fit, held = streams.fit, streams.held
-    every = fit.merged(held)
-    zero_b = np.zeros(w0.shape[1])
+    n_out = len(fit.sr) if fit.n else len(held.sr)
+    frozen = np.zeros(n_out, bool) if frozen is None else frozen
+    zero_w, zero_b = np.zeros((len(fit.sx), n_out)), np.zeros(n_out)
     info: dict[str, Any] = {"rows": fit.n, "rows_held": held.n}
-    before = held.mse(w0, zero_b)
+    before = held.now / held.n if held.n else 0.0
+    info["held_before"] = before
     if held.n < MIN_HELD or fit.n < 2:
         info.update(kept=False, note=f"{held.n} held-out rows: too few to validate, not refitted")
-        return w0, zero_b, info
-    if fit.n < ROWS_PER_INPUT * len(keep):
+        return zero_w, zero_b, info
+    k = len(fit.sx)
+    if fit.n < ROWS_PER_INPUT * k:
         info["note"] = (
-            f"{fit.n} fit rows for {len(keep)} kept inputs (under {ROWS_PER_INPUT} per input): "
+            f"{fit.n} fit rows for {k} kept inputs (under {ROWS_PER_INPUT} per input): "
             "ridge chosen on held-out rows"
         )
+    every = fit.merged(held)
     mean_x, mean_r = fit.sx / fit.n, fit.sr / fit.n
-    cov = fit.xtx[np.ix_(keep, keep)] / fit.n - np.outer(mean_x[keep], mean_x[keep])
-    cross = fit.xtr[keep] / fit.n - np.outer(mean_x[keep], mean_r)
-    energy = max(float(np.trace(cov)) / max(len(keep), 1), 1e-12)
+    cov = fit.xtx / fit.n - np.outer(mean_x, mean_x)
+    cross = fit.xtr / fit.n - np.outer(mean_x, mean_r)
+    cross[:, frozen] = 0.0
+    energy = max(float(np.trace(cov)) / max(k, 1), 1e-12)
     values, vectors = np.linalg.eigh(cov)
     values = np.maximum(values, 0.0)
-    base, pull = vectors.T @ cross, vectors.T @ w0[keep]
-    all_mean_x, all_mean_r = every.sx / every.n, every.sr / every.n
-    held_keep = held.restricted(keep)
-    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
-    for rel in (ridge,) if ridge is not None else RIDGES:
-        lam = rel * energy
-        w_keep = vectors @ ((base + lam * pull) / (values + lam)[:, None])
-        w_keep[:, frozen] = w0[keep][:, frozen]
-        b = all_mean_r - all_mean_x[keep] @ w_keep
-        b[frozen] = 0.0
-        err = held_keep.mse(w_keep, b)
-        if best is None or err < best[0]:
-            best = (err, rel, w_keep, b)
-    assert best is not None
-    err, rel, w_keep, b = best
-    w = np.zeros_like(w0)
-    w[keep] = w_keep
-    w[:, frozen] = w0[:, frozen]
-    info.update(ridge=rel, held_before=before, held_after=err, kept=bool(err < before))
+    all_x, all_r = every.sx / every.n, every.sr / every.n
+    all_r = np.where(frozen, 0.0, all_r)
+    candidates = (ridge,) if ridge is not None else RIDGES
+    rel = candidates[0]
+    if len(candidates) > 1:  # choose on a sketch of the outputs
+        omega = _sketch(n_out, seed)
+        base_s = vectors.T @ (cross @ omega)
+        h_cov, h_x = held.xtx / held.n, held.sx / held.n
+        h_xr, h_r = (held.xtr / held.n) @ omega, (held.sr / held.n) @ omega
+        scores = []
+        for lam_rel in candidates:
+            dw = vectors @ (base_s / (values + lam_rel * energy)[:, None])
+            db = all_r @ omega - all_x @ dw
+            score = (
+                np.einsum("ij,ij->", dw, h_cov @ dw)
+                - 2 * np.einsum("ij,ij->", dw, h_xr)
+                + 2 * db @ (h_x @ dw)
+                - 2 * db @ h_r
+                + db @ db
+            )
+            scores.append(float(score))
+        rel = candidates[int(np.argmin(scores))]
+    dw = vectors @ ((vectors.T @ cross) / (values + rel * energy)[:, None])
+    db = all_r - all_x @ dw
+    err = held.mse(dw, db)
+    info.update(ridge=rel, held_after=err, kept=bool(err < before))
     if not info["kept"]:
-        return w0, zero_b, info
-    return w, b, info
+        return zero_w, zero_b, info
+    return dw, db, info
+
+
+def _sketch(n_out: int, seed: int) -> np.ndarray:
+    """[N, s] random projections of the outputs (the identity when there are few)."""
+    if n_out <= SKETCH:
+        return np.eye(n_out)
+    return np.random.default_rng(seed).standard_normal((n_out, SKETCH)) / np.sqrt(SKETCH)
