@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 HELD = 4  # one row in HELD is held out
-RIDGES = (1e-8, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # relative to the mean input energy
+RIDGES = (1e-8, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative to the mean input energy
 ROWS_PER_INPUT = 4  # fit rows wanted per kept input; fewer: said in the layer's note
 MIN_HELD = 16  # fewer held-out rows than this: nothing is validated, the layer is left alone
 SKETCH = 32  # random projections of the outputs the ridge is chosen on
