@@ -22,6 +22,7 @@ RIDGES = (1e-8, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # relative to the mean
 ROWS_PER_INPUT = 4  # fit rows wanted per kept input; fewer: said in the layer's note
 MIN_HELD = 16  # fewer held-out rows than this: nothing is validated, the layer is left alone
 SKETCH = 32  # random projections of the outputs the ridge is chosen on
+BLOCK = 2048  # rows folded into the sums at a time
 
 
 @dataclass
@@ -90,14 +91,33 @@ class Sums:
 
 @dataclass
 class Streams:
-    """The fit and held-out sums of one layer, with the rule that splits rows between them."""
+    """The fit and held-out sums of one layer, with the rule that splits rows between them.
+
+    Rows are buffered and folded in blocks of at least :data:`BLOCK` (one large matrix product
+    instead of many thin ones); :meth:`flush` folds the rest (``solve`` calls it)."""
 
     rng: np.random.Generator
     fit: Sums = field(default_factory=Sums)
     held: Sums = field(default_factory=Sums)
+    _buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    _buffered: int = 0
 
     def add(self, x: np.ndarray, r: np.ndarray, now: np.ndarray | None = None) -> None:
-        """Split the rows (one in :data:`HELD` held out, at random) and fold them in."""
+        """Queue rows; fold the queue once it holds :data:`BLOCK` rows."""
+        self._buffer.append((x, r, now))
+        self._buffered += len(x)
+        if self._buffered >= BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Split the queued rows (one in :data:`HELD` held out, at random) and fold them in."""
+        if not self._buffer:
+            return
+        x = np.concatenate([b[0] for b in self._buffer])
+        r = np.concatenate([b[1] for b in self._buffer])
+        nows = [b[2] if b[2] is not None else b[1] for b in self._buffer]
+        now = np.concatenate(nows) if any(b[2] is not None for b in self._buffer) else None
+        self._buffer, self._buffered = [], 0
         out = self.rng.random(len(x)) < 1.0 / HELD
         self.fit.add(x[~out], r[~out], None if now is None else now[~out])
         self.held.add(x[out], r[out], None if now is None else now[out])
@@ -117,6 +137,7 @@ def solve(
     current values; it is chosen on the held-out rows (on :data:`SKETCH` random projections of
     the outputs; the final comparison is exact), or fixed by ``ridge`` (relative). ``frozen``
     outputs do not change. Rejected: zeros."""
+    streams.flush()
     fit, held = streams.fit, streams.held
     n_out = len(fit.sr) if fit.n else len(held.sr)
     frozen = np.zeros(n_out, bool) if frozen is None else frozen
