@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -14,6 +14,8 @@ from onnxprune.analysis.labels import Sink, State
 from onnxprune.graph import add_output_bias, attr, bias_add_after, get_init, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
+from onnxprune.pruning.masks import positions
+from onnxprune.pruning.reconstruct import RIDGES, Streams, solve
 from onnxprune.pruning.workspace import Workspace
 from onnxprune.runner import exposed_session, run_batches
 
@@ -23,37 +25,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Unit:
-    """One linear consumer to refit, with its streaming normal equations."""
+    """One linear consumer to refit, with its streaming fit and held-out sums."""
 
     sink: Sink
     output: str  # the unit's output (after its bias), the same tensor in both models
     out_axis: int
     keep: np.ndarray  # positions of the input that stay (not zero/constant)
     w: np.ndarray  # current weight as [K, N]
+    streams: Streams
     scale: float = 1.0  # Gemm's alpha: the unit computes x @ (scale * weight)
     conv: dict[str, Any] | None = None  # kernel, pads, strides of a Conv (inputs as patches)
-    n: int = 0
-    srr: float = 0.0
-    # the streaming sums; empty until the first rows arrive
-    sx: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    xtx: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
-    xtr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
-    sr: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    notes: list[str] = field(default_factory=list)
 
     def add(self, x: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
-        """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs."""
-        resid = target - current + x @ self.w  # = target - (current bias), per row
-        if not self.n:
-            k, m = x.shape[1], resid.shape[1]
-            self.sx, self.sr = np.zeros(k), np.zeros(m)
-            self.xtx, self.xtr = np.zeros((k, k)), np.zeros((k, m))
-        self.n += len(x)
-        self.sx += x.sum(0)
-        self.sr += resid.sum(0)
-        self.xtx += x.T @ x
-        self.xtr += x.T @ resid
-        self.srr += float((resid * resid).sum())
+        """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs; the fit is for
+        the layer with the removed inputs' weight rows at zero (a constant input's part, which
+        zero padding may vary by row, goes to the fit's target)."""
+        now = target - current
+        gone = np.setdiff1d(np.arange(len(self.w)), self.keep)
+        xs = x[:, gone]
+        d = now + xs @ self.w[gone] if xs.any() else now
+        self.streams.add(x[:, self.keep], d, now)
 
 
 @register_pass
@@ -65,17 +56,29 @@ class Refit(Pass):
         1. A layer qualifies when it is linear in its input: Gemm (transA=0), MatMul with a 2-D
            constant weight, or a Conv without groups or dilation (its input taken as patches).
         2. On the calibration data (``--data``; synthetic inputs otherwise) the pass streams the
-           layer's inputs in the pruned model and its outputs in the original model, and solves
-           a ridge least-squares problem for the weights of the channels that remain and for the
-           bias. Weights of pruned channels become zero, so ``fold`` adds nothing for them.
-        3. Layers are refitted in graph order, each on the inputs that the layers refitted
-           before it produce (one pass over the data per layer).
-        4. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
+           layer's inputs in the pruned model and its outputs in the original model; one row in
+           four is held out. It solves a ridge least-squares problem on the other rows for the
+           weights of the channels that remain (shrunk towards their current values) and the
+           bias; the ridge is the one with the lowest held-out error (or ``ridge``). Weights of
+           pruned channels become zero, so ``fold`` adds nothing for them.
+        3. Only helps: the new weights are kept only when their error on the held-out rows is
+           below that of the current weights; otherwise the layer stays as it was (``kept``,
+           ``held_before``, ``held_after`` per layer; ``rejected`` counts them). A layer with
+           fewer than 4 fit rows per kept input says so in its ``note``.
+        4. Layers are refitted in graph order, each on the inputs that the layers refitted
+           before it produce (one pass over the data per layer). Padded tokens are left out
+           when the model has a padding mask (:mod:`onnxprune.pruning.masks`).
+        5. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
     """
 
     name: ClassVar[str] = "refit"
     needs_original: ClassVar[bool] = True
-    ridge: float = option(0.1, "ridge strength, relative to the mean input energy", low=0)
+    ridge: float | None = option(
+        None,
+        "ridge strength, relative to the mean input energy [default: the one of "
+        f"{', '.join(map(str, RIDGES))} with the lowest error on held-out rows]",
+        low=0,
+    )
     max_batches: int = option(64, "calibration batches to stream (at most)", low=1)
     max_rows: int = option(4096, "rows (positions) sampled per batch and layer", low=1)
 
@@ -99,12 +102,20 @@ class Refit(Pass):
                 self._stream(ws, [unit], original)
                 report_units.append(self._solve(ws.model.graph, unit))
                 advance()
-        return PassResult(
-            ws.model, True, {"refitted": len(units), "skipped": skipped, "layers": report_units}
-        )
+        kept = sum(r["kept"] for r in report_units)
+        report = {
+            "refitted": kept,
+            "rejected": len(report_units) - kept,
+            "skipped": skipped,
+            "layers": report_units,
+        }
+        if ws.mask:
+            report["mask_input"] = ws.mask
+        return PassResult(ws.model, bool(kept), report)
 
     def _units(self, ws: Workspace) -> tuple[list[_Unit], dict[str, str]]:
-        units, skipped = [], {}
+        units: list[_Unit] = []
+        skipped: dict[str, str] = {}
         seen = set()
         for sink in ws.an.sinks:
             node = sink.node
@@ -132,8 +143,15 @@ class Refit(Pass):
                 w = np.moveaxis(weight, sink.weight_axis, 0)
                 w = w.reshape(w.shape[0], -1)
             alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
-            units.append(_Unit(sink, out, lab.axis if lab else -1, keep, alpha * w, alpha, conv))
+            streams = Streams(np.random.default_rng([ws.ctx.seed, len(units)]))
+            axis = lab.axis if lab else -1
+            units.append(_Unit(sink, out, axis, keep, alpha * w, streams, alpha, conv))
         return units, skipped
+
+    @staticmethod
+    def seed_of(u: _Unit) -> int:
+        """The sketch's seed for one layer (stable across runs)."""
+        return len(u.keep)
 
     def _stream(self, ws: Workspace, units: list[_Unit], old: Any) -> None:
         """One pass over the data, both models side by side, into each unit's equations."""
@@ -142,37 +160,46 @@ class Refit(Pass):
         data = ws.ctx.data(ws.model)
         rng = np.random.default_rng(ws.ctx.seed)
         pairs = run_batches([new, old], ws.model, data, max_batches=self.max_batches)
-        for _, (got, ref) in pairs:
+        for feed, (got, ref) in pairs:
+            mask = feed[ws.mask] if ws.mask else None
             for u in units:
                 x = got[u.sink.tensor]
+                real = None if u.conv else positions(mask, x, u.sink.labels.axis)
+                if real is not None and positions(mask, ref[u.output], u.out_axis) is None:
+                    real = None  # the output is not laid out by token: fit every row
                 x = _patches(x, u.conv) if u.conv else _rows(x, u.sink.labels.axis)
                 target, current = _rows(ref[u.output], u.out_axis), _rows(got[u.output], u.out_axis)
+                if real is not None:
+                    x, target, current = x[real], target[real], current[real]
                 if len(x) > self.max_rows:  # the same random rows of inputs and outputs
                     pick = rng.choice(len(x), self.max_rows, replace=False)
                     x, target, current = x[pick], target[pick], current[pick]
                 u.add(x, target, current)
 
     def _solve(self, graph: onnx.GraphProto, u: _Unit) -> dict[str, Any]:
-        keep = u.keep
-        mean_x = u.sx / u.n
-        mean_r = u.sr / u.n
-        cov = u.xtx / u.n - np.outer(mean_x, mean_x)
-        cross = u.xtr / u.n - np.outer(mean_x, mean_r)
-        ck = cov[np.ix_(keep, keep)]
-        lam = self.ridge * max(float(np.trace(ck)) / max(len(keep), 1), 1e-12)
-        w_keep = np.linalg.solve(ck + lam * np.eye(len(keep)), cross[keep])
-        w_new = np.zeros_like(u.w)
-        w_new[keep] = w_keep
-        # the residual rows already exclude the current bias: what is solved for here is the
-        # change to add to it
-        bias_new = mean_r - mean_x[keep] @ w_keep
         # outputs a pruning pass zeroed (their weight column is all zero) stay as they are
-        dead = ~u.w.any(axis=0)
-        w_new[:, dead] = u.w[:, dead]
-        bias_new[dead] = 0.0
-        before = _mse(u, u.w, np.zeros_like(bias_new))
-        after = _mse(u, w_new, bias_new)
+        frozen = np.asarray(~u.w.any(axis=0))
+        dw, db, info = solve(u.streams, self.ridge, frozen, self.seed_of(u))
+        every = u.streams.fit.merged(u.streams.held)
+        before = every.now / every.n if every.n else 0.0
+        after = every.mse(dw, db) if info["kept"] else before
+        w_new = np.zeros_like(u.w)
+        w_new[u.keep] = u.w[u.keep] + dw
+        w_new[:, frozen] = u.w[:, frozen]
+        bias_new = db  # the zeroed inputs' rows become zero: their constant part is in db
+        bias_new[frozen] = 0.0
         node = u.sink.node
+        taps = u.conv["taps"] if u.conv else 1
+        report = {
+            "node": node.name or node.output[0],
+            "inputs_kept": int(len(u.keep)) // taps,
+            "inputs": int(len(u.w)) // taps,
+            "mse_before": before,
+            "mse_after": after,
+            **info,
+        }
+        if not info["kept"]:
+            return report
         weight = get_init(graph, u.sink.weight)
         if u.conv:
             stored = _conv_weight(w_new, weight.shape).astype(weight.dtype)
@@ -184,28 +211,7 @@ class Refit(Pass):
         set_init(graph, u.sink.weight, np.ascontiguousarray(stored))
         # Gemm adds alpha * delta to its output; the solve is in output units
         add_output_bias(graph, node, (bias_new / u.scale).astype(weight.dtype))
-        taps = u.conv["taps"] if u.conv else 1
-        return {
-            "node": node.name or node.output[0],
-            "inputs_kept": int(len(keep)) // taps,
-            "inputs": int(len(u.w)) // taps,
-            "rows": u.n,
-            "mse_before": before,
-            "mse_after": after,
-        }
-
-
-def _mse(u: _Unit, w: np.ndarray, b: np.ndarray) -> float:
-    """Mean squared error per row of ``x w + b`` against the targets, from the stored sums."""
-    cov_x = u.xtx / u.n
-    xr = u.xtr / u.n
-    mean_x, mean_r = u.sx / u.n, u.sr / u.n
-    quad = float(np.einsum("ij,ik,kj->", w, cov_x, w))
-    cross = float(np.einsum("ij,ij->", w, xr))
-    rr = u.srr / u.n
-    return (
-        rr + quad - 2 * cross + 2 * float(b @ (mean_x @ w)) - 2 * float(b @ mean_r) + float(b @ b)
-    )
+        return report
 
 
 def _rows(x: np.ndarray, axis: int) -> np.ndarray:

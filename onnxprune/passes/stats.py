@@ -45,6 +45,7 @@ class Stats(Pass):
         "auto", "move pruned channels' mean into the next bias (auto: when --data is given)"
     )
     protect: str = option("", "regex of node/initializer names whose groups stay whole", regex=True)
+    mask_input: str = option("auto", "padding-mask input statistics skip padding by (as vote's)")
 
     def __post_init__(self) -> None:
         get_criterion(self.metric, f"pass {self.name}")
@@ -53,7 +54,7 @@ class Stats(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Measure, threshold, zero and compensate."""
-        ws = Workspace.open(model, ctx, self.protect)
+        ws = Workspace.open(model, ctx, self.protect, self.mask_input, self.name)
         crit = get_criterion(self.metric)
         has_data = not ctx.data(model).synthetic
         compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)

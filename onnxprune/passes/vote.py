@@ -12,13 +12,16 @@ import onnx
 from onnxprune import progress
 from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
 from onnxprune.analysis.state import NOTHING_TO_PRUNE
-from onnxprune.errors import PassOptionError
-from onnxprune.graph import get_init, prepare_for_pruning
-from onnxprune.model import load, model_nbytes
+from onnxprune.graph import get_init
+from onnxprune.model import model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
 from onnxprune.pruning.decision import GroupDecision, choice_score
+from onnxprune.pruning.ensemble import ensemble_arrays
+from onnxprune.pruning.free import free_first, free_mask
+from onnxprune.pruning.lsq import check_caps
+from onnxprune.pruning.masks import AUTO
 from onnxprune.pruning.shortfall import (
     LAST_CHANNEL,
     asked_count,
@@ -35,6 +38,7 @@ from onnxprune.pruning.workspace import (
     reconstruction_error,
     round_count,
     zero_and_compensate,
+    zeroed_values,
 )
 from onnxprune.runner import outputs, plan
 from onnxprune.runtime import channel_multiple
@@ -77,12 +81,17 @@ class Vote(Pass):
            each voter's own choice are tried on the whole model: the one whose outputs move
            least on the calibration data (accuracy first when it has labels) is kept, so the
            vote is never worse there than its best voter.
-        4. ``scope=global`` ranks all groups together after per-group normalisation, keeping at
+        4. Free first: channels exactly zero or constant wherever they are read (proved from
+           the weights, or constant on the calibration data) go before any live channel, in
+           every voter's ranking (``zero_or_constant`` counts them per group).
+        5. Statistics over token positions skip padding when the model has a padding-mask
+           input (``mask_input``: detected by name and type, named, or ``none``).
+        6. ``scope=global`` ranks all groups together after per-group normalisation, keeping at
            least ``floor`` of every group.
-        5. Pruned channels are zeroed in every member of their group; with data, their mean
-           contribution moves into the next layer's bias (``compensate``). Then ``fold``
-           removes them for real.
-        6. Every group that gives less than ``sparsity`` asks says why: a row in ``shortfall``
+        7. Pruned channels are zeroed in every member of their group; with data, their mean
+           contribution moves into the next layer's bias (``compensate``) where that lowers
+           the error on held-out rows. Then ``fold`` removes them for real.
+        8. Every group that gives less than ``sparsity`` asks says why: a row in ``shortfall``
            (group, layers, asked, pruned, reason), pinned and protected groups included, and
            ``asked``/``reason`` in its ``groups`` section when it was voted on; layers no group
            covers get a row too (``shortfall.uncovered_layers``).
@@ -118,6 +127,11 @@ class Vote(Pass):
         "weigh voters by the loss left after a least-squares refit (lsq) or after bias "
         "compensation (mean); needs data",
     )
+    mask_input: str = option(
+        AUTO,
+        "padding-mask input [batch, sequence] whose zeros statistics skip (auto: an integer "
+        "or bool input named like *mask*; none: off)",
+    )
     fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
     select: Literal["auto", "output", "local"] = option(
         "auto",
@@ -148,7 +162,7 @@ class Vote(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
-        ws = Workspace.open(model, ctx, self.protect)
+        ws = Workspace.open(model, ctx, self.protect, self.mask_input, self.name)
         if not ws.groups:  # nothing to vote on: no statistics to gather either
             nothing = {"channels_pruned": 0, "groups": [], "note": NOTHING_TO_PRUNE}
             return PassResult(ws.model, False, nothing)
@@ -161,7 +175,7 @@ class Vote(Pass):
         need_stats = any(c.needs_data for c in criteria) or compensate
         stats = ws.stats() if need_stats else {}
         arrays = [("", lambda name: get_init(model.graph, name), stats)]
-        arrays += self._ensemble(ws)
+        arrays += ensemble_arrays(ws, self.ensemble, criteria)
         check = self.check if has_data else "off"
         chosen: set[int] = set()
         decisions: list[GroupDecision] = []
@@ -181,12 +195,16 @@ class Vote(Pass):
                 for tag, getter, st in arrays
                 for c in criteria
             ]
-            plans.append((g, classes, voters))
+            plans.append(
+                (g, classes, voters, free_mask(ws.an, classes, stats if has_data else None))
+            )
         if self.scope == "global":
             chosen, decisions = self._global(ws, plans, multiple, multiples)
         else:
-            for g, classes, voters in plans:
-                decision = self._local(ws, g, classes, voters, check, multiple, multiples[g.index])
+            for g, classes, voters, dead in plans:
+                decision = self._local(
+                    ws, g, classes, voters, dead, check, multiple, multiples[g.index]
+                )
                 chosen |= decision.picked
                 decisions.append(decision)
         selection: dict[str, Any] = {}
@@ -213,6 +231,8 @@ class Vote(Pass):
             "compensated": compensate,
             "round_to": multiple,
             "data": data.source,
+            **({"mask_input": ws.mask} if ws.mask else {}),
+            **({"check_caps": check_caps()} if check != "off" else {}),
             **selection,
             **applied,
         }
@@ -237,36 +257,13 @@ class Vote(Pass):
             "reason": hold_reason(g, 0, self.protect if g.index in ws.protected else ""),
         }
 
-    def _ensemble(self, ws: Workspace) -> list[tuple[str, Any, dict]]:
-        out = []
-        names = {m.init for m in ws.an.members}
-        shapes = {t.name: list(t.dims) for t in ws.model.graph.initializer if t.name in names}
-        for path in self.ensemble:
-            other = load(path)
-            prepare_for_pruning(other.graph)
-            theirs = {t.name: list(t.dims) for t in other.graph.initializer if t.name in shapes}
-            if theirs != shapes:
-                missing = sorted(set(shapes) - set(theirs)) or sorted(
-                    n for n in shapes if theirs.get(n) != shapes[n]
-                )
-                raise PassOptionError(
-                    f"pass vote: ensemble member {path} differs from the model in "
-                    f"initializer(s) {missing[:3]}: members must share one architecture"
-                )
-            stats: dict = {}
-            if any(get_criterion(c).needs_data for c in self.criteria):
-                from onnxprune.pruning.calibrate import activation_stats
-
-                stats = activation_stats(ws.ctx, other, ws.sink_tensors())
-            out.append((str(path), (lambda g: lambda name: get_init(g, name))(other.graph), stats))
-        return out
-
     def _local(
         self,
         ws: Workspace,
         g: Any,
         classes: np.ndarray,
         voters: list[Voter],
+        dead: np.ndarray,
         check: str,
         multiple: int,
         per: tuple[int, int],
@@ -292,7 +289,9 @@ class Vote(Pass):
             section["pruned"] = 0
             return GroupDecision(g, section)
         scores = {v.name: v.criterion.rank_scores(v.view) for v in voters}
-        active = {n: s for n, s in scores.items() if s is not None}
+        active = {n: free_first(s, dead) for n, s in scores.items() if s is not None}
+        if dead.any():
+            section["zero_or_constant"] = int(dead.sum())
         section["abstained"] = sorted(set(scores) - set(active))
         if not active:
             section["pruned"] = 0
@@ -351,10 +350,12 @@ class Vote(Pass):
         covered = plan(ws.model, data).samples
         labels = data.labels[:covered] if data.labels is not None else None
         scores = {}
+        after = zeroed_values(ws, set().union(*candidates.values())) if compensate else None
         with progress.task(len(candidates), "selection candidates") as advance:
             for name, classes in candidates.items():
                 trial = copy.deepcopy(ws.model)
-                zero_and_compensate(ws, keep_one_per_tensor(ws.an, classes), compensate, trial)
+                chosen = keep_one_per_tensor(ws.an, classes)
+                zero_and_compensate(ws, chosen, compensate, trial, after)
                 got = list(outputs(trial, data, ws.ctx.providers).values())
                 scores[name] = choice_score(reference, got, labels)
                 advance()
@@ -402,11 +403,12 @@ class Vote(Pass):
         self, ws: Workspace, plans: list, multiple: int, multiples: dict[int, tuple[int, int]]
     ) -> tuple[set[int], list[GroupDecision]]:
         pooled = []  # (normalised score, group index, class)
-        for g, classes, voters in plans:
+        for g, classes, voters, dead in plans:
             active = [s for s in (v.criterion.rank_scores(v.view) for v in voters) if s is not None]
             if not active:
                 continue
             z = np.mean([(s - s.mean()) / (s.std() + 1e-12) for s in active], axis=0)
+            z = np.where(dead, -np.inf, z)  # free channels first, across groups too
             pooled += [(float(v), g, int(c)) for v, c in zip(z, classes, strict=True)]
         pooled.sort(key=lambda t: t[0])
         total_free = len(pooled)
@@ -422,7 +424,7 @@ class Vote(Pass):
                 budget -= 1
         chosen: set[int] = set()
         decisions = []
-        for g, _classes, _voters in plans:
+        for g, _classes, _voters, _dead in plans:
             mine = taken.get(g.index, [])
             step, width = multiples[g.index]
             count = allowed_count(g.channels, len(mine), step)

@@ -1,16 +1,10 @@
 """Calibration: per-channel activation statistics and activation samples, computed by onnxruntime.
 
-Data-driven criteria (Wanda-style ``|W| * ||X||``, APoZ, variance, least-squares refit) need
-activations of intermediate tensors. :func:`collect` streams the wanted tensors over the data
-(:func:`onnxprune.runner.stream`: exposure, batches, per-sample retry) and folds each batch into
-per-channel accumulators (:class:`ChannelStats`) before the next batch runs: memory does not grow
-with the number of samples. :func:`collect_rows` keeps a uniform random subset of activation
-vectors instead (bounded by ``max_rows``), for refitting the next layer. :func:`activation_stats`
-is the cached entry point for passes.
-
-A tensor's channel axis is given by the caller (``Labels.axis`` from the channel analysis), so
-NCHW, NHWC, ``[N, F]`` and ``[N, L, D]`` activations are all handled the same way: statistics
-run over every element except the channel axis.
+:func:`collect` streams tensors over the data and folds each batch into per-channel
+accumulators (:class:`ChannelStats`, mergeable) before the next runs; :func:`collect_rows`
+keeps a bounded uniform subset of activation vectors; :func:`collect_sample` does both in one
+pass; :func:`activation_stats` / :func:`activation_rows` are the cached entry points. Padded
+tokens are skipped when a mask input is named (:mod:`onnxprune.pruning.masks`).
 """
 
 from __future__ import annotations
@@ -25,6 +19,9 @@ import onnx
 
 from onnxprune.context import Context
 from onnxprune.data import Dataset
+from onnxprune.pruning.fingerprints import fingerprint
+from onnxprune.pruning.masks import positions
+from onnxprune.pruning.reservoir import Reservoir
 from onnxprune.runner import stream
 
 log = logging.getLogger(__name__)
@@ -39,13 +36,15 @@ CACHE_PREFIX = "calibrate.activation_stats:"
 # per-channel accumulators
 
 
-def _channels_first(x: np.ndarray, axis: int) -> np.ndarray:
-    """``x`` as a float64 matrix [C, elements], the channel axis first."""
+def _channels_first(x: np.ndarray, axis: int, where: np.ndarray | None = None) -> np.ndarray:
+    """``x`` as a float64 matrix [C, elements], the channel axis first; ``where`` (one bool per
+    element of a channel, row-major over the other axes) keeps only those elements."""
     x = np.asarray(x)
     if x.ndim == 0:
         raise ValueError("a scalar has no channel axis")
     axis = _check_axis(axis, x.ndim)
-    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).astype(np.float64)
+    block = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+    return (block if where is None else block[:, where]).astype(np.float64)
 
 
 def _channels_last(x: np.ndarray, axis: int) -> np.ndarray:
@@ -128,13 +127,14 @@ class ChannelStats:
         """Number of channels."""
         return len(self.sum)
 
-    def update(self, x: np.ndarray, axis: int) -> None:
-        """Fold every element of ``x`` into the accumulators of its index along ``axis``.
+    def update(self, x: np.ndarray, axis: int, where: np.ndarray | None = None) -> None:
+        """Fold every element of ``x`` into the accumulators of its index along ``axis``
+        (only the positions ``where`` is true, when given: see :func:`_channels_first`).
 
         Raises:
             ValueError: ``axis`` is out of range, or ``x`` has another number of channels.
         """
-        block = _channels_first(x, axis)
+        block = _channels_first(x, axis, where)
         if block.shape[0] != self.channels:
             raise ValueError(
                 f"tensor has {block.shape[0]} channels on axis {axis}, the statistics "
@@ -238,10 +238,6 @@ def _block_stats(block: np.ndarray) -> ChannelStats:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# public entry points
-
-
 def collect(
     model: onnx.ModelProto,
     tensors: Mapping[str, int],
@@ -250,6 +246,11 @@ def collect(
     batch_size: int | None = None,
     progress: bool = False,
     max_batches: int | None = None,
+    *,
+    mask: str | None = None,
+    rows: dict[str, np.ndarray] | None = None,
+    max_rows: int = 2048,
+    seed: int = 0,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of ``tensors`` (name -> channel axis) over ``data``.
 
@@ -265,6 +266,11 @@ def collect(
             (:data:`onnxprune.runner.DEFAULT_BATCH` when None).
         progress: show a progress bar on stderr when it is a terminal.
         max_batches: stop after this many batches.
+        mask: a padding-mask input ``[batch, sequence]``: positions where it is 0 are left
+            out of every tensor shaped ``[batch, sequence]`` besides its channel axis
+            (:func:`onnxprune.pruning.masks.positions`).
+        rows, max_rows, seed: a dict given as ``rows`` receives, from the same run, at most
+            ``max_rows`` sampled rows per tensor (:func:`collect_rows`).
 
     Returns:
         name -> :class:`ChannelStats`, in the order of ``tensors``.
@@ -274,65 +280,21 @@ def collect(
         DataError: the data gives no batch or lacks an input.
         PassFailedError: onnxruntime cannot run the model.
     """
-    stats: dict[str, ChannelStats] = {}
-    batched = stream(
+    stats, sampled = collect_sample(
         model,
-        list(tensors),
+        tensors,
         data,
         providers,
+        max_rows=max_rows if rows is not None else 0,
+        seed=seed,
         batch_size=batch_size,
-        max_batches=max_batches,
         progress=progress,
+        max_batches=max_batches,
+        mask=mask,
     )
-    for values in batched:
-        for name, axis in tensors.items():
-            value = values[name]
-            if name not in stats:
-                stats[name] = ChannelStats.empty(value.shape[_check_axis(axis, value.ndim)])
-            stats[name].update(value, axis)
-        del values  # nothing of this batch outlives the next run
+    if rows is not None:
+        rows.update(sampled)
     return stats
-
-
-class _Reservoir:
-    """A uniform random subset of at most ``size`` rows of a stream (bottom-k random keys)."""
-
-    def __init__(self, size: int, rng: np.random.Generator) -> None:
-        self.size = size
-        self.rng = rng
-        self.keys = np.empty(0)
-        self.index = np.empty(0, np.int64)
-        self.rows: np.ndarray | None = None
-        self.seen = 0
-
-    def add(self, rows: np.ndarray) -> None:
-        """Offer the next rows of the stream; keeps the ``size`` with the smallest keys."""
-        keys = self.rng.random(len(rows))
-        pick = np.arange(len(rows))
-        if len(self.keys) >= self.size:
-            pick = pick[keys < self.keys.max()]
-        pick = _smallest(keys, pick, self.size)
-        new_rows = rows[pick].astype(np.float64)
-        if self.rows is None:
-            self.rows = np.empty((0, rows.shape[1]))
-        keys_all = np.concatenate([self.keys, keys[pick]])
-        keep = _smallest(keys_all, np.arange(len(keys_all)), self.size)
-        self.keys = keys_all[keep]
-        self.index = np.concatenate([self.index, self.seen + pick])[keep]
-        self.rows = np.concatenate([self.rows, new_rows])[keep]
-        self.seen += len(rows)
-
-    def result(self) -> np.ndarray:
-        """The kept rows in stream order."""
-        assert self.rows is not None
-        return self.rows[np.argsort(self.index, kind="stable")]
-
-
-def _smallest(keys: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
-    """The (at most ``k``) candidates with the smallest keys, in no particular order."""
-    if len(candidates) <= k:
-        return candidates
-    return candidates[np.argpartition(keys[candidates], k - 1)[:k]]
 
 
 def collect_rows(
@@ -345,65 +307,78 @@ def collect_rows(
     *,
     batch_size: int | None = None,
     progress: bool = False,
+    mask: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Activation vectors of ``tensors`` (name -> channel axis), for least-squares refits.
 
-    Each row is the channel vector at one position (spatial, sequence...) of one sample. When
-    there are more than ``max_rows`` positions in all, a uniform random subset without
-    replacement is kept while streaming (memory stays ``O(max_rows * C)`` plus one batch).
+    Each row is the channel vector at one position of one sample; past ``max_rows`` positions
+    a uniform random subset (seeded by ``seed``) is kept while streaming (memory
+    ``O(max_rows * C)`` plus one batch). Other arguments as :func:`collect`.
 
-    Args:
-        model, tensors, data, providers, batch_size, progress: as :func:`collect`.
-        max_rows: most rows kept per tensor.
-        seed: seed of the subsampling.
-
-    Returns:
-        name -> float64 matrix ``[rows, C]``, rows in stream order (sample, then position).
-
-    Raises:
-        ValueError: as :func:`collect`, or ``max_rows < 1``.
-        DataError, PassFailedError: as :func:`collect`.
+    Returns name -> float64 matrix ``[rows, C]``, rows in stream order (sample, then position).
+    Raises as :func:`collect` (ValueError also for ``max_rows < 1``).
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
+    _, rows = collect_sample(
+        model,
+        tensors,
+        data,
+        providers,
+        max_rows=max_rows,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        mask=mask,
+        stats=False,
+    )
+    return rows
+
+
+def collect_sample(
+    model: onnx.ModelProto,
+    tensors: Mapping[str, int],
+    data: Dataset,
+    providers: Sequence[str] | None = None,
+    *,
+    max_rows: int = 2048,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = False,
+    max_batches: int | None = None,
+    mask: str | None = None,
+    stats: bool = True,
+) -> tuple[dict[str, ChannelStats], dict[str, np.ndarray]]:
+    """:func:`collect` and :func:`collect_rows` in one pass over the data: the statistics
+    (empty with ``stats=False``) and at most ``max_rows`` sampled rows per tensor (none with
+    ``max_rows=0``). Statistics are mergeable (:meth:`ChannelStats.merge`), so shards of the
+    data may be collected apart and merged."""
+    out: dict[str, ChannelStats] = {}
     rngs = dict(zip(tensors, np.random.default_rng(seed).spawn(len(tensors)), strict=True))
-    pools = {name: _Reservoir(max_rows, rngs[name]) for name in tensors}
+    pools = {name: Reservoir(max_rows, rngs[name]) for name in tensors} if max_rows else {}
+    names = list(tensors) + ([mask] if mask and mask not in tensors else [])
     batched = stream(
-        model, list(tensors), data, providers, batch_size=batch_size, progress=progress
+        model,
+        names,
+        data,
+        providers,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        progress=progress,
     )
     for values in batched:
         for name, axis in tensors.items():
-            pools[name].add(_channels_last(values[name], axis))
-        del values
-    return {name: pool.result() for name, pool in pools.items()}
-
-
-def fingerprint(model: onnx.ModelProto) -> str:
-    """A digest of everything that decides a model's activations, weight values included.
-
-    Hashes nodes (subgraphs included), inputs, outputs, initializers (all bytes: a sample could
-    miss a zeroed channel and serve stale statistics), functions and opsets, part by part so no
-    serialised copy of the whole model is made. BLAKE2 hashes over 1 GB/s, far below the cost
-    of the runs it saves.
-    """
-    digest = hashlib.blake2b(digest_size=20)
-    graph = model.graph
-    parts = (
-        graph.node,
-        graph.input,
-        graph.output,
-        graph.initializer,
-        graph.sparse_initializer,
-        model.functions,
-        model.opset_import,
-    )
-    for group in parts:
-        digest.update(len(group).to_bytes(8, "little"))
-        for item in group:
-            blob = item.SerializeToString()
-            digest.update(len(blob).to_bytes(8, "little"))
-            digest.update(blob)
-    return digest.hexdigest()
+            value = values[name]
+            real = positions(values[mask] if mask else None, value, axis)
+            if stats:
+                if name not in out:
+                    out[name] = ChannelStats.empty(value.shape[_check_axis(axis, value.ndim)])
+                out[name].update(value, axis, real)
+            if pools:
+                rows = _channels_last(value, axis)
+                pools[name].add(rows if real is None else rows[real])
+        del values  # nothing of this batch outlives the next run
+    return out, {name: pool.result() for name, pool in pools.items()}
 
 
 def activation_stats(
@@ -412,32 +387,63 @@ def activation_stats(
     tensors: Mapping[str, int],
     *,
     progress: bool = False,
+    mask: str | None = None,
+    rows: int = 0,
 ) -> dict[str, ChannelStats]:
     """Statistics of ``tensors`` on ``ctx``'s data, computed once per model and tensor set.
 
-    The result is cached in ``ctx.cache`` under the model's :func:`fingerprint` and the sorted
-    (name, axis) pairs, so passes that ask for the same thing share one run; treat it as
-    read-only. Without a data file the inputs are synthetic, and a warning says so.
-
-    Raises:
-        ValueError, DataError, PassFailedError: as :func:`collect`.
+    The result is cached in ``ctx.cache`` under the model's :func:`fingerprint`, the sorted
+    (name, axis) pairs and the ``mask`` input (see :func:`collect`), so passes that ask for the
+    same thing share one run; treat it as read-only. ``rows > 0`` samples that many rows per
+    tensor in the same run, for :func:`activation_rows`. Without a data file the inputs are
+    synthetic, and a warning says so. Raises as :func:`collect`.
     """
-    key = _cache_key(model, tensors)
+    key = _cache_key(model, tensors, mask)
     if key in ctx.cache:
         return ctx.cache[key]
     data = ctx.data(model)
     if data.synthetic:
         log.warning(SYNTHETIC_WARNING)
-    if ctx.workers is None:
-        stats = collect(model, tensors, data, providers=ctx.providers, progress=progress)
-    else:  # one Ray task per shard of the data, merged in shard order
-        stats = ctx.workers.merged(collect, model, data, tensors=tensors, providers=ctx.providers)
+    sampled: dict[str, np.ndarray] = {}
+    if ctx.workers is not None:  # Ray tasks per shard, merged in shard order; rows are not
+        # mergeable into one run's sample, so activation_rows draws them in this process
+        run = ctx.workers.merged
+        stats = run(collect, model, data, tensors=tensors, providers=ctx.providers, mask=mask)
+        rows = 0
+    else:
+        out = sampled if rows else None
+        stats = collect(
+            model, tensors, data, ctx.providers, progress=progress, mask=mask, rows=out,
+            max_rows=rows, seed=ctx.seed,
+        )  # fmt: skip
     ctx.cache[key] = stats
+    if rows:
+        ctx.cache[f"{key}:rows{rows}"] = sampled
     return stats
 
 
-def _cache_key(model: onnx.ModelProto, tensors: Mapping[str, int]) -> str:
-    """``ctx.cache`` key: model fingerprint plus the sorted (name, axis) pairs."""
+def activation_rows(
+    ctx: Context,
+    model: onnx.ModelProto,
+    tensors: Mapping[str, int],
+    max_rows: int,
+    *,
+    mask: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Sampled rows of ``tensors`` (:func:`collect_rows`, seeded by ``ctx.seed``), cached like
+    :func:`activation_stats` (which fills this cache too when asked for ``rows``)."""
+    key = f"{_cache_key(model, tensors, mask)}:rows{max_rows}"
+    if key not in ctx.cache:
+        data = ctx.data(model)
+        ctx.cache[key] = collect_rows(
+            model, tensors, data, max_rows, ctx.seed, ctx.providers, mask=mask
+        )
+    return ctx.cache[key]
+
+
+def _cache_key(model: onnx.ModelProto, tensors: Mapping[str, int], mask: str | None = None) -> str:
+    """``ctx.cache`` key: model fingerprint plus the sorted (name, axis) pairs (and mask)."""
     pairs = repr(sorted((name, int(axis)) for name, axis in tensors.items()))
     tensor_digest = hashlib.blake2b(pairs.encode(), digest_size=12).hexdigest()
-    return f"{CACHE_PREFIX}{fingerprint(model)}:{tensor_digest}"
+    masked = f":mask={mask}" if mask else ""
+    return f"{CACHE_PREFIX}{fingerprint(model)}:{tensor_digest}{masked}"

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,7 +31,9 @@ from onnxprune.graph import (
     get_init,
     prepare_for_pruning,
 )
-from onnxprune.pruning.calibrate import ChannelStats, activation_stats, collect_rows
+from onnxprune.pruning.calibrate import ChannelStats, activation_rows, activation_stats
+from onnxprune.pruning.lsq import CHECK_ROWS, SinkRows
+from onnxprune.pruning.masks import AUTO, mask_input
 from onnxprune.pruning.zero import zero_classes
 
 
@@ -45,15 +48,25 @@ class Workspace:
     _stats: dict[str, ChannelStats] | None = None
     _rows: dict[str, np.ndarray] | None = None
     protected: set[int] = field(default_factory=set)
+    mask: str | None = None  # the padding-mask input statistics skip padding by
+    _checks: dict[tuple[str, str], SinkRows | None] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, model: onnx.ModelProto, ctx: Context, protect: str = "") -> Workspace:
+    def open(
+        cls,
+        model: onnx.ModelProto,
+        ctx: Context,
+        protect: str = "",
+        mask: str = AUTO,
+        who: str = "",
+    ) -> Workspace:
         """Prepare ``model`` in place and analyse it; ``protect`` is a regex of node or
-        initializer names whose groups must stay whole."""
+        initializer names whose groups must stay whole; ``mask`` chooses the padding-mask
+        input (:func:`onnxprune.pruning.masks.mask_input`; ``who`` names the pass in its errors)."""
         prepare_for_pruning(model.graph)
         allow_unlisted_initializers(model)  # an IR < 4 model lists them all as inputs
         an = analyse(model, probe_run(model, ctx).shapes)
-        ws = cls(model, an, an.groups(), ctx)
+        ws = cls(model, an, an.groups(), ctx, mask=mask_input(model, mask, f"pass {who}"))
         if protect:
             pattern = re.compile(protect)
             for g in ws.groups:
@@ -74,19 +87,39 @@ class Workspace:
         return {s.tensor: s.labels.axis for s in self.an.sinks}
 
     def stats(self) -> dict[str, ChannelStats]:
-        """Activation statistics at every consumer input (computed once, shared via ctx)."""
+        """Activation statistics at every consumer input (computed once, shared via ctx; the
+        same run samples :data:`~onnxprune.pruning.lsq.CHECK_ROWS` rows for :meth:`rows`)."""
         if self._stats is None:
-            self._stats = activation_stats(self.ctx, self.model, self.sink_tensors(), progress=True)
+            self._stats = activation_stats(
+                self.ctx,
+                self.model,
+                self.sink_tensors(),
+                progress=True,
+                mask=self.mask,
+                rows=CHECK_ROWS,
+            )
         return self._stats
 
-    def rows(self, max_rows: int = 2048) -> dict[str, np.ndarray]:
+    def rows(self) -> dict[str, np.ndarray]:
         """Sampled activation vectors [rows, C] at every consumer input."""
         if self._rows is None:
-            data = self.ctx.data(self.model)
-            self._rows = collect_rows(
-                self.model, self.sink_tensors(), data, max_rows, self.ctx.seed, self.ctx.providers
+            self._rows = activation_rows(
+                self.ctx, self.model, self.sink_tensors(), CHECK_ROWS, mask=self.mask
             )
         return self._rows
+
+    def check_rows(self, sink: Sink) -> SinkRows | None:
+        """The voter check's rows of one consumer (None without rows or a float weight)."""
+        key = (sink.tensor, sink.weight)
+        if key not in self._checks:
+            rows = self.rows()
+            weight = self.an.array(sink.weight)  # a quantized weight: its real value
+            check = None
+            if sink.tensor in rows and weight is not None:
+                w = np.moveaxis(np.asarray(weight, np.float64), sink.weight_axis, 0)
+                check = SinkRows.of(rows[sink.tensor], w.reshape(w.shape[0], -1), self.ctx.seed)
+            self._checks[key] = check
+        return self._checks[key]
 
 
 def round_count(total: int, free: int, sparsity: float, round_to: int) -> int:
@@ -151,46 +184,20 @@ def allowed_count(total: int, k: int, round_to: int) -> int:
 
 
 def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") -> float:
-    """How much the consumers' outputs change, per row, when ``classes`` are removed.
-
-    From sampled activations at each consumer input (columns = positions of that tensor):
-
-    * ``mean``: ``E || (X_S - mean_S) W_S ||^2`` -- what is lost when only the mean of the
-      removed channels is kept (bias compensation);
-    * ``lsq``: ``tr(W_S' (C_SS - C_SK C_KK^-1 C_KS) W_S)`` -- what is lost when the remaining
-      channels are also refitted by least squares (``refit``): the part of the removed
-      channels that the others cannot explain.
-
-    Kernel taps of a spatial convolution are treated as one vector: a cheap local proxy, used
-    to weigh voters, not a prediction of accuracy.
-    """
+    """How much the consumers' outputs change, per row, when ``classes`` are removed: after
+    bias compensation (``mean``) or after a least-squares refit of the remaining channels
+    measured on held-out rows (``lsq``); :mod:`onnxprune.pruning.lsq` states the rules and
+    the caps (rows, sketch)."""
     if not classes:
         return 0.0
     roots = ws.an.roots()
     chosen = np.array(sorted(classes))
-    rows = ws.rows()
     total = 0.0
     for sink in ws.an.sinks:
-        ids = sink.labels.ids
-        gone = chosen_positions(roots, ids, chosen)
-        if not gone.any() or sink.tensor not in rows:
-            continue
-        x = rows[sink.tensor]
-        weight = ws.an.array(sink.weight)  # a quantized weight: its real value
-        if weight is None:
-            continue
-        w = np.moveaxis(np.asarray(weight, np.float64), sink.weight_axis, 0)
-        ws_rows = w.reshape(w.shape[0], -1)[gone]
-        xc = x - x.mean(axis=0)
-        cov = xc.T @ xc / max(len(x) - 1, 1)
-        c_ss = cov[np.ix_(gone, gone)]
-        if mode == "lsq" and (~gone).any():
-            keep = ~gone
-            c_kk = cov[np.ix_(keep, keep)]
-            ridge = 1e-3 * max(float(np.trace(c_kk)) / keep.sum(), 1e-12)
-            c_ks = cov[np.ix_(keep, gone)]
-            c_ss = c_ss - c_ks.T @ np.linalg.solve(c_kk + ridge * np.eye(keep.sum()), c_ks)
-        total += float(np.einsum("ij,ik,kj->", ws_rows, c_ss, ws_rows))
+        gone = chosen_positions(roots, sink.labels.ids, chosen)
+        check = ws.check_rows(sink) if gone.any() else None
+        if check is not None:
+            total += check.error(gone, mode)
     return total
 
 
@@ -199,30 +206,68 @@ def zero_and_compensate(
     classes: Collection[int],
     compensate: bool,
     model: onnx.ModelProto | None = None,
-) -> dict[str, int]:
+    after: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Zero ``classes`` in ``model`` (default: the workspace's own, or a copy of it); with
     ``compensate``, move their mean contribution into the biases.
 
     After zeroing, a channel may still be a constant ``c`` at its consumer (a sigmoid of 0); the
     compensation adds ``(mean - c) * W`` so that, after fold moves ``c * W`` too, the consumer
-    receives the channel's calibration mean.
+    receives the channel's calibration mean. A consumer is compensated only when that helps on
+    rows it was not estimated from (:func:`compensation_helps`); the others are listed in
+    ``compensation_rejected``. ``after``: the values the zeroed channels have at their
+    consumers (:func:`zeroed_values` of these classes or more), when already known.
     """
     target = ws.model if model is None else model
     if not classes:
         return {"zeroed_entries": 0, "compensated_consumers": 0}
     means: dict[str, np.ndarray] = {}
+    rows: dict[str, np.ndarray] = {}
     if compensate:
         means = {t: s.mean for t, s in ws.stats().items()}
+        rows = ws.rows()
     zeroed = zero_classes(target, ws.an, classes)
     done = 0
+    rejected: list[str] = []
     if compensate:
-        after = probe_run(target, ws.ctx).values
+        after = probe_run(target, ws.ctx).values if after is None else after
         roots = ws.an.roots()
         chosen = np.array(sorted(classes))
         for sink in ws.an.sinks:
-            if _compensate_sink(target.graph, sink, roots, chosen, means, after):
-                done += 1
-    return {"zeroed_entries": zeroed, "compensated_consumers": done}
+            outcome = _compensate_sink(target.graph, sink, roots, chosen, means, after, rows)
+            done += outcome is True
+            if outcome is None:
+                rejected.append(sink.node.name or sink.node.output[0])
+    applied: dict[str, Any] = {"zeroed_entries": zeroed, "compensated_consumers": done}
+    if rejected:
+        applied["compensation_rejected"] = rejected
+    return applied
+
+
+def zeroed_values(ws: Workspace, classes: Collection[int]) -> dict[str, np.ndarray]:
+    """The probe's values of a copy of the model with ``classes`` zeroed: what each zeroed
+    channel is at its consumers (0, or a constant such as a sigmoid of 0), for any subset of
+    ``classes`` (a zeroed channel's value there depends on its own class only)."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(ws.model)
+    zero_classes(trial, ws.an, classes)
+    return probe_run(trial, ws.ctx).values
+
+
+def compensation_helps(x: np.ndarray, now: np.ndarray, w: np.ndarray, seed: int = 0) -> bool:
+    """Whether moving removed channels' mean into the bias lowers the consumer's error on
+    held-out rows: the mean of one half of the sampled rows ``x`` [R, |S|] (the removed
+    channels' values) against the constant ``now`` they have after zeroing, judged on the
+    other half through the weight rows ``w`` [|S|, outputs]: ``E ||(x - a) W||^2`` there is
+    ``||(m_B - a) W||^2`` plus a part that does not depend on ``a``."""
+    if len(x) < 4:
+        return True
+    order = np.random.default_rng(seed).permutation(len(x))
+    half = len(x) // 2
+    m_a, m_b = x[order[:half]].mean(axis=0), x[order[half:]].mean(axis=0)
+    with_mean = np.linalg.norm((m_b - m_a) @ w)
+    without = np.linalg.norm((m_b - now) @ w)
+    return bool(with_mean < without)
 
 
 def _compensate_sink(
@@ -232,7 +277,10 @@ def _compensate_sink(
     chosen: np.ndarray,
     means: dict[str, np.ndarray],
     after: dict[str, np.ndarray],
-) -> bool:
+    rows: dict[str, np.ndarray],
+) -> bool | None:
+    """Compensate one consumer: True when done, False when it does not apply, None when the
+    held-out check rejected it."""
     ids = sink.labels.ids
     pos = np.flatnonzero(chosen_positions(roots, ids, chosen))
     if (
@@ -258,6 +306,10 @@ def _compensate_sink(
         return False
     if sink.node.op_type == "MatMul" and w.ndim > 2:
         return False  # a batched weight would need a per-batch bias
+    if sink.tensor in rows:
+        flat_w = wk.reshape(len(pos), -1)
+        if not compensation_helps(rows[sink.tensor][:, pos], now, flat_w):
+            return None
     # the sink's node in ``graph`` (which may be a copy of the analysed model)
     node = next(n for n in graph.node if n.output[0] == sink.node.output[0])
     add_output_bias(graph, node, delta.astype(w.dtype))

@@ -1,0 +1,95 @@
+"""Benchmark vote's speed: vote with data (and with refit) on generated random MLPs.
+
+    .venv/bin/python scripts/bench_vote_speed.py                  # the table (medians of 3)
+    .venv/bin/python scripts/bench_vote_speed.py --repeat 1 --profile vote   # cProfile top 25
+
+Models: MLP 512-2048-2048-512 (Gemm + Relu, 6.3M parameters, the peer comparison's model) and
+single-hidden-layer MLPs 512-W-512 for W = 2048, 4096, 8192 (the consumer of the pruned layer
+reads W inputs: what the least-squares voter check scales with). Calibration: 8192 samples of a
+standard normal input (``--samples``). Every configuration runs ``--repeat`` times, interleaved
+(round after round over all configurations), in this process; the table shows the median wall
+time and CPU time of ``onnxprune.run`` (the pass chain, calibration included; model generation
+and data writing excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import onnxprune
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_fold import mlp  # noqa: E402  (scripts/ is not a package)
+
+VOTE = "vote:sparsity=0.5"
+CONFIGS: dict[str, tuple[list[int], list[str]]] = {
+    "vote": ([512, 2048, 2048, 512], [VOTE]),
+    "vote check=off": ([512, 2048, 2048, 512], [VOTE + ",check=off"]),
+    "vote + refit": ([512, 2048, 2048, 512], [VOTE, "refit"]),
+    "W=2048 vote": ([512, 2048, 512], [VOTE]),
+    "W=2048 vote check=off": ([512, 2048, 512], [VOTE + ",check=off"]),
+    "W=4096 vote": ([512, 4096, 512], [VOTE]),
+    "W=4096 vote check=off": ([512, 4096, 512], [VOTE + ",check=off"]),
+    "W=8192 vote": ([512, 8192, 512], [VOTE]),
+    "W=8192 vote check=off": ([512, 8192, 512], [VOTE + ",check=off"]),
+}
+
+
+def main() -> None:
+    """Run the configurations interleaved and print the medians."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (median over them)")
+    ap.add_argument("--samples", type=int, default=8192, help="calibration samples")
+    ap.add_argument("--only", nargs="*", default=None, help="configurations to run (names)")
+    ap.add_argument("--profile", default=None, help="cProfile this configuration once")
+    args = ap.parse_args()
+    names = args.only or list(CONFIGS)
+    models = {tuple(CONFIGS[n][0]): mlp(CONFIGS[n][0], "gemm") for n in names}
+    rng = np.random.default_rng(1)
+    calib = rng.standard_normal((args.samples, 512)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "calib.npz"
+        np.savez(data, x=calib)
+        if args.profile:
+            sizes, passes = CONFIGS[args.profile]
+            prof = cProfile.Profile()
+            prof.enable()
+            onnxprune.run(models[tuple(sizes)], passes, data=data, device="cpu")
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+            return
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.repeat):
+            for n in names:
+                sizes, passes = CONFIGS[n]
+                t0, c0 = time.perf_counter(), time.process_time()
+                onnxprune.run(models[tuple(sizes)], passes, data=data, device="cpu")
+                wall[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
+                print(f"  {n}: {wall[n][-1]:.2f} s", file=sys.stderr, flush=True)
+    print(f"| configuration | chain | wall s (median of {args.repeat}) | CPU s |")
+    print("|---|---|---|---|")
+    for n in names:
+        sizes, passes = CONFIGS[n]
+        chain = " ".join(f"-p {p}" for p in passes)
+        model = "-".join(map(str, sizes))
+        print(
+            f"| {n} | MLP {model}: `{chain}` | {statistics.median(wall[n]):.2f} | "
+            f"{statistics.median(cpu[n]):.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
