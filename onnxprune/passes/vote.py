@@ -17,6 +17,7 @@ from onnxprune.graph import get_init, prepare_for_pruning
 from onnxprune.model import load, model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
+from onnxprune.pruning import budget
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
 from onnxprune.pruning.decision import GroupDecision, choice_score
 from onnxprune.pruning.shortfall import (
@@ -119,6 +120,9 @@ class Vote(Pass):
         "compensation (mean); needs data",
     )
     fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
+    max_accuracy_drop: float | None = option(None, budget.HELP["max_accuracy_drop"], low=0, high=1)
+    min_cosine: float | None = option(None, budget.HELP["min_cosine"], low=-1, high=1)
+    sensitivity: Literal["off", "on"] = option("off", budget.HELP["sensitivity"])
     select: Literal["auto", "output", "local"] = option(
         "auto",
         "with data, keep the vote or a single voter's choice, whichever changes the "
@@ -148,6 +152,7 @@ class Vote(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
+        ctx = budget.calibration_context(self, model, ctx)  # budget mode: rows that calibrate
         ws = Workspace.open(model, ctx, self.protect)
         if not ws.groups:  # nothing to vote on: no statistics to gather either
             nothing = {"channels_pruned": 0, "groups": [], "note": NOTHING_TO_PRUNE}
@@ -182,7 +187,10 @@ class Vote(Pass):
                 for c in criteria
             ]
             plans.append((g, classes, voters))
-        if self.scope == "global":
+        outcome = budget.apply(self, ws, plans, multiples, compensate)
+        if outcome.decisions is not None and outcome.chosen is not None:
+            chosen, decisions = outcome.chosen, outcome.decisions
+        elif self.scope == "global":
             chosen, decisions = self._global(ws, plans, multiple, multiples)
         else:
             for g, classes, voters in plans:
@@ -215,6 +223,7 @@ class Vote(Pass):
             "data": data.source,
             **selection,
             **applied,
+            **outcome.report,
         }
         if asked and not chosen:
             report["warnings"] = [
