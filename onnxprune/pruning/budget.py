@@ -269,16 +269,11 @@ def search(
         "measured": measured.to_dict(),
         "mac_ratio": round(mac(final), 4),
         "phases": {
-            "uniform": {"mac_ratio": round(mac(uniform), 4), **_measured(cache, uniform)},
-            "threshold": {"mac_ratio": round(mac(flap), 4), **_measured(cache, flap)},
+            "uniform": {"mac_ratio": round(mac(uniform), 4), **judged(uniform).to_dict()},
+            "threshold": {"mac_ratio": round(mac(flap), 4), **judged(flap).to_dict()},
             "refined": {"mac_ratio": round(mac(final), 4), **measured.to_dict()},
         },
     }
-
-
-def _measured(cache: dict[tuple[int, ...], Measure], counts: tuple[int, ...]) -> dict[str, Any]:
-    m = cache.get(counts)
-    return m.to_dict() if m is not None else {"cosine": 1.0, "accuracy_drop": None}
 
 
 def _grid(lads: Sequence[Ladder]) -> list[float]:
