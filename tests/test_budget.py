@@ -147,3 +147,27 @@ def test_budget_without_what_it_needs_is_refused(tmp_path, options, data, messag
     result = cli(CNN, "-p", f"vote:{options}", "-o", tmp_path / "o.onnx", "--device", "cpu", *args)
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sensitivity_plot_from_a_run(tmp_path):
+    """--plot without --sweep: the sensitivity plot, one line per group, the budget's ratios
+    starred; refused (nothing written) when no pass measured sensitivity."""
+    pytest.importorskip("matplotlib")
+    from onnxprune.plot import sensitivity_figure
+
+    png, report_path = tmp_path / "s.png", tmp_path / "r.json"
+    result = cli(CNN, "-p", "vote:max_accuracy_drop=0.02,round_to=1", "-p", "fold", "--data",
+                 TEST, "-o", tmp_path / "o.onnx", "--report", report_path, "--plot", png,
+                 "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(report_path.read_text())
+    fig = sensitivity_figure(report)
+    cos_axis, drop_axis = fig.axes[:2]
+    groups = len(section(report)["sensitivity"]["groups"])
+    assert len([ln for ln in cos_axis.get_lines() if ln.get_label().startswith("group")]) == groups
+    assert any(ln.get_label() == "budget" for ln in drop_axis.get_lines())
+    bare = cli(CNN, "-p", "vote", "-p", "fold", "-o", tmp_path / "b.onnx", "--plot",
+               tmp_path / "b.png", "--device", "cpu")  # fmt: skip
+    assert bare.exit_code == 2 and "--plot needs --sweep" in bare.stderr
+    assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "b.png").exists()
