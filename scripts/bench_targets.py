@@ -108,12 +108,10 @@ def digits(name: str, tmp: Path) -> list[dict[str, Any]]:
             if r["drop_judged"] <= 0.01 and (best is None or r["mac_ratio"] < best["mac_ratio"]):
                 best = {**r, "chain": f"uniform vote, best sparsity ({s:.2f}){rt}"}
         rows.append(best or {**r, "chain": f"uniform vote{rt}: no sparsity within 1 point"})
-        cap = ",sparsity=0.9"
-        rows.append(row(f"budget max_accuracy_drop=0.01{cap}{rt}",
-                        [f"vote:max_accuracy_drop=0.01{cap}{rt}"]))  # fmt: skip
-        rows.append(
-            row(f"budget ... {rt} + refit", [f"vote:max_accuracy_drop=0.01{cap}{rt}", "refit"])
-        )
+        budget = f"vote:max_accuracy_drop=0.01,sparsity=0.9{rt}"
+        rows.append(row(f"budget (judge=zeros){rt}", [budget]))
+        rows.append(row(f"budget (judge=zeros){rt}, then refit", [budget, "refit"]))
+        rows.append(row(f"budget judge=refit{rt}, then refit", [f"{budget},judge=refit", "refit"]))
     return rows
 
 

@@ -16,6 +16,7 @@ from onnxprune.errors import PassOptionError
 from onnxprune.graph import get_init, prepare_for_pruning
 from onnxprune.model import load, model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.budget_options import BudgetOptions
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning import budget
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
@@ -60,7 +61,7 @@ class Voter:
 
 @register_pass
 @dataclass
-class Vote(Pass):
+class Vote(Pass, BudgetOptions):
     """Criteria vote on the channels to prune; a quorum decides; the chosen ones are zeroed.
 
     Rules:
@@ -120,9 +121,6 @@ class Vote(Pass):
         "compensation (mean); needs data",
     )
     fill: bool = option(True, "mode=vote: top up to the target with the next most-voted channels")
-    max_accuracy_drop: float | None = option(None, budget.HELP["max_accuracy_drop"], low=0, high=1)
-    min_cosine: float | None = option(None, budget.HELP["min_cosine"], low=-1, high=1)
-    sensitivity: Literal["off", "on"] = option("off", budget.HELP["sensitivity"])
     select: Literal["auto", "output", "local"] = option(
         "auto",
         "with data, keep the vote or a single voter's choice, whichever changes the "

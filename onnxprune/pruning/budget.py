@@ -46,6 +46,8 @@ HELP = {
     "this on evaluation data; sparsity becomes each group's upper bound",
     "sensitivity": "on: measure each group pruned alone at 0.25, 0.5 and 0.75 of its channels "
     "on evaluation data (a table, the report's 'sensitivity', --plot); always on in budget mode",
+    "judge": "budget mode: judge each candidate as zeroed (zeros) or after a refit pass "
+    "(refit: for -p vote -p refit; the budget then holds for a refit on the same --data)",
 }
 
 
@@ -159,7 +161,7 @@ def apply(
     if (not budget and vote.sensitivity != "on") or EVAL_KEY not in ws.ctx.cache:
         return Outcome()
     judged, where = ws.ctx.cache[EVAL_KEY]
-    judge = Judge.open(ws, judged, compensate)
+    judge = Judge.open(ws, judged, compensate, vote.judged_after(ws.ctx, ws.model))
     table = sensitivity(judge, ladders(ws, plans, multiples, RATIO_CAP))
     report: dict[str, Any] = {"sensitivity": {**table, **where}}
     if not budget:
@@ -190,6 +192,7 @@ def apply(
         "mac_ratio": found["mac_ratio"],
         "phases": found["phases"],
         "evaluations": judge.evaluations,
+        "judge": vote.judge,
         "groups": [
             {
                 "group": lad.group.index,

@@ -11,11 +11,12 @@ order of removal (lowest standardised score first) and the counts it may be cut 
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxprune import progress
 from onnxprune.analysis.groups import chosen_positions, classes_of, keep_one_per_tensor
@@ -26,10 +27,18 @@ from onnxprune.data import Dataset
 from onnxprune.graph import node_name
 from onnxprune.pruning.workspace import Workspace, zero_and_compensate
 from onnxprune.runner import outputs, plan
-from onnxprune.validation.compare import cosine_similarity, is_classifier_like
 
 RATIOS = (0.25, 0.5, 0.75)  # shares of a group pruned alone in the sensitivity table
 EVAL_SAMPLES = 2048  # evaluation samples a judge runs on (the first ones)
+
+
+def per_sample_cosine(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's flattened output (1 for two zero rows, 0 for one)."""
+    a = ref.astype(np.float64).reshape(len(ref), -1)
+    b = new.astype(np.float64).reshape(len(new), -1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(1) / np.where(na * nb > 0, na * nb, 1.0)
+    return np.where((na == 0) & (nb == 0), 1.0, np.clip(cos, -1.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -55,20 +64,28 @@ class Judge:
     reference: list[np.ndarray]
     labels: np.ndarray | None
     accuracy: float | None
+    then: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
     evaluations: int = 0
 
     @classmethod
-    def open(cls, ws: Workspace, data: Dataset, compensate: bool) -> Judge:
+    def open(
+        cls,
+        ws: Workspace,
+        data: Dataset,
+        compensate: bool,
+        then: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+    ) -> Judge:
         """Run the (unpruned) workspace model once on ``data`` (its first
-        :data:`EVAL_SAMPLES`)."""
+        :data:`EVAL_SAMPLES`); ``then`` is applied to every candidate before it is run."""
         data = data.head(EVAL_SAMPLES)
         reference = list(outputs(ws.model, data, ws.ctx.providers).values())
         covered = plan(ws.model, data).samples
         labels = None
-        if data.labels is not None and reference and is_classifier_like(reference[0]):
+        first = reference[0] if reference else None
+        if data.labels is not None and first is not None and first.ndim == 2 and first.shape[1] > 1:
             labels = np.asarray(data.labels[:covered])
         acc = None if labels is None else float((reference[0].argmax(1) == labels).mean())
-        return cls(ws, data, compensate, reference, labels, acc)
+        return cls(ws, data, compensate, reference, labels, acc, then)
 
     @property
     def samples(self) -> int:
@@ -83,10 +100,12 @@ class Judge:
         zero_and_compensate(
             self.ws, keep_one_per_tensor(self.ws.an, classes), self.compensate, trial
         )
+        if self.then is not None:
+            trial = self.then(trial)
         got = list(outputs(trial, self.data, self.ws.ctx.providers).values())
         self.evaluations += 1
         cosines = [
-            float(np.mean(np.nan_to_num(cosine_similarity(r, g), nan=-1.0)))
+            float(np.mean(np.nan_to_num(per_sample_cosine(r, g), nan=-1.0)))
             for r, g in zip(self.reference, got, strict=True)
         ]
         drop = None
