@@ -251,8 +251,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_targets import targets
 
-        only = "" if args.only == "digits,mlp,residual,encoder" else f" --only {args.only}"
-        targets(f"python scripts/bench_quality.py --targets{only}", args.only)
+        targets("python scripts/bench_quality.py --targets", args.only)
         return
     sparsities = [0.25, 0.5, 0.7] if args.quick else [round(0.1 * i, 1) for i in range(1, 8)]
     methods = (

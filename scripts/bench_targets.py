@@ -6,6 +6,7 @@ original, on samples that neither calibrated nor judged unless the row says othe
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -278,7 +279,15 @@ def machine() -> str:
 
 def section(rows: list[dict[str, Any]], command: str) -> str:
     """The Markdown of the targets section."""
-    out = [BEGIN, "## Targets (issue 11)", "", f"Command: `{command}`; machine: {machine()}.", ""]
+    out = [
+        BEGIN,
+        "## Targets (issue 11)",
+        "",
+        f"Command: `{command}` (its parts one at a time: `--only digits`, `mlp`, `residual`, "
+        f"`encoder`; `--only ''` rewrites this section from the parts measured); machine: "
+        f"{machine()}.",
+        "",
+    ]
     dig = [r for r in rows if "drop_judged" in r]
     if dig:
         out += [
@@ -319,15 +328,24 @@ def section(rows: list[dict[str, Any]], command: str) -> str:
 
 
 def targets(command: str, only: str = "digits,mlp,residual,encoder") -> None:
-    """Measure the targets and rewrite docs/quality.md's targets section."""
-    rows: list[dict[str, Any]] = []
+    """Measure the targets named in ``only`` (their rows kept in build/targets/PART.json, so
+    parts can be run one at a time) and rewrite docs/quality.md's targets section from every
+    part measured so far."""
+    store = ROOT / "build" / "targets"
+    store.mkdir(parents=True, exist_ok=True)
+    parts = {"mlp": mlp, "residual": residual, "encoder": encoder}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        for part in only.split(","):
+        for part in filter(None, only.split(",")):
             if part == "digits":
-                rows += digits("torch_cnn", t) + digits("keras_cnn", t)
+                rows = digits("torch_cnn", t) + digits("keras_cnn", t)
             else:
-                rows += {"mlp": mlp, "residual": residual, "encoder": encoder}[part](t)
+                rows = parts[part](t)
+            (store / f"{part}.json").write_text(json.dumps(rows, indent=1))
+    rows = []
+    for part in ("digits", *parts):
+        if (store / f"{part}.json").exists():
+            rows += json.loads((store / f"{part}.json").read_text())
     doc = ROOT / "docs" / "quality.md"
     text = doc.read_text()
     new = section(rows, command)

@@ -171,3 +171,30 @@ def test_sensitivity_plot_from_a_run(tmp_path):
                tmp_path / "b.png", "--device", "cpu")  # fmt: skip
     assert bare.exit_code == 2 and "--plot needs --sweep" in bare.stderr
     assert not (tmp_path / "b.onnx").exists() and not (tmp_path / "b.png").exists()
+
+
+def test_judge_refit_budget_holds_after_the_chains_refit(tmp_path):
+    """judge=refit with -p refit on the same --data: the refitted model holds min_cosine on
+    --eval-data and prunes more than judging zeroed candidates does."""
+    model = mlp((16, 64, 64, 8), seed=1)
+    rng = np.random.default_rng(4)
+    data, held = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(data, x=rng.standard_normal((512, 16)).astype(np.float32))
+    x_eval = rng.standard_normal((200, 16)).astype(np.float32)
+    np.savez(held, x=x_eval)
+    ref = session(model).run(None, {"x": x_eval})[0]
+    macs = {}
+    for judge in ("zeros", "refit"):
+        pruned, report = onnxprune.run(
+            model,
+            [f"vote:min_cosine=0.98,sparsity=0.9,round_to=1,judge={judge}", "refit", "fold"],
+            data=data,
+            eval_data=held,
+            device="cpu",
+        )
+        assert section(report)["budget"]["judge"] == judge
+        got = session(pruned).run(None, {"x": x_eval})[0]
+        if judge == "refit":
+            assert float(cosine_similarity(ref, got).mean()) >= 0.98
+        macs[judge] = summarize(pruned).macs
+    assert macs["refit"] < macs["zeros"]

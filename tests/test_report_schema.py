@@ -306,7 +306,7 @@ def test_validate_without_layers_records_none():
 
 
 BUDGET_KEYS = {"max_accuracy_drop", "min_cosine", "calibration", "evaluation", "measured",
-               "original_accuracy", "mac_ratio", "phases", "evaluations", "groups"}  # fmt: skip
+               "original_accuracy", "mac_ratio", "phases", "evaluations", "judge", "groups"}  # fmt: skip
 SENSITIVITY_KEYS = {"ratios", "data", "samples", "labels", "calibration", "evaluation", "groups"}
 
 

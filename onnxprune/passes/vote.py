@@ -88,6 +88,8 @@ class Vote(Pass, BudgetOptions):
            (group, layers, asked, pruned, reason), pinned and protected groups included, and
            ``asked``/``reason`` in its ``groups`` section when it was voted on; layers no group
            covers get a row too (``shortfall.uncovered_layers``).
+        7. Budget mode (``max_accuracy_drop``, ``min_cosine``) replaces rules 1-4 by a search
+           within the budget, and ``sensitivity`` adds a table: :mod:`onnxprune.pruning.budget`.
     """
 
     name: ClassVar[str] = "vote"
