@@ -254,9 +254,6 @@ def encoder(tmp: Path) -> list[dict[str, Any]]:
         "FFN 50%, vote + refit": [f"vote:sparsity=0.5,round_to=1,protect={ffn}", "refit"],
         "heads 25%, vote": [f"vote:sparsity=0.25,round_to=1,protect={heads}"],
         "heads 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={heads}", "refit"],
-        "budget min_cosine=0.97 (FFN and heads, sparsity<=0.75)": [
-            "vote:min_cosine=0.97,sparsity=0.75,round_to=1"
-        ],
     }
     return [
         _cosine_row("all-MiniLM-L6-v2", k, c, model, data, held, ref) for k, c in chains.items()

@@ -38,5 +38,7 @@ class BudgetOptions:
         if self.judge != "refit":
             return None
         refit = get_pass("refit")()
-        fit_ctx = dataclasses.replace(ctx, original=original)
-        return lambda model: refit(model, fit_ctx).model
+        # a fresh cache per candidate: refit's statistics are the candidate's own
+        return lambda model: (
+            refit(model, dataclasses.replace(ctx, original=original, cache={})).model
+        )

@@ -13,7 +13,8 @@ Rules:
        within budget: one uniform ratio for every group, and one global threshold on the
        standardised scores (FLAP's allocation). Then it refines greedily: the group whose next
        step saves the most MACs per unit of measured sensitivity grows, when the whole model
-       still holds the budget (steps halve on a miss, a group stops at a miss of one step).
+       still holds the budget (steps halve on a miss; after a miss of one step, a group tries
+       two steps once, since a judged accuracy is noisy, and stops at the next miss).
     5. Every candidate is judged on the whole model: zeroed, compensated, run on the
        evaluation samples. The result never breaks the budget there (an empty choice holds).
 """
@@ -241,6 +242,7 @@ def search(
     pos = [lad.steps.index(k) for lad, k in zip(lads, counts, strict=True)]
     jump = [max(1, (len(lad.steps) - 1 - p) // 4) for lad, p in zip(lads, pos, strict=True)]
     frozen = [p >= len(lad.steps) - 1 for lad, p in zip(lads, pos, strict=True)]
+    leapt = [False] * len(lads)
     curves = [_curve(row, budget) for row in table["groups"]]
     with progress.task(MAX_EVALUATIONS, "budget search") as advance:
         while not all(frozen) and judge.evaluations < MAX_EVALUATIONS:
@@ -260,8 +262,10 @@ def search(
                 counts = best_next
                 pos[best] = lads[best].steps.index(counts[best])
                 frozen[best] = pos[best] >= len(lads[best].steps) - 1
-            elif jump[best] > 1:
+            elif jump[best] > 1 and not leapt[best]:
                 jump[best] //= 2
+            elif not leapt[best] and pos[best] + 2 < len(lads[best].steps):
+                jump[best], leapt[best] = 2, True  # a noisy metric: one leap over a miss
             else:
                 frozen[best] = True
             advance()
