@@ -251,9 +251,7 @@ def encoder(tmp: Path) -> list[dict[str, Any]]:
         "FFN 25%, vote": [f"vote:sparsity=0.25,round_to=1,protect={ffn}"],
         "FFN 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={ffn}", "refit"],
         "FFN 50%, vote": [f"vote:sparsity=0.5,round_to=1,protect={ffn}"],
-        "FFN 50%, vote + refit": [f"vote:sparsity=0.5,round_to=1,protect={ffn}", "refit"],
         "heads 25%, vote": [f"vote:sparsity=0.25,round_to=1,protect={heads}"],
-        "heads 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={heads}", "refit"],
     }
     return [
         _cosine_row("all-MiniLM-L6-v2", k, c, model, data, held, ref) for k, c in chains.items()
