@@ -174,7 +174,8 @@ def _gate_option(flag: str, metavar: str, when: str) -> Callable[[Command], Comm
     "plot_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="With --sweep: write a PNG of accuracy/cosine and latency ratio (needs matplotlib).",
+    help="With --sweep: write a PNG of accuracy/cosine and latency ratio; without: the "
+    "sensitivity plot of vote:sensitivity=on or a budget (needs matplotlib).",
 )
 @click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
 @click.option(
@@ -255,8 +256,6 @@ def main(
             raise click.UsageError("missing MODEL (or use --list-passes)")
         if as_json and not inspect:
             raise click.UsageError("--json needs --inspect (a run's JSON: --report FILE or -)")
-        if plot_path is not None and sweep is None:
-            raise click.UsageError("--plot needs --sweep")
         if ray_address is not None and workers is None:
             raise click.UsageError("--ray-address needs --workers N (the number of shards)")
         if workers is not None:
@@ -286,7 +285,7 @@ def main(
         if sweep is not None:
             report = commands.sweep(out, job, gates, sweep, sweep_key, plot_path)
         else:
-            report = commands.prune(out, job, gates)
+            report = commands.prune(out, job, gates, plot_path)
     except OnnxPruneError as exc:
         if verbose:
             traceback.print_exc()

@@ -27,7 +27,7 @@ from onnxprune.passes.registry import (
 )
 from onnxprune.passes.validate import with_gates
 from onnxprune.pipeline import run
-from onnxprune.plot import plot_file, write_plot
+from onnxprune.plot import plot_file, sensitivity_section, write_plot
 from onnxprune.provenance import run_record, written_digests
 from onnxprune.report import (
     groups_table,
@@ -45,8 +45,11 @@ from onnxprune.sweep import add_points, run_sweep
 from onnxprune.synthesis import load_data
 
 
-def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, Any] | None:
-    """Run the chain, write the model and the report; the report (None: summary only)."""
+def prune(
+    out: Console, job: Job, gates: dict[str, float | None], plot_path: Path | None = None
+) -> dict[str, Any] | None:
+    """Run the chain, write the model, the report and the sensitivity plot (``--plot``); the
+    report (None: summary only)."""
     chain = with_gates(job.chain, **gates)  # type: ignore[arg-type]  # limits only
     if not chain:
         model = load(job.model)
@@ -58,6 +61,7 @@ def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, A
     target = job.output if job.output is not None else default_output(job.model)
     plan, report_file = plan_files(job)
     model_file = plan.add_model("-o", target, job.external_data)
+    plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
     model = load_checked(plan, job)
     with plan, progress.display(quiet=out.quiet):
         new, report = run(
@@ -76,6 +80,10 @@ def prune(out: Console, job: Job, gates: dict[str, float | None]) -> dict[str, A
         plan.write(model_file, lambda file: _write_model(new, file, job, target, report))
         report["output"] = str(target)
         report["argv"] = argv()
+        if plot is not None:
+            if sensitivity_section(report) is None:
+                raise click.UsageError("--plot needs --sweep, vote:sensitivity=on or a budget")
+            plan.write(plot, lambda file: write_plot(report, file))
         if report_file is not None:
             plan.write(report_file, lambda file: file.write_text(report_json(report)))
     _show(out, run_view(report, f"{job.model} -> {target}", job.device))

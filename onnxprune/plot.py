@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from onnxprune.errors import MissingDependency, ModelSaveError
 from onnxprune.validation.gates import validate_sections
 
@@ -243,15 +245,63 @@ def figure(report: Mapping[str, Any]) -> Any:
     return fig
 
 
+def sensitivity_section(report: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The first pass section of a run report with a ``sensitivity`` table (vote's), or None."""
+    return next((s for s in report.get("passes", []) if s.get("sensitivity")), None)
+
+
+def sensitivity_figure(report: Mapping[str, Any]) -> Any:
+    """A run's sensitivity plot: one line per group, its lowest output cosine (and, with
+    labels, its accuracy drop, a second panel) against the share of it pruned alone; in budget
+    mode a star marks each group's ratio and a dashed line the budget.
+
+    Raises:
+        MissingDependency: matplotlib is not installed.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    section = sensitivity_section(report) or {}
+    sens, budget = section["sensitivity"], section.get("budget") or {}
+    metrics = ["cosine"] + (["accuracy_drop"] if sens["labels"] else [])
+    fig = Figure(figsize=(7.5, 3.2 * len(metrics) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    chosen = {g["group"]: g["ratio"] for g in budget.get("groups", [])}
+    limits = {"cosine": budget.get("min_cosine"), "accuracy_drop": budget.get("max_accuracy_drop")}
+    for ax, metric in zip(axes, metrics, strict=True):
+        for row in sens["groups"]:
+            xs = [0.0] + [p["ratio"] for p in row["points"]]
+            ys = [1.0 if metric == "cosine" else 0.0] + [p[metric] for p in row["points"]]
+            (line,) = ax.plot(xs, ys, "o-", ms=3, label=f"group {row['group']} ({row['channels']})")
+            if row["group"] in chosen:
+                r = chosen[row["group"]]
+                ax.plot(
+                    [r], [np.interp(r, xs, ys)], "*", color=line.get_color(), mec="black", ms=12
+                )
+        if limits[metric] is not None:
+            ax.axhline(limits[metric], color="tab:red", ls="--", lw=1, label="budget")
+        ax.set_ylabel("lowest output cosine" if metric == "cosine" else "accuracy drop")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="x-small", ncol=2)
+    axes[-1].set_xlabel("share of the group pruned (only that group)")
+    name = Path(report["model"]).name if report.get("model") else "model"
+    star = "; *: the budget's ratio per group" if chosen else ""
+    fig.suptitle(f"{name}: sensitivity on {sens['samples']} samples{star}")
+    return fig
+
+
 def write_plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Draw the sweep's figure (:func:`figure`) and save it to ``path``.
+    """Draw the sweep's figure (:func:`figure`), or a run's sensitivity figure
+    (:func:`sensitivity_figure`) for a report without ``sweep``, and save it to ``path``.
 
     Raises:
         MissingDependency: matplotlib is not installed.
         ModelSaveError: the file cannot be written.
     """
     path = Path(path)
-    fig = figure(report)
+    fig = figure(report) if "sweep" in report else sensitivity_figure(report)
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:

@@ -115,6 +115,45 @@ def shortfall_table(section: Mapping[str, Any]) -> Table:
     return table
 
 
+def budget_tables(section: Mapping[str, Any]) -> list[Table]:
+    """vote's ``sensitivity`` (each group pruned alone: lowest output cosine, accuracy change
+    in points) with, in budget mode, each group's ratio and the measured change (caption)."""
+    sens, budget = section.get("sensitivity"), section.get("budget")
+    if not sens:
+        return []
+    table = Table(
+        title=f"{section['pass']}: sensitivity on {sens['samples']} samples "
+        f"({sens['data']}), each group pruned alone"
+    )
+    ratios = {r["group"]: f"{r['ratio']:g}" for r in (budget or {}).get("groups", [])}
+    for col in ("group", "layers", "channels", *(f"{r:g}" for r in sens["ratios"])):
+        table.add_column(col, overflow="fold")
+    table.add_column("budget ratio") if budget else None
+    for row in sens["groups"]:
+        cells = [_sens_cell(p) for p in row["points"]] + [ratios.get(row["group"], "0")][
+            : len(ratios)
+        ]
+        table.add_row(str(row["group"]), ", ".join(row["layers"]), str(row["channels"]), *cells)
+    table.caption = "cell: lowest output cosine (accuracy change) @ the share pruned"
+    if budget:  # the groups' ratios are in the last column
+        m, ev, cal = budget["measured"], budget["evaluation"], budget["calibration"]
+        drop = "" if m["accuracy_drop"] is None else f", accuracy drop {m['accuracy_drop']:.4f}"
+        table.caption += (
+            f"; budget: estimated MAC ratio {budget['mac_ratio']:.3f}, judged on {_rows(ev)}: "
+            f"cosine {m['cosine']:.4f}{drop}; calibrated on {_rows(cal)}"
+        )
+    return [table]
+
+
+def _sens_cell(p: Mapping[str, Any]) -> str:
+    change = "" if p["accuracy_drop"] is None else f" ({-100 * p['accuracy_drop']:+.1f} pt)"
+    return f"{p['cosine']:.4f}{change} @{p['ratio']:g}"
+
+
+def _rows(d: Mapping[str, Any]) -> str:
+    return d["source"] + (f" rows {d['rows'][0]}-{d['rows'][1] - 1}" if "rows" in d else "")
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{b / a:.3f}" if a and b is not None else ""
 
@@ -341,6 +380,7 @@ def run_view(report: Mapping[str, Any], title: str, device: str) -> list[Rendera
         passes_table(report["passes"]),
     ]
     view += [shortfall_table(s) for s in report["passes"] if s.get("shortfall")]
+    view += [t for s in report["passes"] for t in budget_tables(s)]
     for section in validate_sections(report):
         view += validate_tables(section)
     view.append(providers_line(report["providers"], device))

@@ -2,6 +2,14 @@
 
     .venv/bin/python scripts/bench_quality.py                 # all digits models, full grid
     .venv/bin/python scripts/bench_quality.py --quick         # fewer points, for a smoke run
+    .venv/bin/python scripts/bench_quality.py --targets       # issue 11's targets only
+
+``--targets`` measures issue 11's targets and rewrites only the "Targets" section of
+docs/quality.md (between its markers): the digits CNNs in budget mode (calibrated on the first
+half of the held-back test split, judged on the second, checked again on the calibration split
+no step saw), the random MLP at half its hidden neurons, a random residual CNN with the
+residual stream pruned at 50% and, when models/real/minilm.onnx exists
+(scripts/fixtures/export_minilm.py), a trained sentence encoder.
 
 For each trained digits model (models/digits/, calibration and held-back test splits), each
 criterion alone, the vote and the average are run at sparsity 0.1 ... 0.7, in three variants:
@@ -235,8 +243,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 sparsities, 4 methods")
     parser.add_argument("--models", default="torch_cnn,keras_cnn,torch_encoder")
+    parser.add_argument("--targets", action="store_true", help="issue 11's targets only")
+    parser.add_argument("--only", default="digits,mlp,residual,encoder", help="with --targets")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    if args.targets:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_targets import targets
+
+        targets("python scripts/bench_quality.py --targets", args.only)
+        return
     sparsities = [0.25, 0.5, 0.7] if args.quick else [round(0.1 * i, 1) for i in range(1, 8)]
     methods = (
         ["vote", "average", "flap", "random"] if args.quick else ["vote", "average", *CRITERIA]

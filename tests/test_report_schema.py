@@ -303,3 +303,29 @@ def test_validate_without_layers_records_none():
     _, report = onnxprune.run(MODEL, ["validate:runs=0"], data=DATA, device="cpu")
     section = report["passes"][-1]
     assert section["layers"] is None and section["layers_skipped"] is None
+
+
+BUDGET_KEYS = {"max_accuracy_drop", "min_cosine", "calibration", "evaluation", "measured",
+               "original_accuracy", "mac_ratio", "phases", "evaluations", "judge", "groups"}  # fmt: skip
+SENSITIVITY_KEYS = {"ratios", "data", "samples", "labels", "calibration", "evaluation", "groups"}
+
+
+def test_budget_and_sensitivity_keys_are_pinned_and_documented(tmp_path):
+    result, data = _run(tmp_path, "-p", "vote:max_accuracy_drop=0.02,round_to=1", "-p", "fold",
+                        "--data", DATA)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    vote = data["passes"][0]
+    budget, sens = vote["budget"], vote["sensitivity"]
+    assert set(budget) == BUDGET_KEYS and set(sens) == SENSITIVITY_KEYS
+    assert set(budget["calibration"]) == set(budget["evaluation"]) == {
+        "source", "samples", "labels", "rows"}  # fmt: skip
+    assert set(budget["measured"]) == {"cosine", "accuracy_drop"}
+    assert set(budget["phases"]) == {"uniform", "threshold", "refined"}
+    assert set(budget["groups"][0]) == {"group", "layers", "channels", "pruned", "ratio"}
+    assert set(sens["groups"][0]) == {"group", "layers", "channels", "points"}
+    point_keys = {"asked", "ratio", "pruned", "cosine", "accuracy_drop"}
+    assert set(sens["groups"][0]["points"][0]) == point_keys
+    assert all("ratio" in g for g in vote["groups"])
+    doc = (ROOT / "docs" / "report-schema.md").read_text()
+    for key in BUDGET_KEYS | SENSITIVITY_KEYS | point_keys | {"budget", "sensitivity", "rows"}:
+        assert f"`{key}`" in doc, key

@@ -15,7 +15,9 @@ from onnxprune.analysis.state import NOTHING_TO_PRUNE
 from onnxprune.graph import get_init
 from onnxprune.model import model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.budget_options import BudgetOptions
 from onnxprune.passes.registry import register_pass
+from onnxprune.pruning import budget
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
 from onnxprune.pruning.decision import GroupDecision, choice_score
 from onnxprune.pruning.ensemble import ensemble_arrays
@@ -63,7 +65,7 @@ class Voter:
 
 @register_pass
 @dataclass
-class Vote(Pass):
+class Vote(Pass, BudgetOptions):
     """Criteria vote on the channels to prune; a quorum decides; the chosen ones are zeroed.
 
     Rules:
@@ -95,6 +97,8 @@ class Vote(Pass):
            (group, layers, asked, pruned, reason), pinned and protected groups included, and
            ``asked``/``reason`` in its ``groups`` section when it was voted on; layers no group
            covers get a row too (``shortfall.uncovered_layers``).
+        7. Budget mode (``max_accuracy_drop``, ``min_cosine``) replaces rules 1-4 by a search
+           within the budget, and ``sensitivity`` adds a table: :mod:`onnxprune.pruning.budget`.
     """
 
     name: ClassVar[str] = "vote"
@@ -162,6 +166,7 @@ class Vote(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Vote, zero the chosen classes, compensate biases; report per group."""
+        ctx = budget.calibration_context(self, model, ctx)  # budget mode: rows that calibrate
         ws = Workspace.open(model, ctx, self.protect, self.mask_input, self.name)
         if not ws.groups:  # nothing to vote on: no statistics to gather either
             nothing = {"channels_pruned": 0, "groups": [], "note": NOTHING_TO_PRUNE}
@@ -195,16 +200,17 @@ class Vote(Pass):
                 for tag, getter, st in arrays
                 for c in criteria
             ]
-            plans.append(
-                (g, classes, voters, free_mask(ws.an, classes, stats if has_data else None))
-            )
-        if self.scope == "global":
+            free = free_mask(ws.an, classes, stats if has_data else None)
+            plans.append((g, classes, voters, free))
+        outcome = budget.apply(self, ws, plans, multiples, compensate)
+        if outcome.decisions is not None and outcome.chosen is not None:
+            chosen, decisions = outcome.chosen, outcome.decisions
+        elif self.scope == "global":
             chosen, decisions = self._global(ws, plans, multiple, multiples)
         else:
             for g, classes, voters, dead in plans:
-                decision = self._local(
-                    ws, g, classes, voters, dead, check, multiple, multiples[g.index]
-                )
+                step = multiples[g.index]
+                decision = self._local(ws, g, classes, voters, dead, check, multiple, step)
                 chosen |= decision.picked
                 decisions.append(decision)
         selection: dict[str, Any] = {}
@@ -235,6 +241,7 @@ class Vote(Pass):
             **({"check_caps": check_caps()} if check != "off" else {}),
             **selection,
             **applied,
+            **outcome.report,
         }
         if asked and not chosen:
             report["warnings"] = [
