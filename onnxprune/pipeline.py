@@ -140,6 +140,8 @@ def run(
             result, section = _apply(p, work, ctx, [q.name for q in chain[:index]])
             report["passes"].append(section)
             current = result.model
+            if p.new_reference and ctx.original is not None:  # later passes compare with it
+                ctx.original = copy.deepcopy(current)
     finally:
         if pool is not None:
             pool.close()  # the local cluster stops; a joined one only loses this client

@@ -215,3 +215,21 @@ def test_the_readme_fusion_example_runs(tmp_path):
     assert report["status"] == "passed" and out.exists()
     fuse, vote, fold = report["passes"][:3]
     assert fuse["select"] == "backward" and fold["channels_removed"] == vote["channels_pruned"]
+
+
+def test_passes_after_fuse_compare_with_the_ensemble():
+    """fuse makes the ensemble the reference: refit fits the pruned ensemble to it (on a fused
+    graph whose tensors the first model lacks) and validate's original is the ensemble."""
+    members = f"{DIGITS / 'torch_cnn_seed1.onnx'}+{DIGITS / 'keras_cnn.onnx'}"
+    fuse = f"fuse:members={members},combine=mean"
+    ensemble, _ = onnxprune.run(DIGITS / "torch_cnn.onnx", [fuse], device="cpu")
+    chain = [fuse, "vote:sparsity=0.25", "refit", "fold", "validate:runs=0"]
+    _, report = onnxprune.run(
+        DIGITS / "torch_cnn.onnx", chain, data=CALIB, eval_data=TEST, device="cpu"
+    )
+    with np.load(TEST) as npz:
+        (probs,) = ort_run(ensemble, {"input": npz["input"]}).values()
+        want = float((probs.argmax(1) == npz["labels"]).mean())
+    refit, validate = report["passes"][2], report["passes"][4]
+    assert refit["refitted"] + refit["rejected"] > 0
+    assert validate["classification"]["original"]["accuracy"] == pytest.approx(want, abs=1e-9)

@@ -74,6 +74,9 @@ class Pass:
             copy is kept even when the pipeline runs in place.
         in_place: ``run`` changes the model it is given and returns that same object (True),
             or returns a new model (False). :meth:`__call__` checks it.
+        new_reference: the result is a new function (``fuse``: an ensemble), not a pruned
+            copy, so the passes after it compare against it: the pipeline makes it
+            ``ctx.original``.
 
     Calling the pass runs the contract:
 
@@ -86,6 +89,7 @@ class Pass:
     name: ClassVar[str] = ""
     needs_original: ClassVar[bool] = False
     in_place: ClassVar[bool] = True
+    new_reference: ClassVar[bool] = False
 
     def __call__(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Run ``requires`` -> ``run`` -> ``ensures`` on ``model``, which the pass may change.

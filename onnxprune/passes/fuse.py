@@ -62,6 +62,7 @@ class Fuse(Pass):
     """
 
     name: ClassVar[str] = "fuse"
+    new_reference: ClassVar[bool] = True  # vote, refit and validate compare with the ensemble
     members: tuple[str, ...] = option(
         (), "the other models (a.onnx+b.onnx), from the working folder"
     )
