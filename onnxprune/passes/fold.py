@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.analysis.groups import chosen_positions, classes_of, last_channel_classes
+from onnxprune.analysis.groups import class_mask, classes_of, last_channel_classes
 from onnxprune.analysis.handlers.recurrent import RECURRENT
 from onnxprune.analysis.labels import (
     ClassId,
@@ -35,6 +35,7 @@ from onnxprune.graph import (
     get_init,
     outer_names_read_by_subgraphs,
     prepare_for_pruning,
+    release_maps,
     remove_attr,
     set_attr,
     set_init,
@@ -71,11 +72,22 @@ class Plan:
     held: dict[ClassId, str] = field(default_factory=dict)
     values: dict[tuple[int, int], float] = field(default_factory=dict)
 
+    _gone: np.ndarray | None = field(default=None, repr=False, compare=False)
+
     def keep(self, ids: np.ndarray) -> np.ndarray:
-        """Mask of positions that stay (unlabelled positions always stay)."""
+        """Mask of positions that stay (unlabelled positions always stay).
+
+        ``removed`` is final once this is called: the per-channel mask is built once, so each
+        call costs the length of ``ids``, not the number of removed classes.
+        """
         if not self.removed:
             return np.ones(len(ids), bool)
-        return ~chosen_positions(self.roots, ids, self.removed)
+        if self._gone is None or self._gone.shape != self.roots.shape:
+            self._gone = class_mask(self.roots, self.removed)
+        out = np.ones(len(ids), bool)
+        labelled = ids >= 0
+        out[labelled] = ~self._gone[ids[labelled]]
+        return out
 
 
 @dataclass
@@ -142,6 +154,7 @@ class Fold(Pass):
                 if _may_be_constant(an):
                     pr = probe_run(model, ctx)
                     an = analyse(model, pr.shapes)
+            release_maps()  # pages the analysis read from mapped weights (read again on demand)
             plan = self.plan(an, pr)
             rounds.append(_round_report(an, plan))
             if not plan.removed:
@@ -303,10 +316,11 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
         by_init[init].append((axis, keep))
     for init, cuts in by_init.items():
         arr = get_init(graph, init)
-        for axis, keep in cuts:
-            if not keep.all():
-                arr = np.compress(keep, arr, axis=axis)
-        set_init(graph, init, np.ascontiguousarray(arr))
+        cut = [(axis, keep) for axis, keep in cuts if not keep.all()]
+        for axis, keep in cut:  # a mapped weight is read from its file, once, by the cut
+            arr = np.compress(keep, arr, axis=axis)
+        if cut:  # an uncut weight stays as it is (in its file when mapped)
+            set_init(graph, init, np.ascontiguousarray(arr))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     detached: list[onnx.NodeProto] = []
     for rw in an.rewrites:
@@ -317,6 +331,7 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     remove_dead(graph, detached)
     del graph.value_info[:]
     _remove_unused_initializers(graph)
+    release_maps()  # the pages the cuts read from mapped weights: not needed in this process
     return len(plan.removed)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.graph import attr
+from onnxprune.graph import attr, tensor_array
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.calibrate import activation_stats
@@ -87,7 +87,7 @@ class Magnitude(Pass):
             if ly.init in done:
                 continue  # a shared weight is sparsified once, by its first reader
             done.add(ly.init)
-            w = numpy_helper.to_array(tensors[ly.init]).copy()
+            w = np.array(tensor_array(tensors[ly.init]))
             if m_size and w.shape[ly.in_axis] % m_size:
                 skipped[ly.init] = f"{w.shape[ly.in_axis]} inputs are not a multiple of {m_size}"
                 continue

@@ -156,8 +156,10 @@ class Validate(Pass):
         if self.samples:
             data = data.head(self.samples)
         check_inputs(original, model)
-        ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=False)
-        new_sess = _pruned_session(model, ctx.providers, self.threads)
+        # prepacked weights only where latency is timed (they cost a copy of the weights)
+        share = False if self.runs else None
+        ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=share)
+        new_sess = _pruned_session(model, ctx.providers, self.threads, share)
         ref, new, count = run_pair(ref_sess, new_sess, original, data)
         labels = data.labels[:count] if data.labels is not None else None
         scored = self._label_output(ref)
@@ -319,10 +321,10 @@ def _gates(
 
 
 def _pruned_session(
-    model: onnx.ModelProto, providers: Sequence[str], threads: int
+    model: onnx.ModelProto, providers: Sequence[str], threads: int, share: bool | None = False
 ) -> ort.InferenceSession:
     try:
-        return session(model, providers, threads=threads, share_weights=False)
+        return session(model, providers, threads=threads, share_weights=share)
     except PassFailedError as exc:
         raise PassFailedError(f"validate: the pruned model: {exc}") from exc
 
