@@ -254,7 +254,7 @@ def runs(model: Path, data: Path) -> list[tuple[str, list[str], Path | None]]:
         ("--inspect", [m, "--inspect", "-q"], None),
         (
             "vote+fold (no data)",
-            [m, "-p", "vote:criteria=l1+l2", "-p", "fold", "-o", str(out), "-q"],
+            [m, "-p", "vote:criteria=l1+l2", "-p", "fold", "-o", str(out), "--external-data", "-q"],
             out,
         ),
         (
@@ -273,10 +273,22 @@ def runs(model: Path, data: Path) -> list[tuple[str, list[str], Path | None]]:
             ],
             out,
         ),
-        ("fold alone", [m, "-p", "fold", "-o", str(out), "-q"], out),
+        ("fold alone", [m, "-p", "fold", "-o", str(out), "--external-data", "-q"], out),
         (
             "fold + validate",
-            [m, "-p", "fold", "-p", "validate:runs=0", "--data", str(data), "-o", str(out), "-q"],
+            [
+                m,
+                "-p",
+                "fold",
+                "-p",
+                "validate:runs=0",
+                "--data",
+                str(data),
+                "-o",
+                str(out),
+                "--external-data",
+                "-q",
+            ],
             out,
         ),
     ]

@@ -75,19 +75,11 @@ class Plan:
     _gone: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def keep(self, ids: np.ndarray) -> np.ndarray:
-        """Mask of positions that stay (unlabelled positions always stay).
-
-        ``removed`` is final once this is called: the per-channel mask is built once, so each
-        call costs the length of ``ids``, not the number of removed classes.
-        """
-        if not self.removed:
-            return np.ones(len(ids), bool)
-        if self._gone is None or self._gone.shape != self.roots.shape:
+        """Mask of positions that stay (unlabelled positions always stay); ``removed`` is final
+        once this is called (its per-channel mask is built once: linear in ``ids``)."""
+        if self._gone is None:
             self._gone = class_mask(self.roots, self.removed)
-        out = np.ones(len(ids), bool)
-        labelled = ids >= 0
-        out[labelled] = ~self._gone[ids[labelled]]
-        return out
+        return ~self._gone[ids] | (ids < 0)
 
 
 @dataclass
@@ -304,22 +296,15 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     graph = model.graph
     an.release_arrays()  # the planning copies of the weights: not needed to cut them
     _fold_biases(graph, an, plan)
-    sliced: dict[tuple[str, int], np.ndarray] = {}
-    for m in an.members:
-        keep = plan.keep(m.ids)
-        key = (m.init, m.axis)
-        if key in sliced:
-            continue
-        sliced[key] = keep
-    by_init: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (init, axis), keep in sliced.items():
-        by_init[init].append((axis, keep))
-    for init, cuts in by_init.items():
-        arr = get_init(graph, init)
-        cut = [(axis, keep) for axis, keep in cuts if not keep.all()]
-        for axis, keep in cut:  # a mapped weight is read from its file, once, by the cut
-            arr = np.compress(keep, arr, axis=axis)
+    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for m in an.members:  # the first member of each (initializer, axis) decides
+        cuts[m.init].setdefault(m.axis, plan.keep(m.ids))
+    for init, by_axis in cuts.items():
+        cut = [(axis, keep) for axis, keep in by_axis.items() if not keep.all()]
         if cut:  # an uncut weight stays as it is (in its file when mapped)
+            arr = get_init(graph, init)
+            for axis, keep in cut:
+                arr = np.compress(keep, arr, axis=axis)
             set_init(graph, init, np.ascontiguousarray(arr))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     detached: list[onnx.NodeProto] = []
