@@ -298,7 +298,7 @@ def write_model(model: onnx.ModelProto, file: Path, external_data: bool | None =
 def _write_external(model: onnx.ModelProto, file: Path) -> None:
     """Every tensor of at least 1 KiB into ``<file>.data`` (page-aligned), then the model."""
     location = f"{file.name}.data"
-    moved: list[tuple[onnx.TensorProto, list[onnx.StringStringEntryProto], int | None]] = []
+    moved: list[tuple[onnx.TensorProto, list[onnx.StringStringEntryProto], Any]] = []
     out = None
     try:
         for t in _all_tensors(model):

@@ -169,7 +169,7 @@ def session(
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise PassFailedError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
     if values:
-        sess._onnxprune_weights = values  # type: ignore[attr-defined]  # alive with the session
+        sess._onnxprune_weights = values  # alive with the session
         release_maps()
     if tmpdir is not None:  # the weights file is mapped: it goes with the session
         weakref.finalize(sess, shutil.rmtree, tmpdir, True)
@@ -204,7 +204,7 @@ def _weights_apart(
     def big(t: onnx.TensorProto) -> bool:
         # float weights only: integer tensors (axes, shapes) feed shape inference, which
         # reads them from the model itself
-        return (
+        return bool(
             in_memory
             and t.HasField("raw_data")
             and t.data_type in FLOAT_TYPES

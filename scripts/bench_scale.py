@@ -307,6 +307,11 @@ def main() -> None:
     sizes += [("mlp", int(v)) for v in args.mlp.split(",") if v]
     results: list[dict[str, Any]] = []
     work = Path(args.workdir)
+    t0 = time.perf_counter()  # the start-up every run below includes (imports)
+    subprocess.run([sys.executable, "-c", "import onnxprune.cli"], check=True)
+    startup = round(time.perf_counter() - t0, 1)
+    results.append({"run": "start-up (import onnxprune.cli)", "wall_s": startup})
+    print(f"# start-up of a run (python, imports): {startup} s", flush=True)
     for kind, size in sizes:
         folder = work / f"{kind}-{size}"
         shutil.rmtree(folder, ignore_errors=True)

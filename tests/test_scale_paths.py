@@ -199,3 +199,28 @@ def test_plan_keep_and_slots_match_the_set_based_rule() -> None:
     for _ in range(5):
         ids = rng.integers(-1, 200, 64)
         np.testing.assert_array_equal(plan.keep(ids), ~chosen_positions(roots, ids, removed))
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        ["cleanup", "fold"],
+        ["magnitude:sparsity=0.5", "fold"],
+        ["stats:metric=l1,below=0.5", "refit", "fold", "validate:runs=0,layers=true"],
+    ],
+)
+def test_every_pass_works_on_a_mapped_model(
+    tmp_path: Path, mapped_limits: None, monkeypatch: pytest.MonkeyPatch, chain: list[str]
+) -> None:
+    path = _mlp(tmp_path)
+    data = tmp_path / "data.npz"
+    mapped_out, _ = onnxprune.run(onnxprune.load(path), chain, data=data, device="cpu")
+    monkeypatch.setattr(model_module, "MAP_BYTES", 1 << 40)
+    plain_out, _ = onnxprune.run(onnxprune.load(path), chain, data=data, device="cpu")
+    feeds = _feeds(tmp_path)
+    np.testing.assert_allclose(
+        run_model(mapped_out, feeds)["r_1"], run_model(plain_out, feeds)["r_1"], rtol=1e-6
+    )
+    onnxprune.save(mapped_out, tmp_path / "out.onnx")
+    reloaded = run_model(onnx.load(str(tmp_path / "out.onnx")), feeds)["r_1"]
+    np.testing.assert_allclose(reloaded, run_model(plain_out, feeds)["r_1"], rtol=1e-6)
