@@ -137,8 +137,9 @@ def run(
         },
     )
     report["after"] = summarize(out, input_shapes=shapes).to_dict()
-    # temporary weight files the run's sessions needed (weights changed in memory)
-    report["temp_bytes"] = temp_bytes() - temp_before
+    written = temp_bytes() - temp_before  # temporary weight files the sessions needed
+    if written:
+        report["temp_bytes"] = written
     report.update(
         run_record(
             report, seed=ctx.seed, device=device, model_path=ctx.model_path, data_path=ctx.data_path
