@@ -54,10 +54,11 @@ def file_map(path: str) -> np.ndarray:
 def release_maps() -> None:
     """Let the kernel drop the pages of every file map from this process (they are read again
     on the next access): after onnxruntime has copied what it needs."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)  # not on every platform
     for _, arr in _MAPS.values():
         base = getattr(arr, "_mmap", None)
-        if base is not None:
-            base.madvise(mmap.MADV_DONTNEED)
+        if base is not None and advice is not None:
+            base.madvise(advice)
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:
