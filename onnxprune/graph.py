@@ -1,8 +1,11 @@
 """GraphProto helpers shared by the analysis and the passes: walking graphs and subgraphs,
-attributes, names, initializers, lifting constants, consumer biases. No file I/O here."""
+attributes, names, initializers, lifting constants, consumer biases. No file I/O here, except
+that an initializer whose data stays in its file (:func:`tensor_array`) is read mapped."""
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +13,10 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+# whole-file read-only maps, by real path and (mtime, size): every view of one file shares them
+_MAPS: dict[str, tuple[tuple[int, int], np.ndarray]] = {}
 
 
 def unique_name(graph: onnx.GraphProto, base: str) -> str:
@@ -23,9 +30,55 @@ def unique_name(graph: onnx.GraphProto, base: str) -> str:
     return name
 
 
+def mapped(t: onnx.TensorProto) -> bool:
+    """Whether ``t``'s data stays in its file: an external location given as an absolute path
+    (how :func:`onnxprune.model.load` leaves the large weights of a large model)."""
+    return uses_external_data(t) and os.path.isabs(ExternalDataInfo(t).location)
+
+
+def file_map(path: str) -> np.ndarray:
+    """The whole file ``path`` mapped read-only as bytes (one map per file, shared)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    stamp = (st.st_mtime_ns, st.st_size)
+    known = _MAPS.get(real)
+    if known is None or known[0] != stamp:
+        known = (
+            stamp,
+            np.memmap(real, dtype=np.uint8, mode="r") if st.st_size else np.zeros(0, np.uint8),
+        )
+        _MAPS[real] = known
+    return known[1]
+
+
+def release_maps() -> None:
+    """Let the kernel drop the pages of every file map from this process (they are read again
+    on the next access): after onnxruntime has copied what it needs."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)  # not on every platform
+    for _, arr in _MAPS.values():
+        base = getattr(arr, "_mmap", None)
+        if base is not None and advice is not None:
+            base.madvise(advice)
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """The value of ``t``; a :func:`mapped` one is a read-only view of its file (no copy)."""
+    if not mapped(t):
+        return numpy_helper.to_array(t)
+    info = ExternalDataInfo(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    shape = tuple(int(d) for d in t.dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    start = int(info.offset or 0)
+    raw = file_map(info.location)[start : start + count * dtype.itemsize]
+    if raw.size != count * dtype.itemsize:
+        raise OSError(f"{info.location}: too short for tensor {t.name!r}")
+    return raw.view(dtype).reshape(shape)
+
+
 def get_init(graph: onnx.GraphProto, name: str) -> np.ndarray:
-    """The value of initializer ``name``."""
-    return next(numpy_helper.to_array(t) for t in graph.initializer if t.name == name)
+    """The value of initializer ``name`` (read-only when it stays in its file)."""
+    return next(tensor_array(t) for t in graph.initializer if t.name == name)
 
 
 def set_init(graph: onnx.GraphProto, name: str, arr: np.ndarray) -> None:

@@ -18,15 +18,26 @@ from typing import Any
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import (
+    ExternalDataInfo,
+    load_external_data_for_tensor,
+    uses_external_data,
+)
 
 from onnxprune.errors import ArgumentError, ModelLoadError, first_line
-from onnxprune.graph import iter_graphs, iter_initializers
+from onnxprune.graph import iter_graphs, iter_initializers, mapped, tensor_array
 from onnxprune.outputs import OutputPlan, real_path
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 LIGHT_CHECK_BYTES = 64 << 20
+# A model with more external-data bytes than this is loaded mapped: its tensors of at least
+# MAP_TENSOR_BYTES stay in their file (read on demand, never copied whole into memory).
+MAP_BYTES = 64 << 20
+MAP_TENSOR_BYTES = 64 << 10
+# Tensors in an external-data file written here start at multiples of this (onnxruntime and
+# numpy then map them in place).
+ALIGN = 4096
 FLOAT_TYPES = frozenset(
     (
         onnx.TensorProto.FLOAT,
@@ -82,7 +93,7 @@ def load(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) 
     try:
         model = onnx.load(str(path), load_external_data=False)
         files = external_data_files(model, os.path.dirname(path))
-        onnx.load_external_data_for_model(model, os.path.dirname(path))
+        _load_external_data(model, os.path.dirname(path))
     except DecodeError as exc:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf parse failed: {exc})") from exc
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -95,6 +106,39 @@ def load(path: str | os.PathLike[str] | onnx.ModelProto, *, check: bool = True) 
     if check:
         check_model(model, str(path))
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: str) -> None:
+    """Read the external data of ``model``'s tensors, except (past :data:`MAP_BYTES` in all)
+    the large ones of the main graph: those keep an absolute location and are read mapped
+    (:func:`onnxprune.graph.tensor_array`), so the weights stay where they are.
+
+    Raises:
+        OSError, ValueError: a data file is missing or too short.
+    """
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    big = sum(tensor_nbytes(t) for t in external) > MAP_BYTES
+    keep = {id(t) for t in model.graph.initializer} if big else set()
+    for t in external:
+        info = ExternalDataInfo(t)
+        where = os.path.join(base_dir, info.location)
+        mappable = t.data_type not in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)
+        if id(t) in keep and mappable and tensor_nbytes(t) >= MAP_TENSOR_BYTES:
+            size = os.path.getsize(where)
+            if int(info.offset or 0) + tensor_nbytes(t) > size:
+                raise ValueError(f"{info.location} is too short for tensor {t.name!r}")
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = os.path.abspath(where)
+            continue
+        load_external_data_for_tensor(t, base_dir)
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+
+
+def mapped_nbytes(model: onnx.ModelProto) -> int:
+    """Bytes of the tensors that stay in their file (:func:`onnxprune.graph.mapped`)."""
+    return sum(tensor_nbytes(t) for t in iter_initializers(model.graph) if mapped(t))
 
 
 def _require_parts(model: onnx.ModelProto, where: str) -> None:
@@ -121,7 +165,7 @@ def wrong_type(value: object, argument: str, expected: str) -> ArgumentError:
 def check_model(model: onnx.ModelProto, where: str = "model") -> None:
     """Run onnx.checker; raise a one-line :class:`ModelLoadError` naming ``where`` if it fails."""
     try:
-        if model_nbytes(model) > LIGHT_CHECK_BYTES:
+        if model_nbytes(model) > LIGHT_CHECK_BYTES or mapped_nbytes(model):
             # large weights are checked for dtype and shape only, not serialised (saves memory
             # and time; serialising also fails past 2 GB)
             onnx.checker.check_model(skeleton(model))
@@ -154,7 +198,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(src.value_info)
     listed = {i.name for i in src.input}  # MXNet-style models list initializers as inputs too
     for t in src.initializer:  # shapes only for the large ones: no weight is copied
-        if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT:
+        if np.prod(t.dims, dtype=np.int64) > SKELETON_LIMIT or mapped(t):
             if t.name not in listed:
                 graph.input.append(
                     onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
@@ -227,27 +271,79 @@ def save(
 def write_model(model: onnx.ModelProto, file: Path, external_data: bool | None = None) -> None:
     """Write ``model`` to ``file`` (a staged path), tensors in ``<file>.data`` when external.
 
-    The caller's model is left as it was. :func:`save` and the CLI's plan call this.
+    Tensors that stay in their input file (mapped) are copied from there into the output, one
+    block at a time; external tensors start at multiples of :data:`ALIGN`. The caller's model
+    is left as it was. :func:`save` and the CLI's plan call this.
     """
     if external_data is None:
         external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        onnx.save_model(model, str(file))
+        inlined = [t for t in iter_initializers(model.graph) if mapped(t)]
+        saved = [(list(t.external_data), t.data_location) for t in inlined]
+        try:
+            for t in inlined:  # a mapped tensor inside a single-file model: read for the write
+                t.raw_data = tensor_array(t).tobytes()
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+            onnx.save_model(model, str(file))
+        finally:
+            for t, (entries, location) in zip(inlined, saved, strict=True):
+                t.ClearField("raw_data")
+                t.external_data.extend(entries)
+                t.data_location = location
         return
-    unset = [t for t in _all_tensors(model) if not t.HasField("data_location")]
-    onnx.save_model(
-        model,
-        str(file),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=f"{file.name}.data",
-        size_threshold=1024,
-    )
-    # save_model converted the in-memory tensors to external references; load them back (and
-    # clear the data_location it set) so the caller's model is unchanged.
-    onnx.load_external_data_for_model(model, str(file.parent))
-    for t in unset:
-        t.ClearField("data_location")
+    _write_external(model, file)
+
+
+def _write_external(model: onnx.ModelProto, file: Path) -> None:
+    """Every tensor of at least 1 KiB into ``<file>.data`` (page-aligned), then the model."""
+    location = f"{file.name}.data"
+    moved: list[tuple[onnx.TensorProto, list[onnx.StringStringEntryProto], Any]] = []
+    out = None
+    try:
+        for t in _all_tensors(model):
+            if t.data_type == onnx.TensorProto.STRING or not (
+                mapped(t) or (t.HasField("raw_data") and len(t.raw_data) >= 1024)
+            ):
+                continue
+            if out is None:  # no data file when no tensor goes there
+                out = open(file.parent / location, "wb")  # noqa: SIM115 - closed below
+            offset = out.tell()
+            offset += out.write(b"\0" * ((-offset) % ALIGN))
+            if mapped(t):
+                flat = tensor_array(t).reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, 64 << 20):
+                    out.write(flat[start : start + (64 << 20)].tobytes())
+                length = flat.size
+            else:
+                length = out.write(t.raw_data)
+            where = t.data_location if t.HasField("data_location") else None
+            entries = [
+                onnx.StringStringEntryProto(key=e.key, value=e.value) for e in t.external_data
+            ]
+            moved.append((t, entries, where))
+            del t.external_data[:]
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", length)):
+                t.external_data.add(key=key, value=str(value))
+        if out is not None:
+            out.flush()
+        with open(file, "wb") as f:
+            f.write(model.SerializeToString())
+    finally:  # the caller's model as it was: in-memory tensors read back, mapped ones re-pointed
+        if out is not None:
+            out.close()
+        for t, entries, where in moved:
+            if where == onnx.TensorProto.EXTERNAL:
+                del t.external_data[:]
+                t.external_data.extend(entries)
+            else:
+                load_external_data_for_tensor(t, str(file.parent))
+                del t.external_data[:]
+                t.ClearField("data_location")
+                if where is not None:
+                    t.data_location = where
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

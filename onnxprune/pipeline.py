@@ -24,13 +24,14 @@ from onnxprune.errors import (
     PassFailedError,
     first_line,
 )
+from onnxprune.graph import release_maps
 from onnxprune.input_shapes import as_input_shapes, check_input_shapes
 from onnxprune.model import MODEL_ARGUMENT, add_provenance, load, wrong_type
 from onnxprune.passes.base import Pass, PassResult
 from onnxprune.passes.registry import ENTRY_POINT_GROUP, parse_pass_spec
 from onnxprune.progress import step
 from onnxprune.provenance import run_record
-from onnxprune.runtime import Device, providers_for
+from onnxprune.runtime import Device, providers_for, temp_bytes
 from onnxprune.version import __version__
 
 PATH_TYPES = (str, os.PathLike)
@@ -133,11 +134,13 @@ def run(
         "passes": [],
     }
     current = model
+    temp_before = temp_bytes()
     try:
         for index, p in enumerate(chain):
             # later passes get the previous pass's private result: no copy needed
             work = current if index or inplace else copy.deepcopy(current)
             result, section = _apply(p, work, ctx, [q.name for q in chain[:index]])
+            release_maps()  # pages of mapped weights the pass read: read again when needed
             report["passes"].append(section)
             current = result.model
             if p.new_reference and ctx.original is not None:  # later passes compare with it
@@ -154,6 +157,9 @@ def run(
         },
     )
     report["after"] = summarize(out, input_shapes=shapes).to_dict()
+    written = temp_bytes() - temp_before  # temporary weight files the sessions needed
+    if written:
+        report["temp_bytes"] = written
     report.update(
         run_record(
             report, seed=ctx.seed, device=device, model_path=ctx.model_path, data_path=ctx.data_path

@@ -28,6 +28,14 @@ def chosen_positions(roots: np.ndarray, ids: np.ndarray, chosen: Iterable[int]) 
     return out
 
 
+def class_mask(roots: np.ndarray, chosen: Iterable[int]) -> np.ndarray:
+    """Per channel id: whether its class is in ``chosen`` (one pass over ``roots``)."""
+    wanted = np.zeros(len(roots), bool)
+    picked = np.fromiter(chosen, np.int64)
+    wanted[picked[(picked >= 0) & (picked < len(roots))]] = True
+    return wanted[roots]
+
+
 def unpinned_classes(an: Analysis) -> list[ClassId]:
     """Every channel class of the model that is not pinned, in id order."""
     return sorted(classes_of(an.roots(), an.spaces) - set(an.pinned_roots()))
@@ -37,12 +45,14 @@ def last_channel_classes(an: Analysis, chosen: Iterable[int]) -> set[ClassId]:
     """The classes to take back from ``chosen`` so that no tensor or member loses all its
     channels: for each that would, the class of its first channel (tensors, then members)."""
     roots = an.roots()
-    left = set(chosen)
+    left = np.zeros(len(roots), bool)  # by class root: still chosen
+    picked = np.fromiter(chosen, np.int64)
+    left[picked[(picked >= 0) & (picked < len(roots))]] = True
     kept: set[ClassId] = set()
     for ids in [lab.ids for lab in an.labels.values()] + [m.ids for m in an.members]:
-        if len(ids) and chosen_positions(roots, ids, left).all():
+        if len(ids) and (ids >= 0).all() and left[roots[ids]].all():
             first = ClassId(int(roots[ids[0]]))
-            left.discard(first)
+            left[first] = False
             kept.add(first)
     return kept
 

@@ -216,11 +216,13 @@ class UnionFind:
 
     def __init__(self) -> None:
         self.parent: list[int] = []
+        self._roots: np.ndarray | None = None  # roots() until the next add or union
 
     def add(self, n: int) -> int:
         """Add ``n`` ids, each its own class; returns the first."""
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
+        self._roots = None
         return start
 
     def find(self, x: int) -> int:
@@ -239,7 +241,18 @@ class UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
+            self._roots = None
 
     def roots(self) -> np.ndarray:
-        """The root of every id, as an array indexed by id."""
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+        """The root of every id, as an array indexed by id (computed once per state of the
+        classes, by pointer jumping: a parent is never a larger id; read-only)."""
+        if self._roots is None or len(self._roots) != len(self.parent):
+            up = np.array(self.parent, dtype=np.int64)
+            while True:
+                nxt = up[up]
+                if np.array_equal(nxt, up):
+                    break
+                up = nxt
+            up.flags.writeable = False
+            self._roots = up
+        return self._roots

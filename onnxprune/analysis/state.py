@@ -26,7 +26,6 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.analysis.dequant import Dequantized, dequantize, find_dequantized, quantized_members
 from onnxprune.analysis.groups import classes_of
@@ -41,7 +40,7 @@ from onnxprune.analysis.labels import (
     Space,
     UnionFind,
 )
-from onnxprune.graph import node_name
+from onnxprune.graph import node_name, tensor_array
 
 NOTHING_TO_PRUNE = (
     "nothing to prune: no channel groups (no Conv, ConvTranspose, Gemm or MatMul with a "
@@ -91,9 +90,9 @@ class Analysis:
         if name not in self._arrays:
             d = self.dequantized.get(name)
             if d is not None:
-                self._arrays[name] = dequantize(d, lambda n: numpy_helper.to_array(self.inits[n]))
+                self._arrays[name] = dequantize(d, lambda n: tensor_array(self.inits[n]))
             else:
-                self._arrays[name] = numpy_helper.to_array(self.inits[name])
+                self._arrays[name] = tensor_array(self.inits[name])
         return self._arrays[name]
 
     def release_arrays(self) -> None:

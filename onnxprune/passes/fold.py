@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxprune.analysis.groups import chosen_positions, classes_of, last_channel_classes
+from onnxprune.analysis.groups import class_mask, classes_of, last_channel_classes
 from onnxprune.analysis.handlers.recurrent import RECURRENT
 from onnxprune.analysis.labels import (
     ClassId,
@@ -35,6 +35,7 @@ from onnxprune.graph import (
     get_init,
     outer_names_read_by_subgraphs,
     prepare_for_pruning,
+    release_maps,
     remove_attr,
     set_attr,
     set_init,
@@ -71,11 +72,14 @@ class Plan:
     held: dict[ClassId, str] = field(default_factory=dict)
     values: dict[tuple[int, int], float] = field(default_factory=dict)
 
+    _gone: np.ndarray | None = field(default=None, repr=False, compare=False)
+
     def keep(self, ids: np.ndarray) -> np.ndarray:
-        """Mask of positions that stay (unlabelled positions always stay)."""
-        if not self.removed:
-            return np.ones(len(ids), bool)
-        return ~chosen_positions(self.roots, ids, self.removed)
+        """Mask of positions that stay (unlabelled positions always stay); ``removed`` is final
+        once this is called (its per-channel mask is built once: linear in ``ids``)."""
+        if self._gone is None:
+            self._gone = class_mask(self.roots, self.removed)
+        return ~self._gone[ids] | (ids < 0)
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Fold(Pass):
                 if _may_be_constant(an):
                     pr = probe_run(model, ctx)
                     an = analyse(model, pr.shapes)
+            release_maps()  # pages the analysis read from mapped weights (read again on demand)
             plan = self.plan(an, pr)
             rounds.append(_round_report(an, plan))
             if not plan.removed:
@@ -291,22 +296,16 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     graph = model.graph
     an.release_arrays()  # the planning copies of the weights: not needed to cut them
     _fold_biases(graph, an, plan)
-    sliced: dict[tuple[str, int], np.ndarray] = {}
-    for m in an.members:
-        keep = plan.keep(m.ids)
-        key = (m.init, m.axis)
-        if key in sliced:
-            continue
-        sliced[key] = keep
-    by_init: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (init, axis), keep in sliced.items():
-        by_init[init].append((axis, keep))
-    for init, cuts in by_init.items():
-        arr = get_init(graph, init)
-        for axis, keep in cuts:
-            if not keep.all():
+    cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+    for m in an.members:  # the first member of each (initializer, axis) decides
+        cuts[m.init].setdefault(m.axis, plan.keep(m.ids))
+    for init, by_axis in cuts.items():
+        cut = [(axis, keep) for axis, keep in by_axis.items() if not keep.all()]
+        if cut:  # an uncut weight stays as it is (in its file when mapped)
+            arr = get_init(graph, init)
+            for axis, keep in cut:
                 arr = np.compress(keep, arr, axis=axis)
-        set_init(graph, init, np.ascontiguousarray(arr))
+            set_init(graph, init, np.ascontiguousarray(arr))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     detached: list[onnx.NodeProto] = []
     for rw in an.rewrites:
@@ -317,6 +316,7 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     remove_dead(graph, detached)
     del graph.value_info[:]
     _remove_unused_initializers(graph)
+    release_maps()  # the pages the cuts read from mapped weights: not needed in this process
     return len(plan.removed)
 
 

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxprune.analysis.dequant import Dequantized, dequantize, find_dequantized, zero_points
-from onnxprune.graph import attr
+from onnxprune.graph import attr, tensor_array
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.calibrate import activation_stats
@@ -90,7 +90,7 @@ class Magnitude(Pass):
             if ly.init in done:
                 continue  # a shared weight is sparsified once, by its first reader
             done.add(ly.init)
-            w = numpy_helper.to_array(tensors[ly.init]).copy()
+            w = np.array(tensor_array(tensors[ly.init]))
             if m_size and w.shape[ly.in_axis] % m_size:
                 skipped[ly.init] = f"{w.shape[ly.in_axis]} inputs are not a multiple of {m_size}"
                 continue
@@ -99,7 +99,7 @@ class Magnitude(Pass):
             if ly.quantized is not None:
 
                 def get(name: str) -> np.ndarray:
-                    return numpy_helper.to_array(tensors[name])
+                    return np.asarray(tensor_array(tensors[name]))
 
                 real = dequantize(ly.quantized, get)
                 zero = np.broadcast_to(zero_points(ly.quantized, get), w.shape)

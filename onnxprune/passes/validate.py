@@ -157,8 +157,10 @@ class Validate(Pass):
         if self.samples:
             data = data.head(self.samples)
         check_inputs(original, model)
-        ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=False)
-        new_sess = _pruned_session(model, ctx.providers, self.threads)
+        # prepacked weights only where latency is timed (they cost a copy of the weights)
+        share = False if self.runs else None
+        ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=share)
+        new_sess = _pruned_session(model, ctx.providers, self.threads, share)
         if ctx.workers is None:
             ref, new, count = run_pair(ref_sess, new_sess, original, data)
         else:  # --workers: one Ray task per shard of the data, joined in shard order
@@ -325,10 +327,10 @@ def _gates(
 
 
 def _pruned_session(
-    model: onnx.ModelProto, providers: Sequence[str], threads: int
+    model: onnx.ModelProto, providers: Sequence[str], threads: int, share: bool | None = False
 ) -> ort.InferenceSession:
     try:
-        return session(model, providers, threads=threads, share_weights=False)
+        return session(model, providers, threads=threads, share_weights=share)
     except PassFailedError as exc:
         raise PassFailedError(f"validate: the pruned model: {exc}") from exc
 

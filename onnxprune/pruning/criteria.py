@@ -44,14 +44,18 @@ class GroupView:
 
     def __post_init__(self) -> None:
         self._roots = self.an.roots()
-        self._slot = {int(r): i for i, r in enumerate(self.classes.tolist())}
+        # slot of every channel id, by its class: one array lookup per position in slots()
+        by_root = np.full(len(self._roots), -1, dtype=np.int64)
+        classes = np.asarray(self.classes, dtype=np.int64)
+        by_root[classes] = np.arange(len(classes))
+        self._slot_of_id = by_root[self._roots]
 
     def slots(self, ids: np.ndarray) -> np.ndarray:
         """Index into ``classes`` of each position's class (-1: not in this group's free set)."""
+        ids = np.asarray(ids, dtype=np.int64)
         out = np.full(len(ids), -1, dtype=np.int64)
-        for j, cid in enumerate(ids.tolist()):
-            if cid >= 0:
-                out[j] = self._slot.get(int(self._roots[cid]), -1)
+        labelled = ids >= 0
+        out[labelled] = self._slot_of_id[ids[labelled]]
         return out
 
     def average(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from onnxprune.analysis.dequant import zero_code
 from onnxprune.analysis.groups import chosen_positions, keep_one_per_tensor, unpinned_classes
 from onnxprune.analysis.state import Analysis
+from onnxprune.graph import tensor_array
 
 
 def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
@@ -40,7 +41,7 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
     arrays: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray:
-        return arrays[name] if name in arrays else numpy_helper.to_array(an.inits[name])
+        return arrays[name] if name in arrays else tensor_array(an.inits[name])
 
     zeroed = 0
     for m in an.members:
@@ -50,7 +51,7 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
         if not gone.any():
             continue
         if m.init not in arrays:
-            arrays[m.init] = numpy_helper.to_array(an.inits[m.init]).copy()
+            arrays[m.init] = np.array(tensor_array(an.inits[m.init]))
         index: list[slice | np.ndarray] = [slice(None)] * arrays[m.init].ndim
         pos = np.flatnonzero(gone)
         index[m.axis] = pos
