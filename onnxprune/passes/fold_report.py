@@ -9,7 +9,7 @@ node, in graph order, after which the analysis no longer proves the channel zero
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from onnxprune.passes.fold import Plan
 
 
-def _worst(lab: Labels, roots: np.ndarray, index: dict[int, int]) -> dict[int, int]:
-    """Class -> its least known state (the largest) on ``lab``, for the classes of ``index``."""
+def _worst(lab: Labels, roots: np.ndarray, index: Mapping[int, object]) -> dict[int, int]:
+    """Class -> its least known state (the largest) on ``lab``, for the classes in ``index``."""
     valid = lab.ids >= 0
     classes = roots[lab.ids[valid]]
     states = lab.state[valid]
@@ -64,12 +64,11 @@ def lost_zeros(an: Analysis, roots: np.ndarray, skip: Iterable[ClassId]) -> dict
         return {}
     readers: dict[int, str] = {}
     for sink in an.sinks:
-        for c, s in _worst(sink.labels, roots, {c: 0 for c in start}).items():
+        for c, s in _worst(sink.labels, roots, start).items():
             if s == State.VAR:
                 readers.setdefault(c, f"{sink.node.op_type} {node_name(sink.node)}")
     if not readers:
         return {}
-    index = {c: 0 for c in readers}
     not_zero: dict[int, str] = {}
     variable: dict[int, str] = {}
     for node in an.graph.node:
@@ -78,13 +77,13 @@ def lost_zeros(an: Analysis, roots: np.ndarray, skip: Iterable[ClassId]) -> dict
             lab = an.labels.get(out)
             if lab is None:
                 continue
-            for c, s in _worst(lab, roots, index).items():
+            for c, s in _worst(lab, roots, readers).items():
                 if s > State.ZERO:
                     not_zero.setdefault(c, where)
                 if s == State.VAR:
                     variable.setdefault(c, where)
     reasons: dict[ClassId, str] = {}
-    for c, sink in readers.items():
+    for c, reader in readers.items():
         lost = variable.get(c, "a node the analysis does not label")
         if start[c] == State.ZERO:
             first = not_zero.get(c, lost)
@@ -95,7 +94,7 @@ def lost_zeros(an: Analysis, roots: np.ndarray, skip: Iterable[ClassId]) -> dict
         else:
             how = f"a variable after {lost}"
             head = "constant (not zero) at its producers"
-        reasons[ClassId(c)] = f"{head}, but {sink} reads it as a variable ({how})"
+        reasons[ClassId(c)] = f"{head}, but {reader} reads it as a variable ({how})"
     return reasons
 
 
