@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,6 +42,7 @@ from onnxprune.graph import (
     unique_name,
 )
 from onnxprune.passes.base import Pass, PassResult, option
+from onnxprune.passes.fold_report import lost_zeros, merge_blocked, round_report
 from onnxprune.passes.registry import register_pass
 from onnxprune.passes.shape_targets import remove_dead, rewrite_shape_target
 from onnxprune.validation.selfcheck import Reference, plain_reference, verify_same
@@ -148,7 +149,7 @@ class Fold(Pass):
                     an = analyse(model, pr.shapes)
             release_maps()  # pages the analysis read from mapped weights (read again on demand)
             plan = self.plan(an, pr)
-            rounds.append(_round_report(an, plan))
+            rounds.append(round_report(an, plan))
             if not plan.removed:
                 break
             if self.verify and reference is None:  # the input model, before the first cut
@@ -168,7 +169,7 @@ class Fold(Pass):
             "parameters_before": params_before,
             "parameters_after": count_parameters(model),
             "groups": rounds[0]["groups"] if rounds else [],
-            "blocked": _merge_blocked(rounds),
+            "blocked": merge_blocked(rounds),
             "kept_zero": sum(r["kept"] for r in rounds[-1]["shortfall"]) if rounds else 0,
             "shortfall": rounds[-1]["shortfall"] if rounds else [],
         }
@@ -217,6 +218,8 @@ class Fold(Pass):
             plan.blocked[r] = "last channel of its tensor is kept"
         for r in constant - variable - plan.removed:
             plan.held[r] = plan.blocked.get(r) or pinned.get(r) or "kept"
+        for r, why in lost_zeros(an, roots, plan.removed | plan.held.keys()).items():
+            plan.held[r] = pinned.get(r) or why  # zero at its producers: never silently kept
         return plan
 
     def _judge_sink(
@@ -407,43 +410,3 @@ def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(keep)
-
-
-def _round_report(an: Analysis, plan: Plan) -> dict[str, Any]:
-    """Per group: its description, how many channels go and why the others stay; and one
-    shortfall row per group whose zero or constant channels stay, with the reasons."""
-    groups, shortfall = [], []
-    for g in an.groups():
-        classes = classes_of(plan.roots, g.spaces)
-        removed = len(classes & plan.removed)
-        blocked = Counter(plan.blocked[r] for r in classes if r in plan.blocked)
-        groups.append(
-            {
-                **g.to_dict(),
-                "channels_after": g.channels - removed,
-                "removed": removed,
-                "blocked": dict(blocked),
-            }
-        )
-        held = Counter(plan.held[r] for r in classes if r in plan.held)
-        if held:
-            shortfall.append(
-                {
-                    "group": g.index,
-                    "layers": ", ".join(s.node for s in g.spaces),
-                    "kept": sum(held.values()),
-                    "reason": "; ".join(
-                        f"{why} ({n})" if len(held) > 1 else why for why, n in held.most_common()
-                    ),
-                }
-            )
-    return {"groups": groups, "removed": len(plan.removed), "shortfall": shortfall}
-
-
-def _merge_blocked(rounds: list[dict[str, Any]]) -> dict[str, int]:
-    """How many channels each reason blocked, over the groups of the last round."""
-    last = rounds[-1]["groups"] if rounds else []
-    total: Counter[str] = Counter()
-    for g in last:
-        total.update(g["blocked"])
-    return dict(total)
