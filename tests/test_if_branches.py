@@ -169,7 +169,8 @@ def test_loop_bodies_stay_pinned_with_the_reason() -> None:
     )
     an = analyse(model, {k: tuple(v) for k, v in infer_shapes(model).items()})
     assert any(
-        "Loop loop0: its body carries state across iterations" in r for r in an.pins.values()
+        "Loop loop0: its body (a subgraph) carries state across iterations" in r
+        for r in an.pins.values()
     )
 
 

@@ -65,6 +65,8 @@ class Analysis:
         branch_nodes: (index, node) of every node of an If branch the walk went through.
         unwalked_reads: outer names read by subgraphs the walk left whole (Loop, Scan...).
         branch_tensors: tensors made inside walked If branches (no run can expose them).
+        assume_pruned: a what-if walk: every producer's output is ZERO (all channels zeroed).
+        pruned_states: tensor -> its state in that what-if walk (set when the model has an If).
         sliced_inputs: (node index, input index) of every input registered as a member.
     """
 
@@ -87,6 +89,9 @@ class Analysis:
         self.unwalked_reads: set[str] = set()
         self.branch_shapes: dict[str, tuple[int, ...]] | None = None
         self.branch_tensors: set[str] = set()  # made inside walked If branches: not probed
+        self.assume_pruned = False
+        self.fresh = -1  # first id of the space just opened, until its tensor is labelled
+        self.pruned_states: dict[str, np.ndarray] | None = None
         self._readers: dict[str, list[onnx.NodeProto]] | None = None
         self.dequantized: dict[str, Dequantized] = find_dequantized(self.graph, self.inits)
         self.quantized_data = {d.data: d for d in self.dequantized.values()}
@@ -145,7 +150,7 @@ class Analysis:
 
     def open_space(self, node: onnx.NodeProto, size: int) -> np.ndarray:
         """Fresh channel ids for ``size`` channels that ``node`` produces (a new space)."""
-        start = self.uf.add(size)
+        start = self.fresh = self.uf.add(size)
         self.spaces.append(Space(start, size, node_name(node), node.op_type))
         return np.arange(start, start + size, dtype=np.int64)
 
@@ -200,6 +205,9 @@ class Analysis:
     def set_out(self, tensor: str, labels: Labels | None) -> None:
         """Give ``tensor`` its labels (none, or no positions, leaves it unlabelled)."""
         if labels is not None and len(labels.ids):
+            if self.assume_pruned and labels.ids[0] == self.fresh:  # a producer's output
+                labels = Labels(labels.axis, labels.ids, np.zeros(len(labels.ids), np.uint8))
+            self.fresh = -1
             self.labels[tensor] = labels
 
     # -- results -------------------------------------------------------------------------------

@@ -58,8 +58,8 @@ def subgraph_reason(node: onnx.NodeProto) -> str:
     """Why a Loop/Scan (or other subgraph) node is left whole."""
     if node.op_type in ("Loop", "Scan"):
         return (
-            "its body carries state across iterations (the body is not analysed): left whole, "
-            "with every outer tensor the body reads"
+            "its body (a subgraph) carries state across iterations and is not analysed: left "
+            "whole, with every outer tensor the body reads"
         )
     return "has a subgraph the channel analysis does not walk: left whole"
 
@@ -84,9 +84,29 @@ def walk_if(an: Analysis, node: onnx.NodeProto, walk: Walk) -> None:
         for sink in an.sinks[first:]:
             sink.scope = sink.scope or f"If {node_name(node)} {name}"
         outs[name] = [an.labels.get(o.name) for o in g.output]
+    names = [[o.name for o in branches[b].output] for b in BRANCHES]
     for k, out in enumerate(node.output):
         if out and k < len(outs[BRANCHES[0]]) and k < len(outs[BRANCHES[1]]):
             _join_output(an, node, out, outs[BRANCHES[0]][k], outs[BRANCHES[1]][k])
+            _pin_unfoldable(an, node, out, names[0][k], names[1][k])
+
+
+def _pin_unfoldable(an: Analysis, node: onnx.NodeProto, out: str, then: str, other: str) -> None:
+    """Pin the channels of If output ``out`` that, once zeroed where they are produced, would
+    not be zero in both branches (a constant may differ between them, and which branch runs
+    depends on the data): fold could not remove them, so no pass should zero them."""
+    lab, states = an.labels.get(out), an.pruned_states
+    if lab is None or states is None:
+        return
+    zero = np.ones(len(lab.ids), bool)
+    for name in (then, other):
+        state = states.get(name)
+        zero &= state is not None and len(state) == len(lab.ids) and state == State.ZERO
+    an.pin(
+        lab.ids[~zero],
+        f"If {node_name(node)}: output {out!r}: a channel, once zeroed, is not zero in both "
+        "branches",
+    )
 
 
 def _join_output(

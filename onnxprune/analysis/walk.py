@@ -19,7 +19,7 @@ from onnxprune.analysis.handlers.targets import settle
 from onnxprune.analysis.labels import Member
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.subgraphs import leave_whole, settle_branches, subgraph_reason, walk_if
-from onnxprune.graph import node_name
+from onnxprune.graph import iter_graphs, node_name
 
 
 def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analysis:
@@ -28,9 +28,13 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analy
     Afterwards the analysis's ``labels``, ``members``, ``sinks`` and ``pins`` are set.
     """
     an = Analysis(model, shapes)
-    for i, node in enumerate(an.graph.node):
-        an.current = i
-        visit(an, node)
+    if any(n.op_type == "If" for g in iter_graphs(model.graph) for n in g.node):
+        what_if = Analysis(model, shapes)  # the states if the producers' channels were zeroed
+        what_if.assume_pruned = True
+        _visit_all(what_if)
+        an.pruned_states = {name: lab.state for name, lab in what_if.labels.items()}
+        an.branch_shapes, an.shapes = what_if.branch_shapes, what_if.shapes
+    _visit_all(an)
     for out in an.graph.output:
         if out.name in an.labels:
             an.pin(an.labels[out.name].ids, f"reaches graph output {out.name!r}")
@@ -41,6 +45,12 @@ def analyse(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> Analy
     settle(an)  # Reshape/Expand targets, once the pins are known
     settle_branches(an)
     return an
+
+
+def _visit_all(an: Analysis) -> None:
+    for i, node in enumerate(an.graph.node):
+        an.current = i
+        visit(an, node)
 
 
 def visit(an: Analysis, node: onnx.NodeProto) -> None:
