@@ -28,7 +28,7 @@ import onnx
 
 from onnxprune.analysis.labels import GroupRewrite, Labels, SplitRewrite, State
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import iter_graphs, node_name
+from onnxprune.graph import clear_value_info, iter_graphs, node_name
 
 BRANCHES = ("then_branch", "else_branch")
 
@@ -51,7 +51,10 @@ def reads_of(node: onnx.NodeProto) -> set[str]:
 def leave_whole(an: Analysis, node: onnx.NodeProto, reason: str) -> None:
     """Pin what ``node`` reads, and every outer tensor its subgraphs read (at any depth)."""
     an.pin_inputs(node, reason)
-    an.unwalked_reads |= reads_of(node)
+    reads = reads_of(node)
+    for name in sorted(reads & set(an.labels)):  # read so far; later ones: ``unwalked_reads``
+        an.pin(an.labels[name].ids, f"{node.op_type} {node_name(node)}: {reason}")
+    an.unwalked_reads |= reads
 
 
 def subgraph_reason(node: onnx.NodeProto) -> str:
@@ -167,6 +170,7 @@ def _branch_shapes(an: Analysis) -> dict[str, tuple[int, ...]]:
         return an.branch_shapes
     model = onnx.ModelProto()
     model.CopyFrom(an.model)
+    clear_value_info(model.graph)  # recorded shapes may hold symbolic dims: inferred afresh
     for vi in model.graph.input:
         shape = an.shapes.get(vi.name)
         if shape is None or not vi.type.HasField("tensor_type"):
