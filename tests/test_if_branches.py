@@ -187,3 +187,13 @@ def test_real_if_fixture_prunes_inside_the_then_branch_and_fold_is_exact() -> No
     for shift in (2.0, -2.0):  # mean(x) > 0: then-branch; < 0: else-branch
         feeds = {"x": x + shift}
         np.testing.assert_allclose(_run(new, feeds), _run(voted, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_refit_leaves_layers_inside_branches_as_they_are() -> None:
+    model = onnx.load(str(REAL / "if_conv.onnx"))
+    chain = ["cleanup", "vote:round_to=1", "refit", "fold"]
+    new, report = onnxprune.run(model, chain, data=str(REAL / "if_conv.calib.npz"), device="cpu")
+    onnx.checker.check_model(new, full_check=True)
+    refit = next(p for p in report["passes"] if p["pass"] == "refit")
+    assert refit["skipped"]["then_conv_a"] == "inside If branch then_branch: not refitted"
+    assert next(p for p in report["passes"] if p["pass"] == "fold")["verified"]
