@@ -11,6 +11,9 @@ is then-branch output ``k`` or else-branch output ``k``, whichever runs, so:
   and which branch runs depends on the data), else VAR;
 * when they differ (channels in one branch only, another axis or count) the channels of both
   are pinned, with a reason naming the If and what differs.
+* a channel that, once zeroed where it is produced, would not be zero in both branches (Relu
+  in one, Sigmoid in the other) is pinned too: fold could not remove it. That is read from a
+  what-if walk in which every producer's output is ZERO (``Analysis.assume_pruned``).
 
 A branch is not walked (the If is left whole, as Loop and Scan bodies are) when one of its
 names is already used outside it (the analysis keys tensors by name), or when onnx shape
