@@ -77,16 +77,23 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
 
 
 def get_init(graph: onnx.GraphProto, name: str) -> np.ndarray:
-    """The value of initializer ``name`` (read-only when it stays in its file)."""
-    return next(tensor_array(t) for t in graph.initializer if t.name == name)
+    """The value of initializer ``name`` (read-only when it stays in its file): of ``graph``,
+    else of a subgraph holding it (an If branch's own weights, which the channel analysis gives
+    unique names)."""
+    found = next((t for t in graph.initializer if t.name == name), None)
+    if found is None:
+        found = next(t for t in iter_initializers(graph) if t.name == name)
+    return tensor_array(found)
 
 
 def set_init(graph: onnx.GraphProto, name: str, arr: np.ndarray) -> None:
-    """Replace (or add) initializer ``name`` with ``arr``."""
-    for i, t in enumerate(graph.initializer):
-        if t.name == name:
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, name))
-            return
+    """Replace initializer ``name`` (in ``graph``, else in the subgraph holding it) with
+    ``arr``, or add it to ``graph``."""
+    for g in (graph, *list(iter_graphs(graph))[1:]):
+        for i, t in enumerate(g.initializer):
+            if t.name == name:
+                g.initializer[i].CopyFrom(numpy_helper.from_array(arr, name))
+                return
     graph.initializer.append(numpy_helper.from_array(arr, name))
 
 
@@ -252,6 +259,17 @@ def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from iter_graphs(a.g)
             for g in a.graphs:
                 yield from iter_graphs(g)
+
+
+def clear_value_info(graph: onnx.GraphProto) -> None:
+    """Drop the recorded shapes of intermediate tensors, in ``graph`` and every subgraph, and
+    of the subgraphs' outputs (their channel counts may have changed; runtimes infer them)."""
+    del graph.value_info[:]
+    for g in list(iter_graphs(graph))[1:]:
+        del g.value_info[:]
+        for out in g.output:
+            if out.type.HasField("tensor_type"):
+                out.type.tensor_type.ClearField("shape")
 
 
 def iter_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -190,7 +190,10 @@ def test_weight_that_is_a_graph_output_is_pinned_with_its_reason() -> None:
 
 def test_if_with_a_computed_condition_pins_what_it_reads() -> None:
     vote, _ = vote_fold(cnn("if"), "vote:sparsity=0.5,round_to=8")
-    assert row(vote, "convA")["reason"] == "pinned: 'a' is read inside a subgraph"
+    # the branches are walked: Relu(a) and Sigmoid(a) differ once a channel of a is zeroed
+    assert row(vote, "convA")["reason"] == (
+        "pinned: If If(a2): output 'a2': a channel, once zeroed, is not zero in both branches"
+    )
     assert vote["channels_pruned"] == 8  # convB is free
 
 
@@ -218,7 +221,7 @@ def test_terminal_shows_the_reasons_and_claims_no_pass(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "vote: less than asked" in text
-    assert "pinned: 'a' is read inside a subgraph" in text
+    assert "pinned: If If(a2): output 'a2': a channel," in text
     assert "rounding to a multiple of 16 leaves 0 of" in text  # the cell wraps after it
     assert "WARNING: vote pruned none of the 11 channels asked for" in text
     last = result.stdout.strip().splitlines()[-1]

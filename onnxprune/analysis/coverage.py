@@ -5,8 +5,9 @@ GRU, RNN) is *covered* when it opens a space of a group or its weight is a membe
 depthwise Conv). Every other one is listed by :func:`layers_in_no_group`, with the first
 reason that applies:
 
-* inside an If/Loop/Scan body: subgraphs are left whole (an If whose condition is a constant:
-  run -p cleanup first, which inlines it);
+* inside a Loop/Scan body, or an If the analysis left whole: subgraphs are left whole (an If
+  whose condition is a constant: run -p cleanup first, which inlines it); a layer of an If
+  branch the analysis walked gets the reason it would get in the main graph;
 * a recurrent layer: the analysis does not follow LSTM/GRU/RNN;
 * the weight is a graph input, comes from DequantizeLinear (a QDQ model), is computed from
   constants (behind a Cast, a Transpose...: run -p cleanup first, which folds it), or is
@@ -58,11 +59,14 @@ def layers_in_no_group(an: Analysis, groups: Sequence[ChannelGroup]) -> list[Unc
     covered = {s.node for g in groups for s in g.spaces}
     members = {m.init for m in an.members}
     rows = []
-    for node in an.graph.node:
+    walked = {id(n) for _, n in an.branch_nodes}
+    for node in [*an.graph.node, *(n for _, n in an.branch_nodes)]:
         mine = node_name(node) in covered or (len(node.input) > 1 and node.input[1] in members)
         if not mine and _weighted(an, node):
             rows.append(_row(an, node, _reason(an, node)))
-        rows.extend(_inner_rows(an, node))
+        bodies = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        if not any(id(n) in walked for body in bodies for n in body.node):
+            rows.extend(_inner_rows(an, node))  # a walked If's layers are in branch_nodes
     return rows
 
 

@@ -102,6 +102,7 @@ class Sink:
     weight: str
     weight_axis: int
     padded: bool = False
+    scope: str = ""  # the If branch it sits in ("If name then_branch"); "" in the main graph
 
 
 @dataclass

@@ -59,11 +59,18 @@ class Analysis:
         labels: tensor name -> its channel labels.
         members, sinks, rewrites, spaces: what the handlers registered (see ``labels``).
         pins: channel id -> why it is pinned (the first reason given).
-        current: index of the node the walk is at; ``member`` records it.
+        current: index of the node the walk is at; ``member`` records it. Nodes of walked If
+            branches get indices after the main graph's (``branch_nodes``).
+        branch_nodes: (index, node) of every node of an If branch the walk went through.
+        unwalked_reads: outer names read by subgraphs the walk left whole (Loop, Scan...).
+        branch_tensors: tensors made inside walked If branches (no run can expose them).
+        assume_pruned: a what-if walk: every producer's output is ZERO (all channels zeroed).
+        pruned_states: tensor -> its state in that what-if walk (set when the model has an If).
         sliced_inputs: (node index, input index) of every input registered as a member.
     """
 
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.model = model
         self.graph = model.graph
         self.shapes = shapes
         self.inits = {t.name: t for t in self.graph.initializer}
@@ -77,6 +84,13 @@ class Analysis:
         self.pins: dict[int, str] = {}  # channel id -> reason
         self.sliced_inputs: set[tuple[int, int]] = set()
         self.current = -1
+        self.branch_nodes: list[tuple[int, onnx.NodeProto]] = []
+        self.unwalked_reads: set[str] = set()
+        self.branch_shapes: dict[str, tuple[int, ...]] | None = None
+        self.branch_tensors: set[str] = set()  # made inside walked If branches: not probed
+        self.assume_pruned = False
+        self.fresh = -1  # first id of the space just opened, until its tensor is labelled
+        self.pruned_states: dict[str, np.ndarray] | None = None
         self._readers: dict[str, list[onnx.NodeProto]] | None = None
         self.dequantized: dict[str, Dequantized] = find_dequantized(self.graph, self.inits)
         self.quantized_data = {d.data: d for d in self.dequantized.values()}
@@ -108,13 +122,19 @@ class Analysis:
         return self.shapes.get(name)
 
     def consumers(self, tensor: str) -> list[onnx.NodeProto]:
-        """Nodes of the main graph that read ``tensor``."""
+        """Nodes of the main graph, and of the If branches walked so far, that read ``tensor``."""
         if self._readers is None:
             self._readers = defaultdict(list)
-            for node in self.graph.node:
+            for node in [*self.graph.node, *(n for _, n in self.branch_nodes)]:
                 for name in set(node.input):
                     self._readers[name].append(node)
         return self._readers.get(tensor, [])
+
+    def add_branch_node(self, node: onnx.NodeProto) -> None:
+        """Make ``node`` (of an If branch) the current node, with an index of its own."""
+        self.current = len(self.graph.node) + len(self.branch_nodes)
+        self.branch_nodes.append((self.current, node))
+        self._readers = None
 
     def pin(self, ids: np.ndarray, reason: str) -> None:
         """Mark channel ids as never removable."""
@@ -129,7 +149,7 @@ class Analysis:
 
     def open_space(self, node: onnx.NodeProto, size: int) -> np.ndarray:
         """Fresh channel ids for ``size`` channels that ``node`` produces (a new space)."""
-        start = self.uf.add(size)
+        start = self.fresh = self.uf.add(size)
         self.spaces.append(Space(start, size, node_name(node), node.op_type))
         return np.arange(start, start + size, dtype=np.int64)
 
@@ -184,6 +204,9 @@ class Analysis:
     def set_out(self, tensor: str, labels: Labels | None) -> None:
         """Give ``tensor`` its labels (none, or no positions, leaves it unlabelled)."""
         if labels is not None and len(labels.ids):
+            if self.assume_pruned and labels.ids[0] == self.fresh:  # a producer's output
+                labels = Labels(labels.axis, labels.ids, np.zeros(len(labels.ids), np.uint8))
+            self.fresh = -1
             self.labels[tensor] = labels
 
     # -- results -------------------------------------------------------------------------------

@@ -73,6 +73,8 @@ def activation_slot(an: Analysis, roots: np.ndarray, classes: list[ClassId]) -> 
     """The first weighted consumer's input that holds every one of ``classes`` equally often,
     as a :class:`Slot` on that tensor; None when there is none."""
     for sink in an.sinks:
+        if sink.tensor in an.branch_tensors:  # inside an If branch: no run exposes it
+            continue
         ids = sink.labels.ids
         of = np.where(ids >= 0, roots[np.maximum(ids, 0)], -1)
         positions = [np.flatnonzero(of == c) for c in classes]

@@ -32,6 +32,7 @@ from onnxprune.graph import (
     add_gate_bias,
     add_output_bias,
     allow_unlisted_initializers,
+    clear_value_info,
     get_init,
     outer_names_read_by_subgraphs,
     prepare_for_pruning,
@@ -141,8 +142,7 @@ class Fold(Pass):
         nothing = "" if an.spaces else NOTHING_TO_PRUNE
         for round_index in range(self.max_rounds):
             if round_index:
-                # shapes after the last round are known without a run; a new probe is needed
-                # only when some channel may now be constant (a cascade), which is rare
+                # shapes are known without a run; probe only if a channel may now be constant
                 an = analyse(model, pr.shapes)
                 if _may_be_constant(an):
                     pr = probe_run(model, ctx)
@@ -265,8 +265,9 @@ class Fold(Pass):
                 if not self.constants:
                     bad[r] = "constant non-zero channel (constants=false)"
                     continue
-                if quantized:
-                    bad[r] = f"constant channel feeds a quantized layer ({sink.node.op_type})"
+                if quantized or sink.scope:  # an int bias, or a bias inside an If branch
+                    where = f"inside {sink.scope}" if sink.scope else "a quantized layer"
+                    bad[r] = f"constant channel feeds {where} ({sink.node.op_type})"
                     continue
                 if sink.padded:
                     bad[r] = (
@@ -317,7 +318,7 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
         else:
             _rewrite(graph, rw, plan, opset)
     remove_dead(graph, detached)
-    del graph.value_info[:]
+    clear_value_info(graph)  # subgraphs too: their outputs may have fewer channels
     _remove_unused_initializers(graph)
     release_maps()  # the pages the cuts read from mapped weights: not needed in this process
     return len(plan.removed)

@@ -255,6 +255,8 @@ def _unsupported(ws: Workspace, sink: Sink) -> str:
     node = sink.node
     if sink.weight in ws.an.dequantized:
         return "quantized weight (QDQ): not refitted"
+    if sink.scope:
+        return f"inside {sink.scope}: not refitted"
     if node.op_type == "Gemm":
         return "Gemm with transA" if attr(node, "transA", 0) else ""
     if node.op_type == "MatMul":

@@ -84,7 +84,8 @@ class Workspace:
 
     def sink_tensors(self) -> dict[str, int]:
         """Consumer input tensors (name -> channel axis) where channels are read."""
-        return {s.tensor: s.labels.axis for s in self.an.sinks}
+        inside = self.an.branch_tensors  # made inside an If branch: no run exposes them
+        return {s.tensor: s.labels.axis for s in self.an.sinks if s.tensor not in inside}
 
     def stats(self) -> dict[str, ChannelStats]:
         """Activation statistics at every consumer input (computed once, shared via ctx; the
@@ -286,6 +287,7 @@ def _compensate_sink(
     if (
         not len(pos)
         or sink.tensor not in means
+        or bool(sink.scope)  # inside an If branch: its bias stays as it is
         or sink.node.op_type not in ("Conv", "Gemm", "MatMul")
         or not any(t.name == sink.weight for t in graph.initializer)  # quantized: not exact
     ):

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from onnxprune.analysis.dequant import zero_code
 from onnxprune.analysis.groups import chosen_positions, keep_one_per_tensor, unpinned_classes
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import tensor_array
+from onnxprune.graph import iter_graphs, tensor_array
 
 
 def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
@@ -58,7 +58,8 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
         d = an.quantized_data.get(m.init)
         arrays[m.init][tuple(index)] = 0 if d is None else zero_code(d, value, m.axis, pos)
         zeroed += int(gone.sum() * arrays[m.init].size // max(1, arrays[m.init].shape[m.axis]))
-    for i, t in enumerate(model.graph.initializer):
-        if t.name in arrays:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+    for g in iter_graphs(model.graph):  # an If branch's own weights too
+        for i, t in enumerate(g.initializer):
+            if t.name in arrays:
+                g.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
     return zeroed
