@@ -20,6 +20,7 @@ from onnxprune.cost import summarize
 from onnxprune.input_shapes import check_input_shapes
 from onnxprune.job import Job, default_output, load_checked, plan_files
 from onnxprune.model import load, write_model
+from onnxprune.passes.budget_options import BudgetOptions
 from onnxprune.passes.registry import (
     available_passes,
     pass_origin,
@@ -44,6 +45,8 @@ from onnxprune.runtime import providers_for
 from onnxprune.sweep import add_points, run_sweep
 from onnxprune.synthesis import load_data
 
+PLOT_NEEDS = "--plot needs --sweep, vote:sensitivity=on or a budget"
+
 
 def prune(
     out: Console, job: Job, gates: dict[str, float | None], plot_path: Path | None = None
@@ -58,6 +61,10 @@ def prune(
         out.print(summary_table(summary.to_dict(), title=str(job.model)))
         out.print("no passes given (-p PASS or --recipe): summary only, nothing written")
         return None
+    if plot_path is not None and not any(
+        isinstance(p, BudgetOptions) and p.measures_sensitivity() for p in chain
+    ):  # before any work; a vote with no group to measure is caught after the run
+        raise click.UsageError(PLOT_NEEDS)
     target = job.output if job.output is not None else default_output(job.model)
     plan, report_file = plan_files(job)
     model_file = plan.add_model("-o", target, job.external_data)
@@ -82,7 +89,7 @@ def prune(
         report["argv"] = argv()
         if plot is not None:
             if sensitivity_section(report) is None:
-                raise click.UsageError("--plot needs --sweep, vote:sensitivity=on or a budget")
+                raise click.UsageError(PLOT_NEEDS)
             plan.write(plot, lambda file: write_plot(report, file))
         if report_file is not None:
             plan.write(report_file, lambda file: file.write_text(report_json(report)))

@@ -30,6 +30,14 @@ class BudgetOptions:
     sensitivity: Literal["off", "on"] = option("off", HELP["sensitivity"])
     judge: Literal["zeros", "refit"] = option("zeros", HELP["judge"])
 
+    def measures_sensitivity(self) -> bool:
+        """Whether the pass measures the sensitivity table (asked for, or a budget is set)."""
+        return (
+            self.sensitivity == "on"
+            or self.max_accuracy_drop is not None
+            or (self.min_cosine is not None)
+        )
+
     def judged_after(
         self, ctx: Context, original: onnx.ModelProto
     ) -> Callable[[onnx.ModelProto], onnx.ModelProto] | None:

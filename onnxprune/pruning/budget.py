@@ -100,7 +100,7 @@ def calibration_context(vote: Any, model: onnx.ModelProto, ctx: Context) -> Cont
         PassOptionError: budget mode without real data, or ``max_accuracy_drop`` without labels.
     """
     budget = budget_of(vote)
-    if not budget and vote.sensitivity != "on":
+    if not vote.measures_sensitivity():
         return ctx
     data = ctx.data(model)
     if budget and data.synthetic:
@@ -159,7 +159,7 @@ def apply(
     """Budget mode and/or the sensitivity table for the vote pass (nothing when neither is
     asked for): rules 3-5."""
     budget = budget_of(vote)
-    if (not budget and vote.sensitivity != "on") or EVAL_KEY not in ws.ctx.cache:
+    if not vote.measures_sensitivity() or EVAL_KEY not in ws.ctx.cache:
         return Outcome()
     judged, where = ws.ctx.cache[EVAL_KEY]
     judge = Judge.open(ws, judged, compensate, vote.judged_after(ws.ctx, ws.model))
