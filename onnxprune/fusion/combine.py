@@ -158,16 +158,7 @@ def fused_model(
     elem = branches[0].output.type.tensor_type.elem_type
     outputs = [helper.make_tensor_value_info(out_name, elem, out_dims)]
     if label:
-        nodes.append(
-            helper.make_node(
-                "ArgMax",
-                [out_name],
-                [f"{out_name}_label"],
-                name=f"{FUSE}label",
-                axis=-1,
-                keepdims=0,
-            )
-        )
+        nodes.append(argmax(out_name, f"{out_name}_label", f"{FUSE}label"))
         outputs.append(
             helper.make_tensor_value_info(
                 f"{out_name}_label", onnx.TensorProto.INT64, out_dims[:-1]
@@ -191,6 +182,11 @@ def fused_model(
     model.metadata_props.extend(template.metadata_props)
     allow_unlisted_initializers(model)  # a member's initializers listed as inputs are no longer
     return model
+
+
+def argmax(src: str, out: str, name: str) -> onnx.NodeProto:
+    """``out = ArgMax(src)`` over the last (class) axis, without it: int64 labels."""
+    return helper.make_node("ArgMax", [src], [out], name=name, axis=-1, keepdims=0)
 
 
 def _combination(
@@ -218,16 +214,7 @@ def _combination(
             values = f"{FUSE}{tag}/values"
             inits.append(numpy_helper.from_array(np.array(classes(b), np.int64), depth))
             inits.append(numpy_helper.from_array(np.array([0, 1], dtype), values))
-            nodes.append(
-                helper.make_node(
-                    "ArgMax",
-                    [src],
-                    [f"{FUSE}{tag}/argmax"],
-                    name=f"{FUSE}{tag}/argmax",
-                    axis=-1,
-                    keepdims=0,
-                )
-            )
+            nodes.append(argmax(src, f"{FUSE}{tag}/argmax", f"{FUSE}{tag}/argmax"))
             src = f"{FUSE}{tag}/onehot"
             nodes.append(
                 helper.make_node(
