@@ -82,9 +82,19 @@ class Dataset:
 
     def head(self, samples: int) -> Dataset:
         """The first ``samples`` samples (labels too), from the same source."""
-        labels = self.labels[:samples] if self.labels is not None else None
+        return self.rows(0, samples)
+
+    def rows(self, start: int, stop: int, source: str | None = None) -> Dataset:
+        """Samples ``start:stop`` (labels too) as a data set of their own, from ``source``
+        (default: the same source)."""
+        labels = self.labels[start:stop] if self.labels is not None else None
         return Dataset(
-            self.take(0, samples), labels, self.source, self.synthetic, self.axes, self.constants
+            self.take(start, stop),
+            labels,
+            self.source if source is None else source,
+            self.synthetic,
+            self.axes,
+            self.constants,
         )
 
 

@@ -82,15 +82,6 @@ def shard_ranges(batches: int, size: int, samples: int, parts: int) -> list[tupl
     return ranges
 
 
-def shard(data: Dataset, start: int, stop: int) -> Dataset:
-    """Samples ``start:stop`` of ``data`` (labels too) as a data set of its own."""
-    labels = data.labels[start:stop] if data.labels is not None else None
-    source = f"{data.source}[{start}:{stop}]"
-    return Dataset(
-        data.take(start, stop), labels, source, data.synthetic, data.axes, data.constants
-    )
-
-
 def pack(model: onnx.ModelProto) -> Packed:
     """``model`` as a weightless skeleton (bytes) and its large weights' raw bytes by name.
 
@@ -243,7 +234,10 @@ class Workers:
         task = ray.remote(num_cpus=1, max_retries=0)(run_shard)
         packed = ray.put(pack(model))
         kwargs = {**kwargs, "batch_size": batch_size}
-        refs = [task.remote(fn, packed, shard(data, a, b), kwargs) for a, b in ranges]
+        refs = [
+            task.remote(fn, packed, data.rows(a, b, f"{data.source}[{a}:{b}]"), kwargs)
+            for a, b in ranges
+        ]
         try:
             return list(ray.get(refs))
         except ray.exceptions.RayTaskError as exc:

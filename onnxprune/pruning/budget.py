@@ -83,14 +83,6 @@ def budget_of(vote: Any) -> Budget:
     return Budget(vote.max_accuracy_drop, vote.min_cosine)
 
 
-def half(data: Dataset, start: int, stop: int) -> Dataset:
-    """Samples ``start:stop`` of ``data`` (labels too)."""
-    labels = data.labels[start:stop] if data.labels is not None else None
-    return Dataset(
-        data.take(start, stop), labels, data.source, data.synthetic, data.axes, data.constants
-    )
-
-
 def calibration_context(vote: Any, model: onnx.ModelProto, ctx: Context) -> Context:
     """The context vote calibrates with (rule 2): ``ctx`` itself, or, in budget mode without
     ``--eval-data``, a copy whose data is the first half of the run's; the evaluation data and
@@ -120,7 +112,7 @@ def calibration_context(vote: Any, model: onnx.ModelProto, ctx: Context) -> Cont
                 "(half calibrate, half judge) or --eval-data"
             )
         cut = n // 2
-        calib, judged = half(data, 0, cut), half(data, cut, n)
+        calib, judged = data.rows(0, cut), data.rows(cut, n)
         where = {
             "calibration": {**_describe(calib), "rows": [0, cut]},
             "evaluation": {**_describe(judged), "rows": [cut, n]},
