@@ -28,18 +28,19 @@ from onnxprune.graph import node_name
 from onnxprune.pruning.free import free_first
 from onnxprune.pruning.workspace import Workspace, zero_and_compensate
 from onnxprune.runner import outputs, plan
+from onnxprune.similarity import cosine_similarity
 
 RATIOS = (0.25, 0.5, 0.75)  # shares of a group pruned alone in the sensitivity table
 EVAL_SAMPLES = 2048  # evaluation samples a judge runs on (the first ones)
 
 
 def per_sample_cosine(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """Cosine of each sample's flattened output (1 for two zero rows, 0 for one)."""
-    a = ref.astype(np.float64).reshape(len(ref), -1)
-    b = new.astype(np.float64).reshape(len(new), -1)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cos = (a * b).sum(1) / np.where(na * nb > 0, na * nb, 1.0)
-    return np.where((na == 0) & (nb == 0), 1.0, np.clip(cos, -1.0, 1.0))
+    """:func:`~onnxprune.similarity.cosine_similarity` of each sample; a sample whose output
+    is not finite counts -1, the worst."""
+    finite = np.isfinite(ref.reshape(len(ref), -1)).all(1) & np.isfinite(
+        new.reshape(len(new), -1)
+    ).all(1)
+    return np.where(finite, cosine_similarity(ref, new), -1.0)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Judge:
         got = list(outputs(trial, self.data, self.ws.ctx.providers).values())
         self.evaluations += 1
         cosines = [
-            float(np.mean(np.nan_to_num(per_sample_cosine(r, g), nan=-1.0)))
+            float(np.mean(per_sample_cosine(r, g)))
             for r, g in zip(self.reference, got, strict=True)
         ]
         drop = None
