@@ -198,3 +198,18 @@ def test_judge_refit_budget_holds_after_the_chains_refit(tmp_path):
             assert float(cosine_similarity(ref, got).mean()) >= 0.98
         macs[judge] = summarize(pruned).macs
     assert macs["refit"] < macs["zeros"]
+
+
+def test_budget_on_groups_whose_size_is_no_multiple_of_the_step():
+    """A group whose size is no multiple of the runtime's step keeps the count 0 (whole) on its
+    ladder: the LSTM fixture's budget search runs (it crashed on an empty ladder) and holds."""
+    real = ROOT / "models" / "real"
+    _, report = onnxprune.run(
+        real / "lstm_legacy.onnx",
+        ["vote:min_cosine=0.99", "fold"],
+        data=real / "lstm_legacy.calib.npz",
+        device="cpu",
+    )
+    budget = section(report)["budget"]
+    assert budget["measured"]["cosine"] >= 0.99
+    assert all(0 <= g["ratio"] < 1 for g in budget["groups"])

@@ -141,7 +141,7 @@ def ladders(
 ) -> list[Ladder]:
     """Each voted group's :class:`Ladder`: the mean of its voters' standardised scores (as
     ``scope=global`` pools them), and counts that keep a multiple of the group's step and at
-    least one step, pruning at most ``cap`` of the group."""
+    least one step, pruning at most ``cap`` of the group; 0 (the group whole) is always one."""
     roots = ws.an.roots()
     out = []
     for g, classes, voters, free in plans:
@@ -154,8 +154,9 @@ def ladders(
         total = len(classes_of(roots, g.spaces))
         step = max(1, multiples[g.index][0])
         limit = min(len(classes), int(np.floor(cap * total + 1e-9)), total - step)
-        steps = [k for k in range(0, limit + 1) if (total - k) % step == 0]
-        ladder = Ladder(g, classes[idx].tolist(), z[idx], total, steps or [0])
+        # 0 (the group whole) is always a step, even when its size is no multiple of the step
+        steps = [0, *(k for k in range(1, limit + 1) if (total - k) % step == 0)]
+        ladder = Ladder(g, classes[idx].tolist(), z[idx], total, steps)
         out.append(ladder)
     return out
 
