@@ -258,6 +258,22 @@ def runs(model: Path, data: Path) -> list[tuple[str, list[str], Path | None]]:
             out,
         ),
         (
+            "vote+fold (8 samples)",  # the default checks: check=lsq, select=auto
+            [
+                m,
+                "-p",
+                "vote:criteria=l1+l2",
+                "-p",
+                "fold",
+                "--data",
+                str(data),
+                "-o",
+                str(out),
+                "-q",
+            ],
+            out,
+        ),
+        (
             "vote+fold (8 samples, check=off)",
             [
                 m,
