@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
+from onnxprune.analysis.groups import keep_one_per_tensor
 from onnxprune.context import Context
 from onnxprune.data import Dataset
 from onnxprune.pruning.calibrate import (
@@ -29,9 +30,16 @@ from onnxprune.pruning.calibrate import (
 )
 from onnxprune.pruning.channel_stats import ChannelStats
 from onnxprune.pruning.criteria import rank_normalise
+from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.reservoir import Reservoir
-from onnxprune.pruning.selection import SELECT_SAMPLES, Trials, changed_initializers
-from onnxprune.pruning.workspace import Workspace, compensation_helps, half_means, helps
+from onnxprune.pruning.selection import SELECT_SAMPLES, Trials, changed_initializers, select
+from onnxprune.pruning.workspace import (
+    Workspace,
+    compensation_helps,
+    half_means,
+    helps,
+    zero_and_compensate,
+)
 from onnxprune.runner import DEFAULT_BATCH, outputs
 
 RNG = np.random.default_rng(7)
@@ -236,9 +244,10 @@ def _count_sessions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return made
 
 
-def test_vote_with_data_makes_four_sessions(tmp_path: Path, monkeypatch) -> None:
-    """The probe, the statistics (which also give the reference outputs), the zeroed values'
-    probe and the candidates' one shared session: nine before issue 11's changes."""
+def test_vote_with_data_makes_three_sessions(tmp_path: Path, monkeypatch) -> None:
+    """The probe, the statistics (which also give the reference outputs) and one session
+    shared by the zeroed values' probe and every candidate: nine before issue 11's changes
+    (a second probe, the reference, one per candidate, one more probe to zero the winner)."""
     model = mlp([16, 64, 64, 8])
     np.savez(tmp_path / "d.npz", x=RNG.standard_normal((600, 16)).astype(np.float32))
     made = _count_sessions(monkeypatch)
@@ -247,7 +256,32 @@ def test_vote_with_data_makes_four_sessions(tmp_path: Path, monkeypatch) -> None
     assert section["selected"] in section["selection"]
     caps = section["selection_caps"]
     assert caps == {"samples": SELECT_SAMPLES, "candidates": 4, "runs": caps["runs"], "sessions": 1}
-    assert len(made) == 4
+    assert len(made) == 3
+
+
+def test_the_winner_is_written_as_zeroing_it_again_would(tmp_path: Path) -> None:
+    model = mlp([16, 64, 64, 8])
+    np.savez(tmp_path / "d.npz", x=RNG.standard_normal((300, 16)).astype(np.float32))
+    ws = Workspace.open(copy.deepcopy(model), Context(original=model, data_path=tmp_path / "d.npz"))
+    ws.stats(SELECT_SAMPLES)
+    rng = np.random.default_rng(0)
+    decisions = []
+    for g in ws.groups:
+        classes = ws.free_classes(g)
+        mine = {
+            n: set(rng.choice(classes, len(classes) // 2, replace=False).tolist()) for n in "ab"
+        }
+        decisions.append(GroupDecision(g, {}, mine["a"], mine))
+    vote = set().union(*(d.picked for d in decisions))
+    picked = select(ws, vote, decisions, compensate=True)
+    assert picked.initializers is not None and picked.after is not None
+    again = copy.deepcopy(ws.model)
+    expected = zero_and_compensate(
+        ws, keep_one_per_tensor(ws.an, picked.chosen), True, again, picked.after
+    )
+    assert picked.apply(ws) == expected
+    for mine, theirs in zip(ws.model.graph.initializer, again.graph.initializer, strict=True):
+        assert mine == theirs, mine.name
 
 
 def test_candidates_with_the_same_channels_run_once(tmp_path: Path) -> None:

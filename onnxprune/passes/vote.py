@@ -210,9 +210,10 @@ class Vote(Pass, BudgetOptions):
                 chosen |= decision.picked
                 decisions.append(decision)
         selection: dict[str, Any] = {}
-        after = None  # the zeroed channels' values, when the selection probed them
+        picked = None  # the selection's outcome: its winner is zeroed already
         if self._selects(ws, has_data, decisions):
-            chosen, selection, after = select(ws, chosen, decisions, compensate)
+            picked = select(ws, chosen, decisions, compensate)
+            chosen, selection = picked.chosen, picked.report
         chosen = keep_one_per_tensor(ws.an, chosen)
         roots = ws.an.roots()
         for d in decisions:  # counted after the last-channel guard
@@ -221,7 +222,10 @@ class Vote(Pass, BudgetOptions):
             d.section["pruned"] = len(mine & chosen)
             if d.section["pruned"] < len(d.picked):
                 d.section["reason"] = join_reasons([d.section.get("reason"), LAST_CHANNEL])
-        applied = zero_and_compensate(ws, chosen, compensate, after=after)
+        applied = picked.apply(ws) if picked is not None else None
+        if applied is None:
+            after = picked.after if picked is not None else None
+            applied = zero_and_compensate(ws, chosen, compensate, after=after)
         sections = [d.section for d in decisions]  # the groups voted on; held ones: shortfall
         every = sorted(sections + held, key=lambda s: s["group"])
         uncovered = uncovered_layers(ws.model, ws.an, ws.groups, self.sparsity)

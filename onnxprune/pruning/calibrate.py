@@ -59,6 +59,8 @@ def collect(
     rows: dict[str, np.ndarray] | None = None,
     max_rows: int = 2048,
     seed: int = 0,
+    outputs: dict[str, np.ndarray] | None = None,
+    max_outputs: int = 0,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of ``tensors`` (name -> channel axis) over ``data``.
 
@@ -79,6 +81,9 @@ def collect(
             (:func:`onnxprune.pruning.masks.positions`).
         rows, max_rows, seed: a dict given as ``rows`` receives, from the same run, at most
             ``max_rows`` sampled rows per tensor (:func:`collect_rows`).
+        outputs, max_outputs: a dict given as ``outputs`` receives, from the same run, the
+            model's outputs on its first ``max_outputs`` samples when they could be kept
+            (:func:`collect_sample`; left empty otherwise).
 
     Returns:
         name -> :class:`ChannelStats`, in the order of ``tensors``.
@@ -99,9 +104,12 @@ def collect(
         progress=progress,
         max_batches=max_batches,
         mask=mask,
+        outputs=max_outputs if outputs is not None else 0,
     )
     if rows is not None:
         rows.update(got.rows or {})
+    if outputs is not None:
+        outputs.update(got.outputs or {})
     return got.stats
 
 
@@ -279,17 +287,19 @@ def activation_sample(
         run = ctx.workers.merged
         stats = run(collect, model, data, tensors=tensors, providers=ctx.providers, mask=mask)
         got = Sample(stats, None)
-    else:
-        got = collect_sample(
-            model, tensors, data, ctx.providers, max_rows=rows, seed=ctx.seed,
-            batch_size=batch_size, progress=progress, mask=mask, outputs=outputs,
+    else:  # through collect: the one entry point of a calibration run
+        sampled: dict[str, np.ndarray] = {}
+        heads: dict[str, np.ndarray] = {}
+        stats = collect(
+            model, tensors, data, ctx.providers, batch_size, progress, mask=mask,
+            rows=sampled if rows else None, max_rows=rows, seed=ctx.seed,
+            outputs=heads if outputs else None, max_outputs=outputs,
         )  # fmt: skip
+        got = Sample(stats, sampled if rows else None, heads or None)
         if rows:
-            ctx.cache[rows_key] = got.rows
-        else:
-            got.rows = None
-        if got.outputs is not None:
-            ctx.cache[outputs_key] = got.outputs
+            ctx.cache[rows_key] = sampled
+        if heads:
+            ctx.cache[outputs_key] = heads
     ctx.cache[key] = got.stats
     return got
 
