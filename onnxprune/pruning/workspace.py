@@ -24,6 +24,7 @@ from onnxprune.analysis.probe import probe_run
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
+from onnxprune.data import sample_count
 from onnxprune.graph import (
     add_output_bias,
     allow_unlisted_initializers,
@@ -77,7 +78,11 @@ class Workspace:
         probe = probe_run(model, ctx)
         an = analyse(model, probe.shapes)
         ws = cls(model, an, an.groups(), ctx, mask=mask_input(model, mask, f"pass {who}"))
-        ws.probe_samples = ctx.data(model).feed_samples(probe.inputs) if probe.inputs else 0
+        if probe.inputs:  # the run's data (loaded by the probe) knows each input's sample axis
+            data = ctx.data(model) if ctx.data_path is not None else None
+            ws.probe_samples = (
+                data.feed_samples(probe.inputs) if data is not None else sample_count(probe.inputs)
+            )
         if protect:
             pattern = re.compile(protect)
             for g in ws.groups:
@@ -127,6 +132,8 @@ class Workspace:
         if self.probe_samples < 1:
             return None
         shapes = [self.an.shapes.get(t) for t in self.sink_tensors()]
+        if any(s is None or any(int(d) < 1 for d in s) for s in shapes):
+            return None  # a shape the probe did not give: the runner's default
         elements = sum(int(np.prod(s)) for s in shapes if s is not None)
         return calibration_batch(4 * elements / self.probe_samples)
 
