@@ -320,3 +320,27 @@ def test_rank_normalise_gives_tied_scores_their_mean_rank() -> None:
         equal = (scores[None, :] == scores[:, None]).sum(axis=1)
         expected = (below + (equal - 1) / 2) / (n - 1)
         np.testing.assert_array_equal(rank_normalise(scores), expected)
+
+
+def test_weights_of_a_convolution_are_not_fed() -> None:
+    """onnxruntime's fast convolutions need their weights constant: each candidate of a
+    convolutional model keeps its own session."""
+    w = numpy_helper.from_array(RNG.standard_normal((4, 2, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = Dataset({"x": RNG.standard_normal((6, 2, 5, 5)).astype(np.float32)}, None, "test")
+    trials = Trials(model, data, ["CPUExecutionProvider"], 64, readers={"w"})
+    for channel in (0, 2):
+        trial = copy.deepcopy(model)
+        arr = numpy_helper.to_array(trial.graph.initializer[0]).copy()
+        arr[channel] = 0
+        trial.graph.initializer[0].CopyFrom(numpy_helper.from_array(arr, "w"))
+        got = trials.outputs(trial)
+        assert not got[0][:, channel].any()
+    assert trials.apart and trials.shared is None and trials.sessions == 2

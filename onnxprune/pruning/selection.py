@@ -19,7 +19,8 @@ Rules:
        ones the first candidate changed, and every initializer the consumers read) become
        inputs of one session and each candidate feeds its own values. A candidate that
        changes the graph (a bias added as a new node) or other initializers runs in a
-       session of its own.
+       session of its own, and so does every candidate when a fed weight is read by an op of
+       :data:`PREPACKED` (a convolution: its fast kernels need the weight constant).
     6. The winner's zeroed and compensated initializers are kept and written into the model
        (:meth:`Selection.apply`): the pass does not zero and compensate it a second time.
 """
@@ -46,6 +47,10 @@ from onnxprune.runtime import session
 
 SELECT_LIMIT = 512 << 20  # select=auto compares whole-model copies only below this size
 SELECT_SAMPLES = 512  # calibration samples used to compare choices (a cap: the first ones)
+# ops whose fast kernels need constant weights (onnxruntime reorders them once: NCHWc
+# convolutions, packed recurrent weights): a model whose fed weights reach one keeps a
+# session per candidate (rule 5)
+PREPACKED = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "LSTM", "GRU", "RNN"})
 
 
 def candidates(vote: set[int], decisions: list[GroupDecision]) -> dict[str, set[int]]:
@@ -188,6 +193,7 @@ class Trials:
         self.readers = readers  # tensors the consumers read: inputs of the shared session too
         self.expose: list[str] = []  # tensors the shared session also outputs (for values)
         self.shared: tuple[Any, onnx.ModelProto, list[str]] | None = None
+        self.apart = False  # a fed initializer is read by a PREPACKED op: no shared session
         self.sessions = 0
         self.fetch = [o.name for o in base.graph.output]
 
@@ -208,9 +214,13 @@ class Trials:
         """The shared session's fed initializers, when ``trial`` can run there (the session
         is made on the first trial that can)."""
         changed = changed_initializers(self.base, trial)
-        if changed is not None and self.shared is None:
+        if changed is not None and self.shared is None and not self.apart:
             floats = {t.name for t in self.base.graph.initializer if _is_float(t)}
-            self.shared = self._session(sorted(set(changed) | (self.readers & floats)))
+            fed = set(changed) | (self.readers & floats)
+            if any(n.op_type in PREPACKED for n in self.base.graph.node if fed & set(n.input)):
+                self.apart = True  # their kernels want constant weights: one session each
+                return None
+            self.shared = self._session(sorted(fed))
         if changed is None or self.shared is None or not set(changed) <= set(self.shared[2]):
             return None
         return self.shared[2]
