@@ -258,6 +258,22 @@ def runs(model: Path, data: Path) -> list[tuple[str, list[str], Path | None]]:
             out,
         ),
         (
+            "vote+fold (8 samples)",  # the default checks: check=lsq, select=auto
+            [
+                m,
+                "-p",
+                "vote:criteria=l1+l2",
+                "-p",
+                "fold",
+                "--data",
+                str(data),
+                "-o",
+                str(out),
+                "-q",
+            ],
+            out,
+        ),
+        (
             "vote+fold (8 samples, check=off)",
             [
                 m,
@@ -319,6 +335,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model, params = (decoder if kind == "decoder" else mlp)(folder, size)
         data = write_data(model, 8)
+        os.sync()  # the first run must not meet the write-back of the model just written
         weights = (folder / "model.onnx.data").stat().st_size
         print(
             f"# {kind}-{size}: {params / 1e9:.3f}B parameters, {weights / 1e9:.2f} GB "

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
-from onnxprune import progress
 from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
 from onnxprune.analysis.state import NOTHING_TO_PRUNE
 from onnxprune.graph import get_init
@@ -19,11 +17,12 @@ from onnxprune.passes.budget_options import BudgetOptions
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning import budget
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
-from onnxprune.pruning.decision import GroupDecision, choice_score
+from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.ensemble import ensemble_arrays
 from onnxprune.pruning.free import free_first, free_mask
 from onnxprune.pruning.lsq import check_caps
 from onnxprune.pruning.masks import AUTO
+from onnxprune.pruning.selection import SELECT_LIMIT, SELECT_SAMPLES, select
 from onnxprune.pruning.shortfall import (
     LAST_CHANNEL,
     asked_count,
@@ -40,17 +39,13 @@ from onnxprune.pruning.workspace import (
     reconstruction_error,
     round_count,
     zero_and_compensate,
-    zeroed_values,
 )
-from onnxprune.runner import outputs, plan
 from onnxprune.runtime import channel_multiple
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
 
 
-SELECT_LIMIT = 512 << 20  # select=auto compares whole-model copies only below this size
-SELECT_SAMPLES = 512  # calibration samples used to compare choices
 QUORUM = 2  # votes a channel needs when no quorum is given (or every voter, when fewer)
 
 
@@ -178,7 +173,8 @@ class Vote(Pass, BudgetOptions):
         has_data = not data.synthetic
         compensate = self.compensate == "on" or (self.compensate == "auto" and has_data)
         need_stats = any(c.needs_data for c in criteria) or compensate
-        stats = ws.stats() if need_stats else {}
+        keep = SELECT_SAMPLES if self._may_select(ws, has_data) else 0  # reference outputs
+        stats = ws.stats(keep) if need_stats else {}
         arrays = [("", lambda name: get_init(model.graph, name), stats)]
         arrays += ensemble_arrays(ws, self.ensemble, criteria)
         check = self.check if has_data else "off"
@@ -214,8 +210,10 @@ class Vote(Pass, BudgetOptions):
                 chosen |= decision.picked
                 decisions.append(decision)
         selection: dict[str, Any] = {}
+        picked = None  # the selection's outcome: its winner is zeroed already
         if self._selects(ws, has_data, decisions):
-            chosen, selection = self._select(ws, chosen, decisions, compensate)
+            picked = select(ws, chosen, decisions, compensate)
+            chosen, selection = picked.chosen, picked.report
         chosen = keep_one_per_tensor(ws.an, chosen)
         roots = ws.an.roots()
         for d in decisions:  # counted after the last-channel guard
@@ -224,7 +222,10 @@ class Vote(Pass, BudgetOptions):
             d.section["pruned"] = len(mine & chosen)
             if d.section["pruned"] < len(d.picked):
                 d.section["reason"] = join_reasons([d.section.get("reason"), LAST_CHANNEL])
-        applied = zero_and_compensate(ws, chosen, compensate)
+        applied = picked.apply(ws) if picked is not None else None
+        if applied is None:
+            after = picked.after if picked is not None else None
+            applied = zero_and_compensate(ws, chosen, compensate, after=after)
         sections = [d.section for d in decisions]  # the groups voted on; held ones: shortfall
         every = sorted(sections + held, key=lambda s: s["group"])
         uncovered = uncovered_layers(ws.model, ws.an, ws.groups, self.sparsity)
@@ -336,48 +337,13 @@ class Vote(Pass, BudgetOptions):
         section["pruned"] = len(picked)
         return GroupDecision(g, section, picked, choices)
 
-    def _selects(self, ws: Workspace, has_data: bool, decisions: list[GroupDecision]) -> bool:
+    def _may_select(self, ws: Workspace, has_data: bool) -> bool:
         if not has_data or self.select == "local" or self.scope == "global":
             return False
-        if self.select == "auto" and model_nbytes(ws.model) > SELECT_LIMIT:
-            return False
-        return any(len(d.choices) > 1 for d in decisions)
+        return self.select != "auto" or model_nbytes(ws.model) <= SELECT_LIMIT
 
-    def _select(
-        self, ws: Workspace, vote: set[int], decisions: list[GroupDecision], compensate: bool
-    ) -> tuple[set[int], dict[str, Any]]:
-        """Rule 3, end to end: the vote's choice against each voter's own choice (in every
-        group), scored by how far the pruned model's outputs move on the calibration data."""
-        names = sorted({n for d in decisions for n in d.choices})
-        candidates = {"vote": vote}
-        for name in names:  # a group without this voter keeps the vote's own pick
-            candidates[name] = set().union(*(d.choices.get(name, d.picked) for d in decisions))
-        data = ws.ctx.data(ws.model).head(SELECT_SAMPLES)
-        reference = list(outputs(ws.model, data, ws.ctx.providers).values())
-        covered = plan(ws.model, data).samples
-        labels = data.labels[:covered] if data.labels is not None else None
-        scores = {}
-        after = zeroed_values(ws, set().union(*candidates.values())) if compensate else None
-        with progress.task(len(candidates), "selection candidates") as advance:
-            for name, classes in candidates.items():
-                trial = copy.deepcopy(ws.model)
-                chosen = keep_one_per_tensor(ws.an, classes)
-                zero_and_compensate(ws, chosen, compensate, trial, after)
-                got = list(outputs(trial, data, ws.ctx.providers).values())
-                scores[name] = choice_score(reference, got, labels)
-                advance()
-        best = min(scores, key=lambda n: (scores[n][0], scores[n][1], n != "vote"))
-        report = {
-            "selected": best,
-            "selection": {
-                n: {
-                    "error": round(e, 6),
-                    **({"accuracy": round(-a, 4)} if a <= 0 and labels is not None else {}),
-                }
-                for n, (a, e) in scores.items()
-            },
-        }
-        return candidates[best], report
+    def _selects(self, ws: Workspace, has_data: bool, decisions: list[GroupDecision]) -> bool:
+        return self._may_select(ws, has_data) and any(len(d.choices) > 1 for d in decisions)
 
     def _quorum(self, voters: int) -> int:
         """Votes a channel needs among ``voters`` that voted: the ``quorum`` option (default

@@ -12,17 +12,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from onnxprune.context import Context
 from onnxprune.data import Dataset
+from onnxprune.pruning.channel_stats import ChannelStats, channels_last, check_axis
 from onnxprune.pruning.fingerprints import fingerprint
 from onnxprune.pruning.masks import positions
 from onnxprune.pruning.reservoir import Reservoir
-from onnxprune.runner import stream
+from onnxprune.runner import DEFAULT_BATCH, plan, stream
 
 log = logging.getLogger(__name__)
 
@@ -30,212 +31,19 @@ SYNTHETIC_WARNING = (
     "no --data: activation statistics come from synthetic inputs; data-driven criteria are weak"
 )
 CACHE_PREFIX = "calibrate.activation_stats:"
+BATCH_BYTES = 32 << 20  # float32 bytes of the streamed tensors one calibration batch may hold
+MAX_BATCH = 1024  # samples per calibration batch, at most
 
 
-# --------------------------------------------------------------------------------------------
-# per-channel accumulators
-
-
-def _channels_first(x: np.ndarray, axis: int, where: np.ndarray | None = None) -> np.ndarray:
-    """``x`` as a float64 matrix [C, elements], the channel axis first; ``where`` (one bool per
-    element of a channel, row-major over the other axes) keeps only those elements."""
-    x = np.asarray(x)
-    if x.ndim == 0:
-        raise ValueError("a scalar has no channel axis")
-    axis = _check_axis(axis, x.ndim)
-    block = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-    return (block if where is None else block[:, where]).astype(np.float64)
-
-
-def _channels_last(x: np.ndarray, axis: int) -> np.ndarray:
-    """``x`` as a matrix [positions, C] (not converted), the channel axis last."""
-    x = np.asarray(x)
-    if x.ndim == 0:
-        raise ValueError("a scalar has no channel axis")
-    axis = _check_axis(axis, x.ndim)
-    return np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-
-
-def _check_axis(axis: int, ndim: int) -> int:
-    """``axis`` normalised to ``[0, ndim)``.
-
-    Raises:
-        ValueError: ``axis`` is out of range for a tensor of rank ``ndim``.
-    """
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"channel axis {axis} is out of range for a rank-{ndim} tensor")
-    return axis % ndim
-
-
-@dataclass(eq=False)
-class ChannelStats:
-    """Per-channel accumulators over every element of a tensor except its channel axis.
-
-    All sums are float64. Besides the plain sums, ``m2`` (the sum of squared deviations from the
-    mean, merged with Chan's parallel formula) keeps the variance accurate when a channel's mean
-    is large against its spread, where ``sumsq / n - mean**2`` cancels catastrophically.
-
-    Attributes:
-        count: elements seen per channel (the same for every channel).
-        sum: per-channel sum.
-        sumsq: per-channel sum of squares.
-        zeros: per-channel count of exact zeros.
-        min: per-channel minimum (``+inf`` before any update).
-        max: per-channel maximum (``-inf`` before any update).
-        m2: per-channel sum of squared deviations from the running mean.
-    """
-
-    count: int
-    sum: np.ndarray
-    sumsq: np.ndarray
-    zeros: np.ndarray
-    min: np.ndarray
-    max: np.ndarray
-    m2: np.ndarray = field(default_factory=lambda: np.empty(0))  # empty: derive from the sums
-
-    def __post_init__(self) -> None:
-        if self.m2.shape != np.shape(self.sum):
-            # built from sums only: derive it (less accurate, never negative)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                m2 = self.sumsq - self.sum * self.sum / self.count if self.count else 0.0
-            self.m2 = np.maximum(np.zeros_like(self.sum) + m2, 0.0)
-
-    @classmethod
-    def empty(cls, channels: int) -> ChannelStats:
-        """Accumulators for ``channels`` channels with nothing seen yet."""
-        zero = np.zeros(channels, np.float64)
-        return cls(
-            count=0,
-            sum=zero.copy(),
-            sumsq=zero.copy(),
-            zeros=np.zeros(channels, np.int64),
-            min=np.full(channels, np.inf),
-            max=np.full(channels, -np.inf),
-            m2=zero.copy(),
-        )
-
-    @classmethod
-    def of(cls, x: np.ndarray, axis: int) -> ChannelStats:
-        """Statistics of one array along ``axis`` (one pass)."""
-        x = np.asarray(x)
-        stats = cls.empty(x.shape[_check_axis(axis, x.ndim)] if x.ndim else 0)
-        stats.update(x, axis)
-        return stats
-
-    @property
-    def channels(self) -> int:
-        """Number of channels."""
-        return len(self.sum)
-
-    def update(self, x: np.ndarray, axis: int, where: np.ndarray | None = None) -> None:
-        """Fold every element of ``x`` into the accumulators of its index along ``axis``
-        (only the positions ``where`` is true, when given: see :func:`_channels_first`).
-
-        Raises:
-            ValueError: ``axis`` is out of range, or ``x`` has another number of channels.
-        """
-        block = _channels_first(x, axis, where)
-        if block.shape[0] != self.channels:
-            raise ValueError(
-                f"tensor has {block.shape[0]} channels on axis {axis}, the statistics "
-                f"{self.channels}"
-            )
-        if block.shape[1] == 0:
-            return
-        self._absorb(_block_stats(block))
-
-    def merge(self, other: ChannelStats) -> ChannelStats:
-        """The statistics of both data sets together (neither operand changes).
-
-        Raises:
-            ValueError: the operands have different channel counts.
-        """
-        if other.channels != self.channels:
-            raise ValueError(f"cannot merge {self.channels} channels with {other.channels}")
-        out = self.copy()
-        out._absorb(other)
-        return out
-
-    def copy(self) -> ChannelStats:
-        """An independent copy."""
-        return ChannelStats(
-            self.count,
-            self.sum.copy(),
-            self.sumsq.copy(),
-            self.zeros.copy(),
-            self.min.copy(),
-            self.max.copy(),
-            self.m2.copy(),
-        )
-
-    def _absorb(self, other: ChannelStats) -> None:
-        """Fold ``other`` into ``self`` in place (Chan et al.'s pairwise update for ``m2``)."""
-        if other.count == 0:
-            return
-        if self.count == 0:
-            self.m2 = other.m2.copy()
-        else:
-            n = self.count + other.count
-            delta = other.sum / other.count - self.sum / self.count
-            self.m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
-        self.count += other.count
-        self.sum = self.sum + other.sum
-        self.sumsq = self.sumsq + other.sumsq
-        self.zeros = self.zeros + other.zeros
-        self.min = np.minimum(self.min, other.min)
-        self.max = np.maximum(self.max, other.max)
-
-    def _per_element(self, values: np.ndarray) -> np.ndarray:
-        """``values / count``, NaN where nothing was seen."""
-        if self.count == 0:
-            return np.full(self.channels, np.nan)
-        return values / self.count
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Per-channel mean."""
-        return self._per_element(self.sum)
-
-    @property
-    def var(self) -> np.ndarray:
-        """Per-channel population variance (clipped at 0)."""
-        return np.maximum(self._per_element(self.m2), 0.0)
-
-    @property
-    def std(self) -> np.ndarray:
-        """Per-channel population standard deviation."""
-        return np.sqrt(self.var)
-
-    @property
-    def rms(self) -> np.ndarray:
-        """Per-channel root mean square, ``sqrt(sumsq / count)``."""
-        return np.sqrt(self._per_element(self.sumsq))
-
-    @property
-    def l2(self) -> np.ndarray:
-        """Per-channel L2 norm over all samples and positions (Wanda's ``||X_j||``)."""
-        return np.sqrt(self.sumsq)
-
-    @property
-    def apoz(self) -> np.ndarray:
-        """Per-channel share of exact zeros (average percentage of zeros, as a fraction)."""
-        return self._per_element(self.zeros.astype(np.float64))
-
-
-def _block_stats(block: np.ndarray) -> ChannelStats:
-    """Statistics of a float64 matrix [C, n] with ``n > 0`` (two-pass ``m2``)."""
-    n = block.shape[1]
-    total = block.sum(axis=1)
-    centred = block - (total / n)[:, None]
-    return ChannelStats(
-        count=n,
-        sum=total,
-        sumsq=np.einsum("ij,ij->i", block, block),
-        zeros=np.count_nonzero(block == 0, axis=1).astype(np.int64),
-        min=block.min(axis=1),
-        max=block.max(axis=1),
-        m2=np.einsum("ij,ij->i", centred, centred),
-    )
+def calibration_batch(bytes_per_sample: float) -> int:
+    """Samples per calibration batch for a model with a dynamic batch: ``DEFAULT_BATCH``,
+    doubled while the streamed tensors of one batch stay within :data:`BATCH_BYTES`, at most
+    :data:`MAX_BATCH` (larger runs keep onnxruntime's kernels busy; never below the default,
+    so large activations stream as before)."""
+    size = DEFAULT_BATCH
+    while size * 2 <= MAX_BATCH and size * 2 * bytes_per_sample <= BATCH_BYTES:
+        size *= 2
+    return size
 
 
 def collect(
@@ -251,6 +59,8 @@ def collect(
     rows: dict[str, np.ndarray] | None = None,
     max_rows: int = 2048,
     seed: int = 0,
+    outputs: dict[str, np.ndarray] | None = None,
+    max_outputs: int = 0,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of ``tensors`` (name -> channel axis) over ``data``.
 
@@ -271,6 +81,9 @@ def collect(
             (:func:`onnxprune.pruning.masks.positions`).
         rows, max_rows, seed: a dict given as ``rows`` receives, from the same run, at most
             ``max_rows`` sampled rows per tensor (:func:`collect_rows`).
+        outputs, max_outputs: a dict given as ``outputs`` receives, from the same run, the
+            model's outputs on its first ``max_outputs`` samples when they could be kept
+            (:func:`collect_sample`; left empty otherwise).
 
     Returns:
         name -> :class:`ChannelStats`, in the order of ``tensors``.
@@ -280,7 +93,7 @@ def collect(
         DataError: the data gives no batch or lacks an input.
         PassFailedError: onnxruntime cannot run the model.
     """
-    stats, sampled = collect_sample(
+    got = collect_sample(
         model,
         tensors,
         data,
@@ -291,10 +104,13 @@ def collect(
         progress=progress,
         max_batches=max_batches,
         mask=mask,
+        outputs=max_outputs if outputs is not None else 0,
     )
     if rows is not None:
-        rows.update(sampled)
-    return stats
+        rows.update(got.rows or {})
+    if outputs is not None:
+        outputs.update(got.outputs or {})
+    return got.stats
 
 
 def collect_rows(
@@ -320,7 +136,7 @@ def collect_rows(
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be positive, got {max_rows}")
-    _, rows = collect_sample(
+    got = collect_sample(
         model,
         tensors,
         data,
@@ -332,7 +148,17 @@ def collect_rows(
         mask=mask,
         stats=False,
     )
-    return rows
+    return got.rows or {}
+
+
+@dataclass
+class Sample:
+    """What one calibration pass gives: statistics, sampled rows, and the model's outputs on
+    its first samples (``outputs``: None when not asked for, or not cut along axis 0)."""
+
+    stats: dict[str, ChannelStats]
+    rows: dict[str, np.ndarray] | None
+    outputs: dict[str, np.ndarray] | None = None
 
 
 def collect_sample(
@@ -348,15 +174,19 @@ def collect_sample(
     max_batches: int | None = None,
     mask: str | None = None,
     stats: bool = True,
-) -> tuple[dict[str, ChannelStats], dict[str, np.ndarray]]:
+    outputs: int = 0,
+) -> Sample:
     """:func:`collect` and :func:`collect_rows` in one pass over the data: the statistics
-    (empty with ``stats=False``) and at most ``max_rows`` sampled rows per tensor (none with
-    ``max_rows=0``). Statistics are mergeable (:meth:`ChannelStats.merge`), so shards of the
-    data may be collected apart and merged."""
+    (empty with ``stats=False``), at most ``max_rows`` sampled rows per tensor (none with
+    ``max_rows=0``) and, with ``outputs > 0``, the model's outputs on its first ``outputs``
+    samples (what :func:`onnxprune.runner.outputs` gives on them: no second run). Statistics
+    are mergeable (:meth:`ChannelStats.merge`), so shards of the data may be collected apart
+    and merged."""
     out: dict[str, ChannelStats] = {}
     rngs = dict(zip(tensors, np.random.default_rng(seed).spawn(len(tensors)), strict=True))
     pools = {name: Reservoir(max_rows, rngs[name]) for name in tensors} if max_rows else {}
-    names = list(tensors) + ([mask] if mask and mask not in tensors else [])
+    heads = _Heads(model, data, outputs, batch_size)
+    names = list(tensors) + ([mask] if mask and mask not in tensors else []) + heads.names
     batched = stream(
         model,
         names,
@@ -367,18 +197,111 @@ def collect_sample(
         progress=progress,
     )
     for values in batched:
+        heads.add(values)
         for name, axis in tensors.items():
             value = values[name]
             real = positions(values[mask] if mask else None, value, axis)
             if stats:
                 if name not in out:
-                    out[name] = ChannelStats.empty(value.shape[_check_axis(axis, value.ndim)])
+                    out[name] = ChannelStats.empty(value.shape[check_axis(axis, value.ndim)])
                 out[name].update(value, axis, real)
             if pools:
-                rows = _channels_last(value, axis)
-                pools[name].add(rows if real is None else rows[real])
+                block = channels_last(value, axis)
+                pools[name].add(block if real is None else block[real])
         del values  # nothing of this batch outlives the next run
-    return out, {name: pool.result() for name, pool in pools.items()}
+    sampled = {name: pool.result() for name, pool in pools.items()}
+    return Sample(out, sampled, heads.result())
+
+
+class _Heads:
+    """The graph outputs of the first ``samples`` samples, copied batch by batch from a run
+    that streams other tensors. Given up (None) unless every input has its samples on axis 0
+    and every output has exactly the batch's samples on axis 0."""
+
+    def __init__(
+        self, model: onnx.ModelProto, data: Dataset, samples: int, batch_size: int | None
+    ) -> None:
+        axis_zero = all(data.sample_axis(name) in (0, None) for name in data.inputs)
+        wanted = samples > 0 and axis_zero and len(model.graph.output) > 0
+        self.names = [o.name for o in model.graph.output] if wanted else []
+        self.plan = plan(model, data, batch_size=batch_size)
+        self.wanted = plan(model, data, limit=samples).samples if wanted else 0
+        self.batch = 0
+        self.parts: dict[str, list[np.ndarray]] | None = {n: [] for n in self.names}
+
+    def add(self, values: Mapping[str, np.ndarray]) -> None:
+        """Keep this batch's share of the first samples (a copy)."""
+        start = self.batch * self.plan.size
+        self.batch += 1
+        if self.parts is None or start >= self.wanted:
+            return
+        count = min(self.plan.size, self.plan.samples - start)  # samples in this batch
+        take = min(count, self.wanted - start)
+        for name in self.names:
+            value = values[name]
+            if not isinstance(value, np.ndarray) or value.ndim == 0 or len(value) != count:
+                self.parts = None  # not cut along axis 0: the caller runs the model itself
+                return
+            self.parts[name].append(np.array(value[:take]))
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        """The outputs by name, or None (not asked for, or given up)."""
+        if not self.names or self.parts is None:
+            return None
+        if sum(len(p) for p in self.parts[self.names[0]]) < self.wanted:
+            return None  # fewer batches ran (max_batches)
+        return {n: np.concatenate(p) for n, p in self.parts.items()}
+
+
+def activation_sample(
+    ctx: Context,
+    model: onnx.ModelProto,
+    tensors: Mapping[str, int],
+    *,
+    progress: bool = False,
+    mask: str | None = None,
+    rows: int = 0,
+    outputs: int = 0,
+    batch_size: int | None = None,
+) -> Sample:
+    """Statistics of ``tensors`` on ``ctx``'s data, computed once per model and tensor set.
+
+    The result is cached in ``ctx.cache`` under the model's :func:`fingerprint`, the sorted
+    (name, axis) pairs and the ``mask`` input (see :func:`collect`), so passes that ask for the
+    same thing share one run; treat it as read-only. ``rows > 0`` samples that many rows per
+    tensor in the same run (cached for :func:`activation_rows`; None when the run was cached
+    without them, or ran on Ray workers); ``outputs > 0`` keeps the model's outputs on that
+    many first samples (:func:`collect_sample`; None where not kept). Without a data file the
+    inputs are synthetic, and a warning says so. ``batch_size``: as :func:`collect` (see
+    :func:`calibration_batch`). Raises as :func:`collect`.
+    """
+    key = _cache_key(model, tensors, mask)
+    rows_key, outputs_key = f"{key}:rows{rows}", f"{key}:outputs{outputs}"
+    if key in ctx.cache:
+        return Sample(ctx.cache[key], ctx.cache.get(rows_key), ctx.cache.get(outputs_key))
+    data = ctx.data(model)
+    if data.synthetic:
+        log.warning(SYNTHETIC_WARNING)
+    if ctx.workers is not None:  # Ray tasks per shard, merged in shard order; rows are not
+        # mergeable into one run's sample, so activation_rows draws them in this process
+        run = ctx.workers.merged
+        stats = run(collect, model, data, tensors=tensors, providers=ctx.providers, mask=mask)
+        got = Sample(stats, None)
+    else:  # through collect: the one entry point of a calibration run
+        sampled: dict[str, np.ndarray] = {}
+        heads: dict[str, np.ndarray] = {}
+        stats = collect(
+            model, tensors, data, ctx.providers, batch_size, progress, mask=mask,
+            rows=sampled if rows else None, max_rows=rows, seed=ctx.seed,
+            outputs=heads if outputs else None, max_outputs=outputs,
+        )  # fmt: skip
+        got = Sample(stats, sampled if rows else None, heads or None)
+        if rows:
+            ctx.cache[rows_key] = sampled
+        if heads:
+            ctx.cache[outputs_key] = heads
+    ctx.cache[key] = got.stats
+    return got
 
 
 def activation_stats(
@@ -390,36 +313,8 @@ def activation_stats(
     mask: str | None = None,
     rows: int = 0,
 ) -> dict[str, ChannelStats]:
-    """Statistics of ``tensors`` on ``ctx``'s data, computed once per model and tensor set.
-
-    The result is cached in ``ctx.cache`` under the model's :func:`fingerprint`, the sorted
-    (name, axis) pairs and the ``mask`` input (see :func:`collect`), so passes that ask for the
-    same thing share one run; treat it as read-only. ``rows > 0`` samples that many rows per
-    tensor in the same run, for :func:`activation_rows`. Without a data file the inputs are
-    synthetic, and a warning says so. Raises as :func:`collect`.
-    """
-    key = _cache_key(model, tensors, mask)
-    if key in ctx.cache:
-        return ctx.cache[key]
-    data = ctx.data(model)
-    if data.synthetic:
-        log.warning(SYNTHETIC_WARNING)
-    sampled: dict[str, np.ndarray] = {}
-    if ctx.workers is not None:  # Ray tasks per shard, merged in shard order; rows are not
-        # mergeable into one run's sample, so activation_rows draws them in this process
-        run = ctx.workers.merged
-        stats = run(collect, model, data, tensors=tensors, providers=ctx.providers, mask=mask)
-        rows = 0
-    else:
-        out = sampled if rows else None
-        stats = collect(
-            model, tensors, data, ctx.providers, progress=progress, mask=mask, rows=out,
-            max_rows=rows, seed=ctx.seed,
-        )  # fmt: skip
-    ctx.cache[key] = stats
-    if rows:
-        ctx.cache[f"{key}:rows{rows}"] = sampled
-    return stats
+    """The statistics of :func:`activation_sample` (same cache; ``rows``: as there)."""
+    return activation_sample(ctx, model, tensors, progress=progress, mask=mask, rows=rows).stats
 
 
 def activation_rows(

@@ -323,10 +323,10 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     if n < 2:
         return np.zeros(n)
     order = scores.argsort(kind="stable")
+    ordered = scores[order]
+    # runs of equal values in sorted order: each gets the mean of its ranks, (first + last) / 2
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], n]
     ranks = np.empty(n)
-    ranks[order] = np.arange(n)
-    for value in np.unique(scores):
-        tied = scores == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
+    ranks[order] = np.repeat((starts + ends - 1) / 2.0, ends - starts)
     return ranks / (n - 1)

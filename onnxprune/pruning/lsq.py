@@ -76,13 +76,10 @@ class SinkRows:
             y = self.every[:, gone] @ ws
             return float((y * y).sum() / max(len(y), 1))
         keep = ~gone
-        y1, y2 = self.fit[:, gone] @ ws, self.held[:, gone] @ ws
+        s1 = self.fit[:, gone]
+        y1, y2 = s1 @ ws, self.held[:, gone] @ ws
         k1 = self.fit[:, keep]
-        if gone.sum() < keep.sum():  # the smaller product
-            s1 = self.fit[:, gone]
-            g = self.gram - s1 @ s1.T
-        else:
-            g = k1 @ k1.T
+        g = self.gram - s1 @ s1.T if gone.sum() < keep.sum() else k1 @ k1.T  # the smaller
         lam = RIDGE * max(float(np.trace(g)) / len(g), 1e-12)
         g[np.diag_indices_from(g)] += lam
         try:

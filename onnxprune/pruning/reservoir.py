@@ -6,7 +6,13 @@ import numpy as np
 
 
 class Reservoir:
-    """A uniform random subset of at most ``size`` rows of a stream (bottom-k random keys)."""
+    """A uniform random subset of at most ``size`` rows of a stream (bottom-k random keys).
+
+    Every row offered gets a key (``rng.random``, one per row in stream order, so the subset
+    does not depend on how the stream is cut into batches); the rows with the ``size``
+    smallest keys are kept, as float64, in one buffer allocated once: evicted rows are
+    replaced in place, nothing kept is copied again.
+    """
 
     def __init__(self, size: int, rng: np.random.Generator) -> None:
         self.size = size
@@ -14,37 +20,41 @@ class Reservoir:
         self.keys = np.empty(0)
         self.index = np.empty(0, np.int64)
         self.rows: np.ndarray | None = None
+        self.filled = 0
         self.seen = 0
 
     def add(self, rows: np.ndarray) -> None:
         """Offer the next rows of the stream; keeps the ``size`` with the smallest keys."""
         keys = self.rng.random(len(rows))
-        pick = np.arange(len(rows))
-        full = len(self.keys) >= self.size
-        if full:
-            pick = pick[keys < self.keys.max()]
-        pick = smallest(keys, pick, self.size)
         if self.rows is None:
-            self.rows = np.empty((0, rows.shape[1]))
-        keys_all = np.concatenate([self.keys, keys[pick]])
-        keep = smallest(keys_all, np.arange(len(keys_all)), self.size)
-        if full:  # replace the evicted slots in place: no copy of the kept rows
+            self.rows = np.empty((self.size, rows.shape[1]))
+            self.keys = np.empty(self.size)
+            self.index = np.empty(self.size, np.int64)
+        take = min(len(rows), self.size - self.filled)  # free slots first
+        if take:
+            at = slice(self.filled, self.filled + take)
+            self.rows[at] = rows[:take]
+            self.keys[at] = keys[:take]
+            self.index[at] = self.seen + np.arange(take)
+            self.filled += take
+        rest = keys[take:]  # offered to a full reservoir: those below its largest key
+        pick = take + np.flatnonzero(rest < self.keys.max()) if len(rest) else rest[:0]
+        if len(pick):
+            pick = smallest(keys, pick, self.size)
+            keys_all = np.concatenate([self.keys, keys[pick]])
+            keep = smallest(keys_all, np.arange(len(keys_all)), self.size)
             new = keep[keep >= self.size] - self.size
             out = np.setdiff1d(np.arange(self.size), keep[keep < self.size])
             self.keys[out] = keys[pick[new]]
             self.index[out] = self.seen + pick[new]
             self.rows[out] = rows[pick[new]]
-        else:
-            new_rows = rows[pick].astype(np.float64)
-            self.keys = keys_all[keep]
-            self.index = np.concatenate([self.index, self.seen + pick])[keep]
-            self.rows = np.concatenate([self.rows, new_rows])[keep]
         self.seen += len(rows)
 
     def result(self) -> np.ndarray:
         """The kept rows in stream order."""
         assert self.rows is not None
-        return self.rows[np.argsort(self.index, kind="stable")]
+        order = np.argsort(self.index[: self.filled], kind="stable")
+        return self.rows[: self.filled][order]
 
 
 def smallest(keys: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:

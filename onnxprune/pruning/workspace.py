@@ -24,6 +24,7 @@ from onnxprune.analysis.probe import probe_run
 from onnxprune.analysis.state import Analysis
 from onnxprune.analysis.walk import analyse
 from onnxprune.context import Context
+from onnxprune.data import sample_count
 from onnxprune.graph import (
     add_output_bias,
     allow_unlisted_initializers,
@@ -31,7 +32,12 @@ from onnxprune.graph import (
     get_init,
     prepare_for_pruning,
 )
-from onnxprune.pruning.calibrate import ChannelStats, activation_rows, activation_stats
+from onnxprune.pruning.calibrate import (
+    ChannelStats,
+    activation_rows,
+    activation_sample,
+    calibration_batch,
+)
 from onnxprune.pruning.lsq import CHECK_ROWS, SinkRows
 from onnxprune.pruning.masks import AUTO, mask_input
 from onnxprune.pruning.zero import zero_classes
@@ -50,6 +56,10 @@ class Workspace:
     protected: set[int] = field(default_factory=set)
     mask: str | None = None  # the padding-mask input statistics skip padding by
     _checks: dict[tuple[str, str], SinkRows | None] = field(default_factory=dict)
+    probe_samples: int = 0  # samples of the probe run the analysis' shapes come from
+    _reference: dict[str, np.ndarray] | None = None
+    errors: dict[tuple[frozenset[int], str], float] = field(default_factory=dict)
+    _halves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def open(
@@ -65,8 +75,14 @@ class Workspace:
         input (:func:`onnxprune.pruning.masks.mask_input`; ``who`` names the pass in its errors)."""
         prepare_for_pruning(model.graph)
         allow_unlisted_initializers(model)  # an IR < 4 model lists them all as inputs
-        an = analyse(model, probe_run(model, ctx).shapes)
+        probe = probe_run(model, ctx)
+        an = analyse(model, probe.shapes)
         ws = cls(model, an, an.groups(), ctx, mask=mask_input(model, mask, f"pass {who}"))
+        if probe.inputs:  # the run's data (loaded by the probe) knows each input's sample axis
+            data = ctx.data(model) if ctx.data_path is not None else None
+            ws.probe_samples = (
+                data.feed_samples(probe.inputs) if data is not None else sample_count(probe.inputs)
+            )
         if protect:
             pattern = re.compile(protect)
             for g in ws.groups:
@@ -87,19 +103,47 @@ class Workspace:
         inside = self.an.branch_tensors  # made inside an If branch: no run exposes them
         return {s.tensor: s.labels.axis for s in self.an.sinks if s.tensor not in inside}
 
-    def stats(self) -> dict[str, ChannelStats]:
+    def stats(self, outputs: int = 0) -> dict[str, ChannelStats]:
         """Activation statistics at every consumer input (computed once, shared via ctx; the
-        same run samples :data:`~onnxprune.pruning.lsq.CHECK_ROWS` rows for :meth:`rows`)."""
+        same run samples :data:`~onnxprune.pruning.lsq.CHECK_ROWS` rows for :meth:`rows`
+        and, with ``outputs``, keeps the model's outputs on that many first samples for
+        :meth:`reference`), on batches of :meth:`batch_size` samples."""
         if self._stats is None:
-            self._stats = activation_stats(
+            got = activation_sample(
                 self.ctx,
                 self.model,
                 self.sink_tensors(),
                 progress=True,
                 mask=self.mask,
                 rows=CHECK_ROWS,
+                outputs=outputs,
+                batch_size=self.batch_size(),
             )
+            self._stats = got.stats
+            if got.rows is not None:
+                self._rows = got.rows
+            self._reference = got.outputs
         return self._stats
+
+    def batch_size(self) -> int | None:
+        """Samples per calibration batch: :func:`~onnxprune.pruning.calibrate.calibration_batch`
+        of the consumer inputs' bytes per sample (float32, from the probe's shapes); None
+        (the runner's default) when the probe gave no samples."""
+        if self.probe_samples < 1:
+            return None
+        shapes = [self.an.shapes.get(t) for t in self.sink_tensors()]
+        if any(s is None or any(int(d) < 1 for d in s) for s in shapes):
+            return None  # a shape the probe did not give: the runner's default
+        elements = sum(int(np.prod(s)) for s in shapes if s is not None)
+        return calibration_batch(4 * elements / self.probe_samples)
+
+    def reference(self, samples: int) -> list[np.ndarray] | None:
+        """The model's outputs on its first ``samples`` samples, from the statistics' run
+        (None when it did not keep them: :func:`~onnxprune.pruning.calibrate.collect_sample`)."""
+        got = self._reference
+        if got is None or any(len(v) != samples for v in got.values()):
+            return None
+        return list(got.values())
 
     def rows(self) -> dict[str, np.ndarray]:
         """Sampled activation vectors [rows, C] at every consumer input."""
@@ -108,6 +152,13 @@ class Workspace:
                 self.ctx, self.model, self.sink_tensors(), CHECK_ROWS, mask=self.mask
             )
         return self._rows
+
+    def halves(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:func:`half_means` of the sampled rows of every consumer input with at least 4 rows
+        (computed once: every choice compensated in this workspace uses them)."""
+        if self._halves is None:
+            self._halves = {t: half_means(x) for t, x in self.rows().items() if len(x) >= 4}
+        return self._halves
 
     def check_rows(self, sink: Sink) -> SinkRows | None:
         """The voter check's rows of one consumer (None without rows or a float weight)."""
@@ -188,9 +239,13 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
     """How much the consumers' outputs change, per row, when ``classes`` are removed: after
     bias compensation (``mean``) or after a least-squares refit of the remaining channels
     measured on held-out rows (``lsq``); :mod:`onnxprune.pruning.lsq` states the rules and
-    the caps (rows, sketch)."""
+    the caps (rows, sketch). Computed once per choice and mode (``ws.errors``): the vote's
+    pick is often one voter's choice."""
     if not classes:
         return 0.0
+    key = (frozenset(classes), mode)
+    if key in ws.errors:
+        return ws.errors[key]
     roots = ws.an.roots()
     chosen = np.array(sorted(classes))
     total = 0.0
@@ -199,6 +254,7 @@ def reconstruction_error(ws: Workspace, classes: set[int], mode: str = "lsq") ->
         check = ws.check_rows(sink) if gone.any() else None
         if check is not None:
             total += check.error(gone, mode)
+    ws.errors[key] = total
     return total
 
 
@@ -223,10 +279,10 @@ def zero_and_compensate(
     if not classes:
         return {"zeroed_entries": 0, "compensated_consumers": 0}
     means: dict[str, np.ndarray] = {}
-    rows: dict[str, np.ndarray] = {}
+    halves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if compensate:
         means = {t: s.mean for t, s in ws.stats().items()}
-        rows = ws.rows()
+        halves = ws.halves()
     zeroed = zero_classes(target, ws.an, classes)
     done = 0
     rejected: list[str] = []
@@ -235,7 +291,7 @@ def zero_and_compensate(
         roots = ws.an.roots()
         chosen = np.array(sorted(classes))
         for sink in ws.an.sinks:
-            outcome = _compensate_sink(target.graph, sink, roots, chosen, means, after, rows)
+            outcome = _compensate_sink(target.graph, sink, roots, chosen, means, after, halves)
             done += outcome is True
             if outcome is None:
                 rejected.append(sink.node.name or sink.node.output[0])
@@ -263,9 +319,20 @@ def compensation_helps(x: np.ndarray, now: np.ndarray, w: np.ndarray, seed: int 
     ``||(m_B - a) W||^2`` plus a part that does not depend on ``a``."""
     if len(x) < 4:
         return True
+    m_a, m_b = half_means(x, seed)
+    return helps(m_a, m_b, now, w)
+
+
+def half_means(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel means of the two random halves of the rows ``x`` that
+    :func:`compensation_helps` compares (the same halves for every subset of channels)."""
     order = np.random.default_rng(seed).permutation(len(x))
     half = len(x) // 2
-    m_a, m_b = x[order[:half]].mean(axis=0), x[order[half:]].mean(axis=0)
+    return x[order[:half]].mean(axis=0), x[order[half:]].mean(axis=0)
+
+
+def helps(m_a: np.ndarray, m_b: np.ndarray, now: np.ndarray, w: np.ndarray) -> bool:
+    """:func:`compensation_helps` from the two halves' means (:func:`half_means`)."""
     with_mean = np.linalg.norm((m_b - m_a) @ w)
     without = np.linalg.norm((m_b - now) @ w)
     return bool(with_mean < without)
@@ -278,7 +345,7 @@ def _compensate_sink(
     chosen: np.ndarray,
     means: dict[str, np.ndarray],
     after: dict[str, np.ndarray],
-    rows: dict[str, np.ndarray],
+    halves: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> bool | None:
     """Compensate one consumer: True when done, False when it does not apply, None when the
     held-out check rejected it."""
@@ -300,7 +367,7 @@ def _compensate_sink(
     if not np.any(shift):
         return False
     w = get_init(graph, sink.weight)
-    wk = np.moveaxis(w.astype(np.float64), sink.weight_axis, 0)[pos]  # [|S|, ...]
+    wk = np.moveaxis(np.take(w, pos, axis=sink.weight_axis).astype(np.float64), sink.weight_axis, 0)
     delta = np.tensordot(shift, wk, axes=(0, 0))
     if sink.node.op_type == "Conv":
         delta = delta.reshape(delta.shape[0], -1).sum(axis=1)
@@ -308,9 +375,9 @@ def _compensate_sink(
         return False
     if sink.node.op_type == "MatMul" and w.ndim > 2:
         return False  # a batched weight would need a per-batch bias
-    if sink.tensor in rows:
-        flat_w = wk.reshape(len(pos), -1)
-        if not compensation_helps(rows[sink.tensor][:, pos], now, flat_w):
+    if sink.tensor in halves:  # the held-out check (compensation_helps) on these channels
+        m_a, m_b = halves[sink.tensor]
+        if not helps(m_a[pos], m_b[pos], now, wk.reshape(len(pos), -1)):
             return None
     # the sink's node in ``graph`` (which may be a copy of the analysed model)
     node = next(n for n in graph.node if n.output[0] == sink.node.output[0])
