@@ -86,7 +86,7 @@ class Writer:
         offset += f.write(b"\0" * ((-offset) % ALIGN))
         flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         for start in range(0, flat.size, 64 << 20):  # no whole-tensor bytes copy
-            f.write(memoryview(flat[start : start + (64 << 20)]))
+            f.write(flat[start : start + (64 << 20)].data)
         dims = tuple(int(d) for d in t.dims) if shape is None else shape
         self._pending.append((t, offset, int(flat.size), dims))
 

@@ -75,10 +75,10 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
                 index[axis] = pos
                 d = an.quantized_data.get(name)
                 arr[tuple(index)] = 0 if d is None else zero_code(d, value, axis, pos)
-            for t in targets[name]:
-                if scratch.active and mapped(t) and an.inits.get(name) is t:
-                    scratch.put(t, arr)
+            for target in targets[name]:
+                if scratch.active and mapped(target) and an.inits.get(name) is target:
+                    scratch.put(target, arr)
                 else:
-                    t.CopyFrom(numpy_helper.from_array(arr, name))
+                    target.CopyFrom(numpy_helper.from_array(arr, name))
             del arr
     return zeroed
