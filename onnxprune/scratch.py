@@ -9,6 +9,10 @@ Rules:
     2. The bytes written are counted (:func:`written`, part of the report's ``temp_bytes``).
     3. Files live until :func:`collect` finds no model referring to them, or until the process
        ends (the folder is removed at exit).
+    4. A file every tensor of which a model saved for the last time reads becomes that
+       output's data file (:func:`adopt`: moved there by a hard link, when on the same file
+       system), so its bytes are not written a second time; the rest of the output is
+       appended after them. The model must not read that file afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from onnxprune.graph import forget_map, iter_initializers, mapped, set_init
 ALIGN = 4096
 _STATE: dict[str, int | str | None] = {"folder": None, "bytes": 0}
 _FILES: list[str] = []  # every scratch file made by this process, oldest first
+_REGIONS: dict[str, set[tuple[int, int]]] = {}  # file -> (offset, length) of each tensor
+_ADOPTED: set[str] = set()  # files an output's data file shares (never adopted twice)
 _DATA_FIELDS = (
     "raw_data",
     "float_data",
@@ -114,6 +120,7 @@ class Writer:
         if kind is not None:  # nothing was re-pointed: the file is not needed
             os.unlink(self.path)
             return
+        _REGIONS[self.path] = {(offset, length) for _, offset, length, _ in self._pending}
         for t, offset, length, dims in self._pending:
             point_at(t, self.path, offset, length)
             del t.dims[:]
@@ -157,3 +164,33 @@ def collect(models: Iterable[onnx.ModelProto | None], since: int = 0) -> int:
             os.unlink(path)
             gone += 1
     return gone
+
+
+def adopt(model: onnx.ModelProto, target: str | os.PathLike[str]) -> str | None:
+    """Move to ``target`` (a new file: the output's data file) the largest scratch file all
+    of whose tensors ``model`` reads, at the places it reads them (rule 4: a hard link, then
+    the scratch name goes, so the output has one link as onnx requires); returns the scratch
+    path it had, or None (no such file, or another file system: the caller copies)."""
+    if os.path.lexists(target):
+        return None
+    reads: dict[str, set[tuple[int, int]]] = {}
+    for t in iter_initializers(model.graph):
+        if mapped(t):
+            info = ExternalDataInfo(t)
+            length = int(info.length) if info.length is not None else -1
+            reads.setdefault(info.location, set()).add((int(info.offset or 0), length))
+    whole = [
+        path
+        for path, regions in _REGIONS.items()
+        if path not in _ADOPTED and regions and regions <= reads.get(path, set())
+    ]
+    for path in sorted(whole, key=lambda p: -max(o + n for o, n in _REGIONS[p])):
+        try:
+            os.link(path, target)
+        except OSError:
+            continue
+        _ADOPTED.add(path)
+        forget_map(path)
+        os.unlink(path)
+        return path
+    return None

@@ -181,3 +181,32 @@ def test_session_reads_weights_from_two_folders_in_place(tmp_path: Path, large: 
         got = run_model(runtime.session(model, share_weights=share), _feeds(tmp_path))["r_1"]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
     assert runtime.temp_bytes() == before, "nothing written for a session on mapped weights"
+
+
+def test_last_write_makes_folds_scratch_file_the_output_data(tmp_path: Path, large: None) -> None:
+    path = _mlp(tmp_path)
+    out, _ = onnxprune.run(onnxprune.load(path), ["fold"])
+    files = {
+        onnx.external_data_helper.ExternalDataInfo(t).location
+        for t in out.graph.initializer
+        if graph_module.mapped(t)
+    }
+    cut = [f for f in files if f in scratch.files()]
+    assert len(cut) == 1
+    kept = os.path.getsize(cut[0])
+    feeds = _feeds(tmp_path)
+    want = run_model(out, feeds)["r_1"]
+    written = scratch.written()
+    model_module.write_model(out, tmp_path / "out.onnx", True, last_use=True)
+    assert not os.path.exists(cut[0]), "the scratch file became the output's data file"
+    data = tmp_path / "out.onnx.data"
+    assert os.stat(data).st_nlink == 1 and os.path.getsize(data) >= kept
+    assert scratch.written() == written
+    reloaded = onnx.load(str(tmp_path / "out.onnx"))
+    np.testing.assert_array_equal(run_model(reloaded, feeds)["r_1"], want)
+    # a later write of the same model copies (the scratch file is gone)
+    again = onnxprune.load(tmp_path / "out.onnx")
+    model_module.write_model(again, tmp_path / "again.onnx", True, last_use=True)
+    np.testing.assert_array_equal(
+        run_model(onnx.load(str(tmp_path / "again.onnx")), feeds)["r_1"], want
+    )
