@@ -27,6 +27,7 @@ from onnx.external_data_helper import (
 from onnxprune import scratch
 from onnxprune.errors import ArgumentError, ModelLoadError, first_line
 from onnxprune.graph import iter_graphs, iter_initializers, mapped, tensor_array
+from onnxprune.onefile import write_one_file
 from onnxprune.outputs import OutputPlan, real_path
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
@@ -287,19 +288,11 @@ def write_model(
     if external_data is None:
         external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        inlined = [t for t in iter_initializers(model.graph) if mapped(t)]
-        saved = [(list(t.external_data), t.data_location) for t in inlined]
-        try:
-            for t in inlined:  # a mapped tensor inside a single-file model: read for the write
-                t.raw_data = tensor_array(t).tobytes()
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
+        if mapped_nbytes(model):  # weights read from their files into the one file, streamed
+            with open(file, "wb") as f:
+                write_one_file(model, f)
+        else:
             onnx.save_model(model, str(file))
-        finally:
-            for t, (entries, location) in zip(inlined, saved, strict=True):
-                t.ClearField("raw_data")
-                t.external_data.extend(entries)
-                t.data_location = location
         return
     _write_external(model, file, last_use)
 

@@ -210,3 +210,29 @@ def test_last_write_makes_folds_scratch_file_the_output_data(tmp_path: Path, lar
     np.testing.assert_array_equal(
         run_model(onnx.load(str(tmp_path / "again.onnx")), feeds)["r_1"], want
     )
+
+
+def test_one_file_write_of_a_mapped_model_streams_the_same_model(
+    tmp_path: Path, large: None
+) -> None:
+    path = _mlp(tmp_path)
+    model = onnxprune.load(path)
+    with scratch.Writer() as out:  # weights in two files: the input's and a scratch file
+        w = next(t for t in model.graph.initializer if t.name == "w1_1")
+        out.put(w, -graph_module.tensor_array(w))
+    before = model.SerializeToString()
+    model_module.write_model(model, tmp_path / "one.onnx", False)
+    assert model.SerializeToString() == before, "the caller's model is unchanged"
+    one = onnx.load(str(tmp_path / "one.onnx"))
+    onnx.checker.check_model(one)
+    plain = onnx.load(str(path))
+    assert [n.SerializeToString() for n in one.graph.node] == [
+        n.SerializeToString() for n in plain.graph.node
+    ]
+    assert one.graph.input == plain.graph.input and one.graph.output == plain.graph.output
+    assert one.opset_import == plain.opset_import and one.ir_version == plain.ir_version
+    for t in one.graph.initializer:
+        assert not graph_module.mapped(t) and t.data_location == TensorProto.DEFAULT
+        want = numpy_helper.to_array(next(u for u in plain.graph.initializer if u.name == t.name))
+        got = numpy_helper.to_array(t)
+        np.testing.assert_array_equal(got, -want if t.name == "w1_1" else want)
