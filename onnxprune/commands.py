@@ -108,7 +108,7 @@ def _write_model(
     model: onnx.ModelProto, file: Path, job: Job, target: Path, report: dict[str, Any]
 ) -> None:
     """Write the model to its staged ``file`` and record its SHA-256 (as ``target``)."""
-    write_model(model, file, job.external_data)
+    write_model(model, file, job.external_data, last_use=True)  # the run is over
     report["files"]["output"] = written_digests(file, target)
 
 

@@ -51,6 +51,11 @@ def file_map(path: str) -> np.ndarray:
     return known[1]
 
 
+def forget_map(path: str) -> None:
+    """Drop the shared map of ``path`` (a file about to be deleted); views of it stay valid."""
+    _MAPS.pop(os.path.realpath(path), None)
+
+
 def release_maps() -> None:
     """Let the kernel drop the pages of every file map from this process (they are read again
     on the next access): after onnxruntime has copied what it needs."""

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -24,8 +24,10 @@ from onnx.external_data_helper import (
     uses_external_data,
 )
 
+from onnxprune import scratch
 from onnxprune.errors import ArgumentError, ModelLoadError, first_line
 from onnxprune.graph import iter_graphs, iter_initializers, mapped, tensor_array
+from onnxprune.onefile import write_one_file
 from onnxprune.outputs import OutputPlan, real_path
 
 # Protobuf cannot serialise a message over 2 GiB; stay clear of the limit.
@@ -268,39 +270,46 @@ def save(
     return path
 
 
-def write_model(model: onnx.ModelProto, file: Path, external_data: bool | None = None) -> None:
+def write_model(
+    model: onnx.ModelProto,
+    file: Path,
+    external_data: bool | None = None,
+    *,
+    last_use: bool = False,
+) -> None:
     """Write ``model`` to ``file`` (a staged path), tensors in ``<file>.data`` when external.
 
     Tensors that stay in their input file (mapped) are copied from there into the output, one
     block at a time; external tensors start at multiples of :data:`ALIGN`. The caller's model
-    is left as it was. :func:`save` and the CLI's plan call this.
+    is left as it was. :func:`save` and the CLI's plan call this. ``last_use``: the model is
+    not read after this (the CLI's run): a scratch file of its tensors becomes the data file
+    itself instead of being copied (:func:`onnxprune.scratch.adopt`).
     """
     if external_data is None:
         external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        inlined = [t for t in iter_initializers(model.graph) if mapped(t)]
-        saved = [(list(t.external_data), t.data_location) for t in inlined]
-        try:
-            for t in inlined:  # a mapped tensor inside a single-file model: read for the write
-                t.raw_data = tensor_array(t).tobytes()
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
+        if mapped_nbytes(model):  # weights read from their files into the one file, streamed
+            with open(file, "wb") as f:
+                write_one_file(model, f)
+        else:
             onnx.save_model(model, str(file))
-        finally:
-            for t, (entries, location) in zip(inlined, saved, strict=True):
-                t.ClearField("raw_data")
-                t.external_data.extend(entries)
-                t.data_location = location
         return
-    _write_external(model, file)
+    _write_external(model, file, last_use)
 
 
-def _write_external(model: onnx.ModelProto, file: Path) -> None:
-    """Every tensor of at least 1 KiB into ``<file>.data`` (page-aligned), then the model."""
+def _write_external(model: onnx.ModelProto, file: Path, last_use: bool = False) -> None:
+    """Every tensor of at least 1 KiB into ``<file>.data`` (page-aligned), then the model; a
+    scratch file of this model's tensors becomes the start of ``<file>.data`` when the model
+    is not used again (:func:`onnxprune.scratch.adopt`), the other tensors follow it."""
     location = f"{file.name}.data"
     moved: list[tuple[onnx.TensorProto, list[onnx.StringStringEntryProto], Any]] = []
-    out = None
+    out: BinaryIO | None = None
+    # a scratch file holding only tensors of this model is the data file's start (not copied)
+    adopted = scratch.adopt(model, file.parent / location) if last_use else None
     try:
+        if adopted is not None:
+            out = open(file.parent / location, "r+b")  # noqa: SIM115 - closed below
+            out.seek(0, os.SEEK_END)
         for t in _all_tensors(model):
             if t.data_type == onnx.TensorProto.STRING or not (
                 mapped(t) or (t.HasField("raw_data") and len(t.raw_data) >= 1024)
@@ -308,15 +317,19 @@ def _write_external(model: onnx.ModelProto, file: Path) -> None:
                 continue
             if out is None:  # no data file when no tensor goes there
                 out = open(file.parent / location, "wb")  # noqa: SIM115 - closed below
-            offset = out.tell()
-            offset += out.write(b"\0" * ((-offset) % ALIGN))
-            if mapped(t):
-                flat = tensor_array(t).reshape(-1).view(np.uint8)
-                for start in range(0, flat.size, 64 << 20):
-                    out.write(flat[start : start + (64 << 20)].tobytes())
-                length = flat.size
+            if mapped(t) and ExternalDataInfo(t).location == adopted:
+                # already in the data file, where the scratch file has it
+                offset, length = int(ExternalDataInfo(t).offset or 0), tensor_nbytes(t)
             else:
-                length = out.write(t.raw_data)
+                offset = out.tell()
+                offset += out.write(b"\0" * ((-offset) % ALIGN))
+                if mapped(t):
+                    flat = tensor_array(t).reshape(-1).view(np.uint8)
+                    for start in range(0, flat.size, 64 << 20):
+                        out.write(flat[start : start + (64 << 20)].tobytes())
+                    length = flat.size
+                else:
+                    length = out.write(t.raw_data)
             where = t.data_location if t.HasField("data_location") else None
             entries = [
                 onnx.StringStringEntryProto(key=e.key, value=e.value) for e in t.external_data

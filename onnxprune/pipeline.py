@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx
 
+from onnxprune import scratch
 from onnxprune.context import Context
 from onnxprune.cost import summarize
 from onnxprune.distributed import Workers
@@ -135,6 +136,7 @@ def run(
     }
     current = model
     temp_before = temp_bytes()
+    scratch_before = len(scratch.files())
     try:
         for index, p in enumerate(chain):
             # later passes get the previous pass's private result: no copy needed
@@ -145,6 +147,7 @@ def run(
             current = result.model
             if p.new_reference and ctx.original is not None:  # later passes compare with it
                 ctx.original = copy.deepcopy(current)
+            scratch.collect([current, ctx.original], scratch_before)  # the files none reads
     finally:
         if pool is not None:
             pool.close()  # the local cluster stops; a joined one only loses this client

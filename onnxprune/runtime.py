@@ -20,9 +20,10 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import ExternalDataInfo
 
+from onnxprune import scratch
 from onnxprune.errors import DeviceError, PassFailedError, first_line
 from onnxprune.graph import mapped, release_maps, tensor_array
-from onnxprune.model import FLOAT_TYPES, model_nbytes, tensor_nbytes
+from onnxprune.model import FLOAT_TYPES, SKELETON_LIMIT, model_nbytes, tensor_nbytes
 
 Device = Literal["auto", "cpu", "cuda"]
 CUDA = "CUDAExecutionProvider"
@@ -90,12 +91,39 @@ SHARE_WEIGHTS_BYTES = 64 << 20
 SERIALIZE_LIMIT = 2**31 - 2**26
 _SHARE_MIN_ELEMENTS = 1 << 16
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+_ALIGNED = 64  # a mapped weight at such an address is handed to onnxruntime in place
 _TEMP = {"bytes": 0}  # bytes of temporary weight files written by this process
 
 
 def temp_bytes() -> int:
-    """Bytes of temporary weight files this process has written for sessions so far."""
-    return _TEMP["bytes"]
+    """Bytes of temporary weight files this process has written so far: for sessions, and
+    scratch files (:mod:`onnxprune.scratch`)."""
+    return _TEMP["bytes"] + scratch.written()
+
+
+def puts_apart(model: onnx.ModelProto, share_weights: bool | None = None) -> bool:
+    """Whether a session on ``model`` takes its large weights from files, not inside the
+    serialised model (rules 2-3; ``share_weights`` as for :func:`session`): then a pass that
+    changes a weight kept in its file writes the new value to a scratch file, not to memory."""
+    nbytes = model_nbytes(model)
+    share = nbytes > SHARE_WEIGHTS_BYTES if share_weights is None else share_weights
+    return bool(share or nbytes > SERIALIZE_LIMIT)
+
+
+def keep_apart(model: onnx.ModelProto, share_weights: bool | None = None) -> int:
+    """Write the large in-memory weights that a session on ``model`` puts apart (rule 2)
+    into a scratch file once and point ``model`` at it, so that every later session, and the
+    output, reads them in place instead of each session writing its own copy. Returns the
+    bytes written (0 when a session would take the weights inside the model)."""
+    if not puts_apart(model, share_weights):
+        return 0
+    before = scratch.written()
+    with scratch.Writer() as out:
+        for t in model.graph.initializer:
+            # the small ones stay: the model's summary keeps them inline (model.skeleton)
+            if _big(t, True) and not mapped(t) and np.prod(t.dims) > SKELETON_LIMIT:
+                out.put(t, np.frombuffer(t.raw_data, np.uint8))
+    return scratch.written() - before
 
 
 def session(
@@ -111,13 +139,15 @@ def session(
     onnxprune creates them.
 
     Rules:
-        1. Weights that stay in their file (:func:`onnxprune.graph.mapped`, as
-           :func:`onnxprune.model.load` leaves a large model's) are read by onnxruntime from
-           that file, mapped in place; when the model also has large weights in memory, or
-           its files lie in several folders, they are handed over as OrtValues over the mapped
-           arrays (onnxruntime copies them; this process's pages of the maps are dropped).
+        1. Weights that stay in their file (:func:`onnxprune.graph.mapped`: as
+           :func:`onnxprune.model.load` leaves a large model's, or a scratch file) are never
+           copied: with ``share_weights`` they are handed over as OrtValues over this
+           process's one map of each file (onnxruntime uses them in place; concurrent
+           sessions share the pages), else onnxruntime maps the files itself. Either way the
+           model's external data points at the files, from one folder above them all.
         2. Large weights in memory (``share_weights``) go to a temporary file that onnxruntime
            maps (its size is counted, :func:`temp_bytes`); the file goes with the session.
+           :func:`keep_apart` writes them once for every later session instead.
         3. A model with more weight bytes than :data:`SERIALIZE_LIMIT` (protobuf's 2 GiB) is
            never serialised with its weights: rule 1 and 2 apply whatever ``share_weights``.
 
@@ -154,11 +184,13 @@ def session(
         if apart or any(mapped(t) for t in model.graph.initializer):
             if share_weights:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
-            light, folder, names, values, tmpdir = _weights_apart(model, in_memory=apart)
+            light, folder, names, values, tmpdir = _weights_apart(
+                model, in_memory=apart, share=bool(share_weights)
+            )
             if folder is not None:
                 opts.add_session_config_entry(_FOLDER_KEY, folder)
-            if names:
-                opts.add_external_initializers(names, values)
+            for name, value in zip(names, values, strict=True):
+                opts.add_initializer(name, value)
             source = light.SerializeToString()
         else:
             source = model.SerializeToString()
@@ -186,11 +218,12 @@ def _placeholder(
 
 
 def _weights_apart(
-    model: onnx.ModelProto, *, in_memory: bool
+    model: onnx.ModelProto, *, in_memory: bool, share: bool
 ) -> tuple[onnx.ModelProto, str | None, list[str], list[ort.OrtValue], str | None]:
     """``model`` with its weights out of the proto (rules 1-2): the light model, the folder
-    its external data is read from, the weights handed over as OrtValues (names, values) and
-    the temporary folder to delete with the session (None when nothing was written)."""
+    its external data is read from, the mapped weights handed over in place (names, OrtValues
+    over this process's maps of their files, when ``share``) and the temporary folder to
+    delete with the session (None when nothing was written)."""
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
         setattr(light, field, getattr(model, field))
@@ -200,45 +233,33 @@ def _weights_apart(
     for name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(light.graph, name).extend(getattr(graph, name))
     light.graph.name = graph.name
-
-    def big(t: onnx.TensorProto) -> bool:
-        # float weights only: integer tensors (axes, shapes) feed shape inference, which
-        # reads them from the model itself
-        return bool(
-            in_memory
-            and t.HasField("raw_data")
-            and t.data_type in FLOAT_TYPES
-            and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS
-        )
-
-    maps = [t for t in graph.initializer if mapped(t)]
-    folders = {os.path.dirname(ExternalDataInfo(t).location) for t in maps}
-    moved = [t for t in graph.initializer if big(t) and not mapped(t)]
-    in_place = len(folders) == 1 and not moved  # rule 1: onnxruntime reads the files itself
-    folder = folders.pop() if in_place else None
+    moved = [t for t in graph.initializer if _big(t, in_memory) and not mapped(t)]
+    tmpdir = tempfile.mkdtemp(prefix="onnxprune-") if moved else None
+    files = {os.path.realpath(ExternalDataInfo(t).location) for t in graph.initializer if mapped(t)}
+    dirs = {os.path.dirname(f) for f in files} | ({os.path.realpath(tmpdir)} if tmpdir else set())
+    # one folder above every file: onnxruntime reads external data below its folder only
+    folder = os.path.commonpath(sorted(dirs)) if dirs else None
     names: list[str] = []
     values: list[ort.OrtValue] = []
-    tmpdir = tempfile.mkdtemp(prefix="onnxprune-") if moved else None
     f = open(os.path.join(tmpdir, "weights.bin"), "wb") if tmpdir else None  # noqa: SIM115
     try:
         for t in graph.initializer:
-            if mapped(t):
+            if mapped(t) and folder is not None:
                 info = ExternalDataInfo(t)
-                if in_place:
-                    length = tensor_nbytes(t)
-                    _placeholder(
-                        light, t, os.path.basename(info.location), int(info.offset or 0), length
-                    )
-                else:
-                    arr = tensor_array(t)
-                    _placeholder(light, t, "onnxprune-in-memory", 0, arr.nbytes)
+                where = os.path.relpath(os.path.realpath(info.location), folder)
+                _placeholder(light, t, where, int(info.offset or 0), tensor_nbytes(t))
+                arr = tensor_array(t)
+                if share and arr.ctypes.data % _ALIGNED == 0:  # read in place, pages shared
                     names.append(t.name)
-                    values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr)))
-            elif f is not None and big(t):
+                    values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            elif f is not None and tmpdir is not None and folder is not None and _big(t, in_memory):
                 offset = f.tell()
                 offset += f.write(b"\0" * ((-offset) % 4096))  # page-aligned: mapped in place
                 length = f.write(t.raw_data)
-                _placeholder(light, t, "weights.bin", offset, length)
+                where = os.path.relpath(
+                    os.path.join(os.path.realpath(tmpdir), "weights.bin"), folder
+                )
+                _placeholder(light, t, where, offset, length)
             else:
                 light.graph.initializer.append(t)
         if f is not None:
@@ -246,4 +267,15 @@ def _weights_apart(
     finally:
         if f is not None:
             f.close()
-    return light, tmpdir or folder, names, values, tmpdir
+    return light, folder, names, values, tmpdir
+
+
+def _big(t: onnx.TensorProto, in_memory: bool) -> bool:
+    """A float weight large enough to go apart (integer tensors, such as axes and shapes, feed
+    shape inference, which reads them from the model itself)."""
+    return bool(
+        in_memory
+        and t.HasField("raw_data")
+        and t.data_type in FLOAT_TYPES
+        and np.prod(t.dims, dtype=np.int64) >= _SHARE_MIN_ELEMENTS
+    )

@@ -18,6 +18,11 @@ sample) are recorded, and the output's size is subtracted from what was written.
     python scripts/bench_scale.py --layers 2,4,6            # development sizes
     python scripts/bench_scale.py --layers 4,8,20 --mlp 5   # the issue's sizes
 
+The issue's targets on the 1.07B decoder, per run: peak RSS at most 1.5x the weights' bytes,
+bytes written beyond the output at most 1x (docs/scale.md has the figures). On a shared
+machine run it as ``flock LOCKFILE python scripts/bench_scale.py ...`` so that only one
+such run at a time holds the memory.
+
 Results are printed as a markdown table (and as JSON with ``--json FILE``).
 """
 

@@ -39,13 +39,14 @@ from onnxprune.graph import (
     release_maps,
     remove_attr,
     set_attr,
-    set_init,
     unique_name,
 )
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.fold_report import lost_zeros, merge_blocked, round_report
 from onnxprune.passes.registry import register_pass
 from onnxprune.passes.shape_targets import remove_dead, rewrite_shape_target
+from onnxprune.runtime import keep_apart, puts_apart
+from onnxprune.scratch import Writer
 from onnxprune.validation.selfcheck import Reference, plain_reference, verify_same
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ class Fold(Pass):
         """onnx.checker passes, and (rule 5) the outputs are those of the input model."""
         super().ensures(result, ctx)
         if isinstance(result, FoldResult) and result.reference is not None:
+            keep_apart(result.model)  # cut weights written once, for every later session
             result.report["verified"] = verify_same(result.reference, result.model)
             result.reference = None  # the probe's tensors are not needed any more
 
@@ -303,13 +305,14 @@ def apply_plan(model: onnx.ModelProto, an: Analysis, plan: Plan) -> int:
     cuts: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for m in an.members:  # the first member of each (initializer, axis) decides
         cuts[m.init].setdefault(m.axis, plan.keep(m.ids))
-    for init, by_axis in cuts.items():
-        cut = [(axis, keep) for axis, keep in by_axis.items() if not keep.all()]
-        if cut:  # an uncut weight stays as it is (in its file when mapped)
-            arr = get_init(graph, init)
-            for axis, keep in cut:
-                arr = np.compress(keep, arr, axis=axis)
-            set_init(graph, init, np.ascontiguousarray(arr))
+    with Writer(puts_apart(model)) as scratch:  # a large model's cut weights: to a file
+        for init, by_axis in cuts.items():
+            cut = [(axis, keep) for axis, keep in by_axis.items() if not keep.all()]
+            if cut:  # an uncut weight stays as it is (in its file when mapped)
+                arr = get_init(graph, init)
+                for axis, keep in cut:
+                    arr = np.compress(keep, arr, axis=axis)
+                scratch.replace(graph, init, arr)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     detached: list[onnx.NodeProto] = []
     for rw in an.rewrites:

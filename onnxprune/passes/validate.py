@@ -20,7 +20,7 @@ from onnxprune.errors import (
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.runner import runnable
-from onnxprune.runtime import session
+from onnxprune.runtime import keep_apart, session
 from onnxprune.validation.compare import (
     ClassificationComparison,
     OutputComparison,
@@ -159,6 +159,8 @@ class Validate(Pass):
         check_inputs(original, model)
         # prepacked weights only where latency is timed (they cost a copy of the weights)
         share = False if self.runs else None
+        for m in (original, model):  # large weights in memory: written once, read in place
+            keep_apart(m, share)
         ref_sess = session(original, ctx.providers, threads=self.threads, share_weights=share)
         new_sess = _pruned_session(model, ctx.providers, self.threads, share)
         if ctx.workers is None:

@@ -19,7 +19,9 @@ from onnx import numpy_helper
 from onnxprune.analysis.dequant import zero_code
 from onnxprune.analysis.groups import chosen_positions, keep_one_per_tensor, unpinned_classes
 from onnxprune.analysis.state import Analysis
-from onnxprune.graph import iter_graphs, tensor_array
+from onnxprune.graph import iter_graphs, mapped, tensor_array
+from onnxprune.runtime import puts_apart
+from onnxprune.scratch import Writer
 
 
 def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
@@ -30,19 +32,24 @@ def random_classes(an: Analysis, share: float, seed: int = 0) -> set[int]:
 
 
 def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -> int:
-    """Zero, in ``model`` (the one ``an`` analysed), every producing slice of ``classes``.
+    """Zero, in ``model`` (the one ``an`` analysed, or a copy of it), every producing slice of
+    ``classes``, one tensor at a time.
 
-    Returns the number of initializer entries set to zero.
+    A tensor of the analysed model itself that stays in its file (:func:`onnxprune.graph.mapped`),
+    in a model whose sessions take the weights from files (:func:`onnxprune.runtime.puts_apart`),
+    gets its zeroed value written once into a scratch file (:mod:`onnxprune.scratch`) and is read
+    from there mapped: no in-memory copy of the weights stays. Returns the number of
+    initializer entries set to zero.
     """
     roots = an.roots()
     chosen = np.array(sorted(set(classes)), dtype=np.int64)
     quantized = {name: d.data for name, d in an.dequantized.items()}
     consumer = {(quantized.get(s.weight, s.weight), s.weight_axis) for s in an.sinks}
-    arrays: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray:
-        return arrays[name] if name in arrays else tensor_array(an.inits[name])
+        return tensor_array(an.inits[name])
 
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     zeroed = 0
     for m in an.members:
         if (m.init, m.axis) in consumer or m.role == "quant":
@@ -50,16 +57,28 @@ def zero_classes(model: onnx.ModelProto, an: Analysis, classes: Iterable[int]) -
         gone = chosen_positions(roots, m.ids, chosen)
         if not gone.any():
             continue
-        if m.init not in arrays:
-            arrays[m.init] = np.array(tensor_array(an.inits[m.init]))
-        index: list[slice | np.ndarray] = [slice(None)] * arrays[m.init].ndim
-        pos = np.flatnonzero(gone)
-        index[m.axis] = pos
-        d = an.quantized_data.get(m.init)
-        arrays[m.init][tuple(index)] = 0 if d is None else zero_code(d, value, m.axis, pos)
-        zeroed += int(gone.sum() * arrays[m.init].size // max(1, arrays[m.init].shape[m.axis]))
+        cuts.setdefault(m.init, []).append((m.axis, np.flatnonzero(gone)))
+        dims = [int(d) for d in an.inits[m.init].dims]
+        zeroed += int(gone.sum() * int(np.prod(dims)) // max(1, dims[m.axis]))
+    targets: dict[str, list[onnx.TensorProto]] = {}
     for g in iter_graphs(model.graph):  # an If branch's own weights too
-        for i, t in enumerate(g.initializer):
-            if t.name in arrays:
-                g.initializer[i].CopyFrom(numpy_helper.from_array(arrays[t.name], t.name))
+        for t in g.initializer:
+            if t.name in cuts:
+                targets.setdefault(t.name, []).append(t)
+    with Writer(puts_apart(model)) as scratch:
+        for name, axes in cuts.items():
+            if name not in targets:
+                continue
+            arr = np.array(tensor_array(an.inits[name]))  # this tensor only
+            for axis, pos in axes:
+                index: list[slice | np.ndarray] = [slice(None)] * arr.ndim
+                index[axis] = pos
+                d = an.quantized_data.get(name)
+                arr[tuple(index)] = 0 if d is None else zero_code(d, value, axis, pos)
+            for target in targets[name]:
+                if scratch.active and mapped(target) and an.inits.get(name) is target:
+                    scratch.put(target, arr)
+                else:
+                    target.CopyFrom(numpy_helper.from_array(arr, name))
+            del arr
     return zeroed
