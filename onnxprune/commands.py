@@ -14,7 +14,7 @@ import click
 import onnx
 from rich.console import Console, RenderableType
 
-from onnxprune import progress
+from onnxprune import progress, scratch
 from onnxprune.analysis.inspect import inspect_model
 from onnxprune.cost import summarize
 from onnxprune.input_shapes import check_input_shapes
@@ -70,6 +70,7 @@ def prune(
     model_file = plan.add_model("-o", target, job.external_data)
     plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
     model = load_checked(plan, job)
+    scratch.place(Path(target).resolve().parent)  # fold's file can become the output's data
     with plan, progress.display(quiet=out.quiet):
         new, report = run(
             model,

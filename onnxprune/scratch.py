@@ -13,6 +13,8 @@ Rules:
        output's data file (:func:`adopt`: moved there by a hard link, when on the same file
        system), so its bytes are not written a second time; the rest of the output is
        appended after them. The model must not read that file afterwards.
+    5. The folder is made under the system temp dir, or under the folder :func:`place` names
+       (the CLI names the output's folder, so that rule 4's link stays on one file system).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from onnx.external_data_helper import ExternalDataInfo
 from onnxprune.graph import forget_map, iter_initializers, mapped, set_init
 
 ALIGN = 4096
-_STATE: dict[str, int | str | None] = {"folder": None, "bytes": 0}
+_STATE: dict[str, int | str | None] = {"folder": None, "parent": None, "bytes": 0}
 _FILES: list[str] = []  # every scratch file made by this process, oldest first
 _REGIONS: dict[str, set[tuple[int, int]]] = {}  # file -> (offset, length) of each tensor
 _ADOPTED: set[str] = set()  # files an output's data file shares (never adopted twice)
@@ -56,11 +58,25 @@ def files() -> list[str]:
     return list(_FILES)
 
 
+def place(parent: str | os.PathLike[str] | None) -> None:
+    """Make the scratch folder under ``parent`` from now on (None: the system temp dir);
+    files already written stay where they are (rule 5)."""
+    _STATE["parent"] = None if parent is None else os.fspath(parent)
+    path = _STATE["folder"]
+    if isinstance(path, str) and os.path.isdir(path) and not os.listdir(path):
+        shutil.rmtree(path, True)
+    _STATE["folder"] = None  # the next file makes a folder at the new place
+
+
 def folder() -> str:
     """This process's scratch folder (made on first use, removed at exit)."""
     path = _STATE["folder"]
     if not isinstance(path, str) or not os.path.isdir(path):
-        path = tempfile.mkdtemp(prefix="onnxprune-scratch-")
+        parent = _STATE["parent"]
+        where = parent if isinstance(parent, str) and os.path.isdir(parent) else None
+        path = tempfile.mkdtemp(
+            prefix=".onnxprune-scratch-" if where else "onnxprune-scratch-", dir=where
+        )
         atexit.register(shutil.rmtree, path, True)
         _STATE["folder"] = path
     return path

@@ -236,3 +236,26 @@ def test_one_file_write_of_a_mapped_model_streams_the_same_model(
         want = numpy_helper.to_array(next(u for u in plain.graph.initializer if u.name == t.name))
         got = numpy_helper.to_array(t)
         np.testing.assert_array_equal(got, -want if t.name == "w1_1" else want)
+
+
+def test_cli_scratch_folder_sits_next_to_the_output(
+    tmp_path: Path, large: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI makes its scratch folder in the output's folder (not TMPDIR), so fold's file
+    becomes the output's data by a link whatever file system TMPDIR is on."""
+    from tests.conftest import invoke
+
+    path = _mlp(tmp_path)
+    elsewhere = tmp_path / "tmp"
+    elsewhere.mkdir()
+    monkeypatch.setenv("TMPDIR", str(elsewhere))
+    monkeypatch.setattr(scratch.tempfile, "tempdir", None)  # re-read TMPDIR
+    scratch.place(None)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = invoke(path, "-p", "vote", "-p", "fold", "-o", out / "small.onnx", "--external-data")
+    assert res.exit_code == 0, res.stderr
+    assert Path(scratch.folder()).parent == out
+    assert not any(elsewhere.iterdir()), "nothing written under TMPDIR's scratch"
+    assert os.stat(out / "small.onnx.data").st_nlink == 1
+    scratch.place(None)
