@@ -73,10 +73,14 @@ def folder() -> str:
     path = _STATE["folder"]
     if not isinstance(path, str) or not os.path.isdir(path):
         parent = _STATE["parent"]
-        where = parent if isinstance(parent, str) and os.path.isdir(parent) else None
-        path = tempfile.mkdtemp(
-            prefix=".onnxprune-scratch-" if where else "onnxprune-scratch-", dir=where
-        )
+        path = None
+        if isinstance(parent, str):
+            try:
+                path = tempfile.mkdtemp(prefix=".onnxprune-scratch-", dir=parent)
+            except OSError:  # a folder we may not write into (``-o /dev/stdout``)
+                path = None
+        if path is None:
+            path = tempfile.mkdtemp(prefix="onnxprune-scratch-")
         atexit.register(shutil.rmtree, path, True)
         _STATE["folder"] = path
     return path
