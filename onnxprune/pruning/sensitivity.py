@@ -45,15 +45,27 @@ def per_sample_cosine(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Measure:
-    """One judged choice: lowest output cosine, accuracy drop (None without labels)."""
+    """One judged choice: lowest output cosine, accuracy drop (None without labels); with
+    labels also the paired counts against the original (``lost``: samples it got right and the
+    choice gets wrong, ``gained``: the reverse, of ``samples``) and, for a classifier-like
+    first output, ``agreement`` (share of samples whose argmax is the original's)."""
 
     cosine: float
     accuracy_drop: float | None
+    lost: int = 0
+    gained: int = 0
+    samples: int = 0
+    agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures."""
         drop = None if self.accuracy_drop is None else round(self.accuracy_drop, 4)
-        return {"cosine": round(self.cosine, 6), "accuracy_drop": drop}
+        out: dict[str, Any] = {"cosine": round(self.cosine, 6), "accuracy_drop": drop}
+        if self.agreement is not None:
+            out["agreement"] = round(self.agreement, 4)
+        if self.samples:
+            out |= {"lost": self.lost, "gained": self.gained}
+        return out
 
 
 @dataclass
@@ -97,7 +109,9 @@ class Judge:
     def measure(self, classes: Collection[int]) -> Measure:
         """Zero ``classes`` in a copy (compensated when the judge is), run it, compare."""
         if not classes:
-            return Measure(1.0, 0.0 if self.labels is not None else None)
+            if self.labels is None:
+                return Measure(1.0, None)
+            return Measure(1.0, 0.0, 0, 0, len(self.labels), 1.0)
         trial = copy.deepcopy(self.ws.model)
         zero_and_compensate(
             self.ws, keep_one_per_tensor(self.ws.an, classes), self.compensate, trial
@@ -110,10 +124,14 @@ class Judge:
             float(np.mean(per_sample_cosine(r, g)))
             for r, g in zip(self.reference, got, strict=True)
         ]
-        drop = None
-        if self.labels is not None and self.accuracy is not None:
-            drop = self.accuracy - float((got[0].argmax(1) == self.labels).mean())
-        return Measure(min(cosines), drop)
+        if self.labels is None or self.accuracy is None:
+            return Measure(min(cosines), None)
+        before, after = self.reference[0].argmax(1), got[0].argmax(1)
+        right, now = before == self.labels, after == self.labels
+        drop = self.accuracy - float(now.mean())
+        lost, gained = int((right & ~now).sum()), int((~right & now).sum())
+        agree = float((before == after).mean())
+        return Measure(min(cosines), drop, lost, gained, len(self.labels), agree)
 
 
 @dataclass
