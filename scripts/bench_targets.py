@@ -62,12 +62,13 @@ def budget_facts(report: dict[str, Any]) -> str:
         f"{k} {ph[k]['mac_ratio']:.3f}" for k in ("uniform", "threshold", "greedy", "refined")
         if k in ph
     )  # fmt: skip
-    m = b["measured"]
-    counts = f"; lost {m['lost']}, gained {m['gained']}" if "lost" in m else ""
+    mg = b.get("margin")
     upper = (
-        f"; drop bound {100 * b['drop_upper']:.1f} pt" if b.get("drop_upper") is not None else ""
+        f"; lost {mg['lost']}, gained {mg['gained']}, drop bound {100 * mg['drop_upper']:.1f} pt"
+        if mg
+        else ""
     )
-    return f"{phases}; ratios {ratios}{counts}{upper}; {b['evaluations']} evaluations"
+    return f"{phases}; ratios {ratios}{upper}; {b['evaluations']} evaluations"
 
 
 TRAIN_CALIB = 512  # protocol "train": training images (not the calibration split) calibrate

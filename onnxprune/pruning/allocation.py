@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxprune.pruning.sensitivity import Ladder, Measure
+from onnxprune.pruning.sensitivity import Judge, Ladder, Measure
 
 
 def grid(lads: Sequence[Ladder]) -> list[float]:
@@ -62,15 +62,18 @@ def bisect(levels: Sequence[tuple[int, ...]], holds: Any) -> tuple[int, ...]:
     return unique[lo]
 
 
-def point(p: dict[str, Any]) -> Measure:
-    """A sensitivity point back as a :class:`Measure`."""
-    return Measure(p["cosine"], p["accuracy_drop"], agreement=p.get("agreement"))
+def points(judge: Judge, lad: Ladder, table_row: dict[str, Any]) -> list[tuple[float, Measure]]:
+    """A group's sensitivity points as (ratio, measure), from the judge's cache (the table
+    judged them already)."""
+    return [(p["ratio"], judge.measure(lad.take(p["pruned"]))) for p in table_row["points"]]
 
 
-def curve(row: dict[str, Any], damage: Callable[[Measure], float]) -> Callable[[float], float]:
-    """Rule 3: damage of one group pruned alone at a ratio, from its sensitivity row."""
-    xs = [0.0] + [p["ratio"] for p in row["points"]]
-    ys = [0.0] + [damage(point(p)) for p in row["points"]]
+def curve(
+    pts: Sequence[tuple[float, Measure]], damage: Callable[[Measure], float]
+) -> Callable[[float], float]:
+    """Rule 3: damage of one group pruned alone at a ratio, from its sensitivity points."""
+    xs = [0.0] + [r for r, _ in pts]
+    ys = [0.0] + [damage(m) for _, m in pts]
     order = np.argsort(xs, kind="stable")
     x, y = np.asarray(xs)[order], np.maximum.accumulate(np.asarray(ys)[order])
     slope = (y[-1] - y[-2]) / max(x[-1] - x[-2], 1e-9) if len(x) > 1 else 0.0

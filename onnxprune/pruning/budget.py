@@ -34,7 +34,13 @@ from onnxprune.context import Context
 from onnxprune.cost import summarize
 from onnxprune.data import Dataset
 from onnxprune.errors import PassOptionError
-from onnxprune.pruning.allocation import bisect, curve, threshold_levels, uniform_levels
+from onnxprune.pruning.allocation import (
+    bisect,
+    curve,
+    points,
+    threshold_levels,
+    uniform_levels,
+)
 from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.mac_target import fit
 from onnxprune.pruning.margin import drop_upper
@@ -168,6 +174,19 @@ def target_ratio(vote: Any, model: onnx.ModelProto) -> float | None:
     return min(ratios) if ratios else None
 
 
+def margin(budget: Budget, m: Measure) -> dict[str, Any]:
+    """The report's ``margin``: the confidence, the result's paired counts on the judging
+    rows and the upper bound of its accuracy drop that the budget held."""
+    upper = budget.drop(m)
+    return {
+        "confidence": budget.confidence,
+        "lost": m.lost,
+        "gained": m.gained,
+        "samples": m.samples,
+        "drop_upper": None if upper is None else round(upper, 4),
+    }
+
+
 @dataclass
 class Outcome:
     """What budget mode or the sensitivity analysis adds to vote: a choice (None: the
@@ -202,6 +221,14 @@ def apply(
         found = search(judge, lads, budget, MacModel(ws), table)
     else:
         found = fit(judge, lads, target, MacModel(ws), table, budget.damage, MAX_EVALUATIONS)
+        found["extra"] = {
+            "target": {
+                "max_macs": vote.max_macs,
+                "max_mac_ratio": vote.max_mac_ratio,
+                "mac_ratio": round(target, 4),
+                "damage": round(budget.damage(judge.measure(choice_of(lads, found))), 6),
+            }
+        }
     picked = {lad.group.index: lad.take(found["counts"][i]) for i, lad in enumerate(lads)}
     decisions = []
     for g, *_ in plans:
@@ -220,13 +247,9 @@ def apply(
     report["budget"] = {
         "max_accuracy_drop": budget.max_accuracy_drop,
         "min_cosine": budget.min_cosine,
-        "max_macs": vote.max_macs,
-        "max_mac_ratio": vote.max_mac_ratio,
-        "target_mac_ratio": None if target is None else round(target, 4),
-        "confidence": budget.confidence,
         **where,
         "measured": found["measured"],
-        "drop_upper": found.get("drop_upper"),
+        **found["extra"],
         "original_accuracy": None if judge.accuracy is None else round(judge.accuracy, 4),
         "mac_ratio": found["mac_ratio"],
         "phases": found["phases"],
@@ -244,6 +267,11 @@ def apply(
         ],
     }
     return Outcome(chosen, decisions, report)
+
+
+def choice_of(lads: Sequence[Ladder], found: dict[str, Any]) -> set[int]:
+    """The classes a search's ``counts`` prune."""
+    return set().union(*(lad.take(k) for lad, k in zip(lads, found["counts"], strict=True)))
 
 
 def search(
@@ -278,7 +306,10 @@ def search(
     jump = [max(1, (len(lad.steps) - 1 - p) // 4) for lad, p in zip(lads, pos, strict=True)]
     frozen = [p >= len(lad.steps) - 1 for lad, p in zip(lads, pos, strict=True)]
     leapt = [False] * len(lads)
-    curves = [curve(row, budget.damage) for row in table["groups"]]
+    curves = [
+        curve(points(judge, lad, row), budget.damage)
+        for lad, row in zip(lads, table["groups"], strict=True)
+    ]
     with progress.task(MAX_EVALUATIONS, "budget search") as advance:
         while not all(frozen) and judge.evaluations < MAX_EVALUATIONS:
             now = mac(counts)
@@ -306,11 +337,10 @@ def search(
             advance()
     final = tuple(counts)
     measured = judged(final)
-    upper = budget.drop(measured) if budget.confidence else None
     return {
         "counts": list(final),
         "measured": measured.to_dict(),
-        "drop_upper": None if upper is None else round(upper, 4),
+        "extra": {"margin": margin(budget, measured)} if budget.confidence else {},
         "mac_ratio": round(mac(final), 4),
         "phases": {
             "uniform": {"mac_ratio": round(mac(uniform), 4), **judged(uniform).to_dict()},

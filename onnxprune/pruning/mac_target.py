@@ -23,7 +23,7 @@ from typing import Any
 
 from onnxprune import progress
 from onnxprune.errors import PassOptionError
-from onnxprune.pruning.allocation import curve, threshold_levels, uniform_levels
+from onnxprune.pruning.allocation import curve, points, threshold_levels, uniform_levels
 from onnxprune.pruning.sensitivity import Judge, Ladder, MacModel, Measure
 
 Counts = tuple[int, ...]
@@ -63,7 +63,10 @@ def fit(
             f"group as far as sparsity allows leaves an estimated ratio of {left:.4f}; raise "
             "sparsity (each group's upper bound) or the target"
         )
-    curves = [curve(row, damage) for row in table["groups"]]
+    curves = [
+        curve(points(judge, lad, row), damage)
+        for lad, row in zip(lads, table["groups"], strict=True)
+    ]
     fits = lambda c: mac(c) <= target + 1e-9  # noqa: E731
     uniform = next((c for c in uniform_levels(lads) if fits(c)), most)
     flap = next((c for c in threshold_levels(lads) if fits(c)), most)

@@ -3,9 +3,11 @@
 Rule: a pruned model is compared with the original on the same ``n`` labelled samples;
 ``lost`` of them the original gets right and the pruned model wrong, ``gained`` the reverse.
 The accuracy drop is ``(lost - gained) / n``; its one-sided upper confidence bound at level
-``confidence`` is the adjusted Wald bound for a paired difference of proportions (Agresti and
-Min 2005: half a sample added to each discordant cell, ``n + 2`` samples), which stays
-sensible when the discordant counts are small or zero.
+``confidence`` is the adjusted Wald bound for a paired difference of proportions (Bonett and
+Price 2012: one sample added to each discordant cell, ``n + 2`` samples), which stays
+sensible when the discordant counts are small or zero. Its coverage is close to the
+confidence asked when a few samples or more are expected to change, and can fall below it
+when fewer than about two are (a bound on a handful of counts is coarse).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def drop_upper(lost: int, gained: int, n: int, confidence: float) -> float:
     plain = (lost - gained) / n
     if confidence <= 0:
         return plain
-    b, c, m = lost + 0.5, gained + 0.5, n + 2.0
+    b, c, m = lost + 1.0, gained + 1.0, n + 2.0
     diff = (b - c) / m
     var = max((b + c) / m - diff * diff, 0.0) / m
     return diff + NormalDist().inv_cdf(confidence) * math.sqrt(var)

@@ -22,7 +22,7 @@ from onnxprune import progress
 from onnxprune.analysis.groups import chosen_positions, classes_of, keep_one_per_tensor
 from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.analysis.probe import probe_run
-from onnxprune.cost import node_macs
+from onnxprune.cost import infer_shapes, node_macs
 from onnxprune.data import Dataset
 from onnxprune.graph import node_name
 from onnxprune.pruning.free import free_first
@@ -60,12 +60,7 @@ class Measure:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures."""
         drop = None if self.accuracy_drop is None else round(self.accuracy_drop, 4)
-        out: dict[str, Any] = {"cosine": round(self.cosine, 6), "accuracy_drop": drop}
-        if self.agreement is not None:
-            out["agreement"] = round(self.agreement, 4)
-        if self.samples:
-            out |= {"lost": self.lost, "gained": self.gained}
-        return out
+        return {"cosine": round(self.cosine, 6), "accuracy_drop": drop}
 
 
 @dataclass
@@ -80,6 +75,7 @@ class Judge:
     accuracy: float | None
     then: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
     evaluations: int = 0
+    seen: dict[frozenset[int], Measure] = field(default_factory=dict)  # choices judged
 
     @classmethod
     def open(
@@ -107,7 +103,14 @@ class Judge:
         return len(self.reference[0]) if self.reference else 0
 
     def measure(self, classes: Collection[int]) -> Measure:
-        """Zero ``classes`` in a copy (compensated when the judge is), run it, compare."""
+        """Zero ``classes`` in a copy (compensated when the judge is), run it, compare; a
+        choice judged before is not run again."""
+        key = frozenset(classes)
+        if key not in self.seen:
+            self.seen[key] = self._measure(classes)
+        return self.seen[key]
+
+    def _measure(self, classes: Collection[int]) -> Measure:
         if not classes:
             if self.labels is None:
                 return Measure(1.0, None)
@@ -188,9 +191,15 @@ class MacModel:
     """
 
     def __init__(self, ws: Workspace) -> None:
-        shapes = probe_run(ws.model, ws.ctx).shapes
+        # per-sample shapes, as onnxprune.cost counts them; the probe's where inference falls
+        # short (its shapes mix batch sizes, so it is used whole or not at all)
+        nodes, inferred = ws.model.graph.node, infer_shapes(ws.model)
+        per_sample = {node_name(n): node_macs(n, inferred) for n in nodes}
+        probed = probe_run(ws.model, ws.ctx).shapes
+        fallback = {node_name(n): node_macs(n, probed) for n in nodes}
+        short = any(fallback[k] and not per_sample[k] for k in per_sample)
         self.roots = ws.an.roots()
-        self.macs = {node_name(n): node_macs(n, shapes) for n in ws.model.graph.node}
+        self.macs = fallback if short else per_sample
         self.total = sum(self.macs.values())
         self.sinks = [(node_name(s.node), s.labels.ids) for s in ws.an.sinks]
         self.spaces = [(sp.node, self.roots[sp.start : sp.start + sp.size]) for sp in ws.an.spaces]
