@@ -17,6 +17,11 @@ Rules:
        two steps once, since a judged accuracy is noisy, and stops at the next miss).
     5. Every candidate is judged on the whole model: zeroed, compensated, run on the
        evaluation samples. The result never breaks the budget there (an empty choice holds).
+    6. ``confidence``: the accuracy drop the budget holds is the upper bound at that level
+       from the judging samples lost and gained against the original
+       (:mod:`onnxprune.pruning.margin`), not the measured one.
+    7. ``max_macs``/``max_mac_ratio`` replace the budget by its dual, the least damage at a
+       MAC target (:mod:`onnxprune.pruning.mac_target`); rules 2, 3 and 5 hold as they are.
 """
 
 from __future__ import annotations
