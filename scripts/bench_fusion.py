@@ -50,8 +50,35 @@ MEMBERS = [
     "torch_encoder_seed2",
 ]
 CROSS = ["torch_cnn", "keras_cnn", "torch_encoder"]
-DEFAULT_SELECT = "fuse:members={members},combine=mean,select=forward"
-DEFAULT_CHAIN = [DEFAULT_SELECT, "vote:max_accuracy_drop=0.01,sparsity=0.9,round_to=1", "fold"]
+DEFAULT_SELECT = "fuse:members={members},combine=mean,select=forward,max_macs={max_macs}"
+DEFAULT_CHAIN = [
+    DEFAULT_SELECT,
+    "vote:max_accuracy_drop=0.005,confidence=0.9,sparsity=0.9,round_to=1,judge=refit",
+    "refit",
+    "fold",
+]
+# the other selection rows: a 1-point vote budget after the same selection, accuracy
+# selection without a MAC budget (the chain before issue 13's budget), and twice the budget
+# for the members, then vote's MAC target
+OTHER_CHAINS = {
+    "after selection within the budget + vote (1 point, 90% margin) + refit + fold": [
+        DEFAULT_SELECT,
+        "vote:max_accuracy_drop=0.01,confidence=0.9,sparsity=0.9,round_to=1,judge=refit",
+        "refit",
+        "fold",
+    ],
+    "after accuracy selection + vote + fold (no MAC budget)": [
+        "fuse:members={members},combine=mean,select=forward",
+        "vote:max_accuracy_drop=0.01,sparsity=0.9,round_to=1",
+        "fold",
+    ],
+    "after selection within 2x the budget + vote to the MAC budget + refit + fold": [
+        "fuse:members={members},combine=mean,select=forward,max_macs={max_macs2}",
+        "vote:max_macs={max_macs},sparsity=0.9,round_to=1,judge=refit",
+        "refit",
+        "fold",
+    ],
+}
 JUDGE_ROWS = 180  # the selection row: test rows [0, 180) judge (--eval-data), the rest evaluate
 
 
@@ -181,12 +208,13 @@ def fuse_available() -> bool:
 
 
 def run_cli(chain: list[str], out: Path, judge: Path | None = None) -> str:
-    """``onnxprune torch_cnn.onnx -p ... --data torch_cnn.calib.npz [--eval-data judge] -o out``;
-    '' or the error."""
+    """``onnxprune torch_cnn.onnx -p ... --data torch_cnn.calib.npz [--eval-data judge] -o out
+    --report out.json``; '' or the error."""
     argv = [sys.executable, "-m", "onnxprune", str(DIGITS / "torch_cnn.onnx")]
     for p in chain:
         argv += ["-p", p]
     argv += ["--data", str(DIGITS / "torch_cnn.calib.npz"), "-o", str(out), "-q"]
+    argv += ["--report", str(out.with_suffix(".json"))]
     if judge is not None:
         argv += ["--eval-data", str(judge)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -195,31 +223,43 @@ def run_cli(chain: list[str], out: Path, judge: Path | None = None) -> str:
     return ""
 
 
-def fused_rows(chain: list[str], labels: np.ndarray) -> tuple[list[Row], list[str]]:
-    """The fuse pass's ensemble (combine=mean) and the selection + vote + fold chain, each
-    evaluated on the test split; the commands run."""
+def mac_budget(rows: list[Row]) -> int:
+    """The MAC budget of the selection rows, from costs alone (no accuracy seen): the
+    cheapest CNN member's MACs per sample."""
+    return min(r.macs or 0 for r in rows if "cnn" in r.name)
+
+
+def fused_rows(
+    chain: list[str], labels: np.ndarray, budget: int
+) -> tuple[list[Row], list[str], list[dict]]:
+    """The fuse pass's ensemble (combine=mean), the selection rows (``chain`` first, then
+    :data:`OTHER_CHAINS`), the weight merge, each evaluated on the test split; the commands
+    run, and the selection row's per-member report (``selection.members``)."""
     members = "+".join(
         str(DIGITS / f"{n}.onnx") for n in MEMBERS[1:] if (DIGITS / f"{n}.onnx").exists()
     )
     x, y = test_split("torch_cnn")
     seeds = "+".join(str(DIGITS / f"{n}.onnx") for n in CNN_SEEDS[1:])
+    fill = {"members": members, "max_macs": budget, "max_macs2": 2 * budget}
     plans = [
         ("fused via the fuse pass (combine=mean)", [f"fuse:members={members},combine=mean"]),
-        ("after member selection + vote + fold", [p.format(members=members) for p in chain]),
+        ("after member selection + vote + fold", [p.format(**fill) for p in chain]),
+        *((t, [p.format(**fill) for p in c]) for t, c in OTHER_CHAINS.items()),
         (
             f"fuse:combine=weights of {len(CNN_SEEDS)} torch_cnn seeds (align=on)",
             [f"fuse:members={seeds},combine=weights,align=on"],
         ),
     ]
     if not fuse_available():
-        return [Row(t, None, None, None, "not run: no fuse pass registered") for t, _ in plans], []
-    rows, commands = [], []
+        rows = [Row(t, None, None, None, "not run: no fuse pass registered") for t, _ in plans]
+        return rows, [], []
+    rows, commands, picked = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         judge = Path(tmp) / "judge.npz"
         np.savez(judge, input=x[:JUDGE_ROWS], labels=y[:JUDGE_ROWS])
         for k, (title, passes) in enumerate(plans):
             out = Path(tmp) / f"fused{k}.onnx"
-            held = k == 1  # the selection row: judged on the first rows, evaluated on the rest
+            held = 1 <= k <= len(OTHER_CHAINS) + 1  # selection rows: judged on the first rows
             commands.append(
                 "onnxprune models/digits/torch_cnn.onnx "
                 + " ".join(f"-p {shorten(p)}" for p in passes)
@@ -231,6 +271,10 @@ def fused_rows(chain: list[str], labels: np.ndarray) -> tuple[list[Row], list[st
                 rows.append(Row(title, None, None, None, f"failed: {error}"))
                 continue
             model = onnxprune.load(out)
+            if k == 1:
+                done = json.loads(out.with_suffix(".json").read_text())["passes"]
+                fuse = next(p for p in done if p["pass"] == "fuse")
+                picked = [{"name": n, **v} for n, v in fuse["selection"]["members"].items()]
             rows_x, rows_y = (x[JUDGE_ROWS:], labels[JUDGE_ROWS:]) if held else (x, labels)
             acc = float(np.mean(probabilities(model, rows_x).argmax(1) == rows_y))
             macs, params = cost(model)
@@ -241,7 +285,7 @@ def fused_rows(chain: list[str], labels: np.ndarray) -> tuple[list[Row], list[st
                 else "CLI, evaluated on the test split"
             )
             rows.append(Row(title, acc, macs, params, note))
-    return rows, commands
+    return rows, commands, picked
 
 
 def shorten(text: str) -> str:
@@ -299,12 +343,54 @@ def main(argv: list[str] | None = None) -> int:
         ensemble_row(f"output ensemble, {len(seeds)} torch_cnn seeds", seeds, probs, labels, rows),
     ]
     merges, stats = merge_rows(seeds, labels)
-    fused, commands = fused_rows(args.chain, labels)
+    budget = mac_budget(rows)
+    fused, commands, picked = fused_rows(args.chain, labels, budget)
     text = report(rows, ens, merges, fused, stats, commands, (best, best_held), len(labels))
+    text = text.replace(PICKED, members_table(picked, budget))
+    text = text.replace(KEPT, kept_line(picked, fused[1]))
     print(text)
     if args.doc:
         args.doc.write_text(text)
     return 0
+
+
+PICKED = "<!-- picked -->"
+KEPT = "<!-- kept -->"
+
+
+def kept_line(picked: list[dict], row: Row) -> str:
+    """What the selection row's fuse kept, and what its vote then removed."""
+    kept = [m for m in picked if m["weight"] > 0]
+    if not kept or row.macs is None:
+        return ""
+    macs = sum(m.get("macs", 0) for m in kept)
+    names = " + ".join(m["name"] for m in kept)
+    return (
+        f"* The second row's selection keeps {names} ({macs:,} MACs); its vote then removes "
+        f"{macs - row.macs:,} MACs."
+    )
+
+
+def members_table(picked: list[dict], budget: int) -> str:
+    """The selection row's members: MACs, accuracy alone and marginal contribution on the
+    judging rows, weight kept (the fuse report's ``selection.members``)."""
+    if not picked:
+        return ""
+    head = [
+        f"Members in the selection row (MAC budget {budget:,}: the cheapest CNN member's MACs, "
+        f"from costs alone), as its fuse report gives them: accuracy alone and marginal "
+        f"contribution (the full ensemble's accuracy less that without the member) on the "
+        f"judging rows 0-{JUDGE_ROWS - 1}, the weight kept.",
+        "",
+        "| member | MACs / sample | accuracy alone | marginal | weight |",
+        "|---|---|---|---|---|",
+    ]
+    body = [
+        f"| {m['name']} | {m.get('macs', 0):,} | {m['alone']:.4f} | {m['marginal']:+.4f} "
+        f"| {m['weight']:.3f} |"
+        for m in picked
+    ]
+    return "\n".join([*head, *body, ""])
 
 
 def reading(
@@ -340,6 +426,16 @@ def reading(
             f"{fused[1].macs:,} MACs; the best member there, {best_held.name}: "
             f"{best_held.accuracy:.4f} at {best_held.macs:,} MACs)."
         )
+    out.append(KEPT)
+    for r in fused[2:-1]:
+        if r.accuracy is not None:
+            ok = r.accuracy >= (best_held.accuracy or 0.0) and (r.macs or 0) <= (
+                best_held.macs or 0
+            )
+            out.append(
+                f"* {r.name[0].upper()}{r.name[1:]}: {r.accuracy:.4f} at {r.macs:,} MACs on the "
+                f"same rows ({'holds' if ok else 'does not hold'})."
+            )
     return out
 
 
@@ -410,12 +506,20 @@ def report(
         "",
         "The rows run the CLI on torch_cnn with every other member (the last: with the other",
         "torch_cnn seeds; `--data` the calibration split) and are evaluated here on the test",
-        f"split. The second row's selection and budget are judged on test rows 0-{JUDGE_ROWS - 1}",
-        "(`--eval-data`) and it is evaluated on the other rows only; its chain is `--chain`",
-        f"(default: {' '.join(f'`-p {c}`' for c in DEFAULT_CHAIN)}; `{{members}}` is filled in).",
+        "split. The selection rows (second to fifth) are judged on test rows "
+        f"0-{JUDGE_ROWS - 1} (`--eval-data`) and evaluated on the other rows only; the second",
+        f"row's chain is `--chain` (default: {' '.join(f'`-p {c}`' for c in DEFAULT_CHAIN)};",
+        "`{members}` is filled in, `{max_macs}` is the MAC budget: the cheapest CNN member's",
+        "MACs, a cost chosen without looking at any accuracy, `{max_macs2}` twice it); the",
+        "third prunes the same selection with a 1-point vote budget, the fourth is the chain",
+        "before the MAC budget (accuracy selection on the judging rows), the fifth selects",
+        "members within twice the budget and lets vote's MAC target",
+        "(`vote:max_macs`, the least damage at that cost, across every member's groups) cut",
+        "the ensemble to the budget.",
         "",
         table(fused),
         "",
+        PICKED,
     ]
     if commands:
         lines += ["Commands:", "", *(f"    {c}" for c in commands), ""]

@@ -29,6 +29,9 @@ class BudgetOptions:
     min_cosine: float | None = option(None, HELP["min_cosine"], low=-1, high=1)
     sensitivity: Literal["off", "on"] = option("off", HELP["sensitivity"])
     judge: Literal["zeros", "refit"] = option("zeros", HELP["judge"])
+    confidence: float = option(0.0, HELP["confidence"], low=0, below=1)
+    max_macs: int | None = option(None, HELP["max_macs"], low=1)
+    max_mac_ratio: float | None = option(None, HELP["max_mac_ratio"], low=0, high=1)
 
     def measures_sensitivity(self) -> bool:
         """Whether the pass measures the sensitivity table (asked for, or a budget is set)."""
@@ -36,7 +39,30 @@ class BudgetOptions:
             self.sensitivity == "on"
             or self.max_accuracy_drop is not None
             or (self.min_cosine is not None)
+            or self.targets_macs()
         )
+
+    def targets_macs(self) -> bool:
+        """Whether a MAC target is set (budget mode's dual)."""
+        return self.max_macs is not None or self.max_mac_ratio is not None
+
+    def check_budget_options(self) -> None:
+        """A MAC target and an accuracy/cosine budget exclude each other; ``confidence``
+        needs ``max_accuracy_drop``.
+
+        Raises:
+            ValueError: either combination.
+        """
+        if self.targets_macs() and (
+            self.max_accuracy_drop is not None or self.min_cosine is not None
+        ):
+            raise ValueError(
+                "max_macs/max_mac_ratio (the least damage at a MAC target) and "
+                "max_accuracy_drop/min_cosine (the smallest model within a budget) exclude "
+                "each other: give one"
+            )
+        if self.confidence and self.max_accuracy_drop is None:
+            raise ValueError("confidence= is a margin on max_accuracy_drop: give it too")
 
     def judged_after(
         self, ctx: Context, original: onnx.ModelProto

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import onnx
 
+from onnxprune.cost import summarize
 from onnxprune.errors import DataError, PassOptionError, UnsupportedModelError
 from onnxprune.fusion import select as sel
 from onnxprune.fusion.adapters import plan_adapter, show
@@ -57,6 +58,10 @@ class Fuse(Pass):
            ensemble's accuracy on ``--eval-data`` (else ``--data``; without labels: agreement
            with the full ensemble), less ``tolerance`` (``onnxprune.fusion.select``); every
            member's marginal contribution is reported, and only the kept ones are in the graph.
+           With ``max_macs`` the kept members' MACs per sample sum to at most it, and they are
+           chosen by log-likelihood on ``--eval-data`` and ``--data`` together
+           (:func:`onnxprune.fusion.select.within_macs`); ``combine=weighted`` without
+           ``weights=`` then fits the kept members' weights again on ``--data``.
         5. The fused output takes the model's output name, so ``validate`` compares the
            ensemble with the model alone.
     """
@@ -90,6 +95,12 @@ class Fuse(Pass):
     tolerance: float = option(
         0.0, "select: accuracy the kept members may lose against the full ensemble", low=0, high=1
     )
+    max_macs: int | None = option(
+        None,
+        "select=forward: keep members whose MACs per sample sum to at most this, chosen by "
+        "log-likelihood of the labels (per MAC and outright) on --eval-data and --data",
+        low=1,
+    )
     align: bool = option(True, "combine=weights: align channels before averaging")
     match: Literal["weights", "activations"] = option(
         "weights", "combine=weights: align by weight correlation, or by activations on --data"
@@ -113,6 +124,8 @@ class Fuse(Pass):
             )
         if self.select != "none" and self.combine in ("concat", "weights"):
             raise ValueError(f"select= needs combine=mean, weighted or vote, not {self.combine}")
+        if self.max_macs is not None and self.select != "forward":
+            raise ValueError("max_macs= is a budget for select=forward: add select=forward")
 
     def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
         """Ensemble pruning and fitted weights need real data."""
@@ -236,7 +249,10 @@ class Fuse(Pass):
             scorer = sel.Scorer(np.argmax(sel.combine(parts, full), axis=-1), True)
             metric = "agreement with the full ensemble"
         rounds = self.rounds or 2 * len(branches)
-        if self.select == "forward":
+        costs = [summarize(b.member.model).macs for b in branches]
+        if self.max_macs is not None:
+            chosen = self._within(branches, parts, full, costs, scorer, ctx, model)
+        elif self.select == "forward":
             chosen = sel.forward(parts, full, scorer, rounds, self.tolerance)
         else:
             chosen = sel.backward(parts, full, scorer, self.tolerance)
@@ -250,12 +266,20 @@ class Fuse(Pass):
             if "start" in step:
                 step["start"] = [names[i] for i in step["start"]]
         kept = [n for n, w in zip(names, chosen.weights, strict=True) if w > 0]
+        kept_score = _score(parts, chosen.weights, scorer)
+        budget = {} if self.max_macs is None else {
+            "max_macs": self.max_macs,
+            "macs_kept": int(sum(c for c, w in zip(costs, chosen.weights, strict=True) if w > 0)),
+            "log_likelihood_kept": round(chosen.score, 6),
+            "log_likelihood_full": round(chosen.full_score, 6),
+        }  # fmt: skip
         report = {
             "select": self.select,
             "metric": metric,
             "eval_data": data.source,
-            "score_full": round(chosen.full_score, 6),
-            "score_kept": round(chosen.score, 6),
+            "score_full": round(_score(parts, full, scorer), 6),
+            "score_kept": round(kept_score, 6),
+            **budget,
             "kept": "+".join(kept),
             "contributions": ", ".join(
                 f"{n} {c:+.4f}" for n, c in zip(names, marginal, strict=True)
@@ -263,12 +287,49 @@ class Fuse(Pass):
             "selection": {
                 "steps": chosen.steps,
                 "members": {
-                    n: {"alone": round(a, 6), "marginal": c, "weight": float(w)}
-                    for n, a, c, w in zip(names, alone, marginal, chosen.weights, strict=True)
+                    n: {"alone": round(a, 6), "marginal": c, "weight": float(w), "macs": m}
+                    for n, a, c, w, m in zip(
+                        names, alone, marginal, chosen.weights, costs, strict=True
+                    )
                 },
             },
         }
         return chosen.weights, report
+
+    def _within(
+        self,
+        branches: list[Branch],
+        parts: list[np.ndarray],
+        full: np.ndarray,
+        costs: list[int],
+        scorer: sel.Scorer,
+        ctx: Context,
+        model: onnx.ModelProto,
+    ) -> sel.Selection:
+        """Rule 4 with ``max_macs``: the selection on the evaluation rows and, when both
+        carry labels and differ, ``--data``'s rows too; weighted without ``weights=``: the
+        kept members' weights fitted again on ``--data``."""
+        reference = scorer.reference
+        calib = ctx.data(model)
+        both = ctx.eval_data_path is not None and ctx.data_path is not None
+        more: list[np.ndarray] = []
+        if both and not scorer.agreement and calib.labels is not None:
+            more = self._parts(branches, self._run(branches, calib, ctx))
+            parts = [np.concatenate([p, q]) for p, q in zip(parts, more, strict=True)]
+            reference = np.concatenate([reference, calib.labels[: len(more[0])].astype(np.int64)])
+        try:
+            chosen = sel.within_macs(parts, full, costs, int(self.max_macs or 0), reference)
+        except ValueError as exc:
+            raise PassOptionError(f"pass fuse: {exc}") from None
+        if self.combine == "weighted" and not self.weights:
+            keep = np.flatnonzero(chosen.weights > 0)
+            more = more or self._parts(branches, self._run(branches, calib, ctx))
+            mine = [more[i] for i in keep]
+            if calib.labels is not None:
+                fitted = sel.fit_weights(mine, calib.labels[: len(mine[0])].astype(np.int64))
+                chosen.weights = np.zeros(len(branches))
+                chosen.weights[keep] = fitted
+        return chosen
 
     def _report(
         self, branches: list[Branch], weights: np.ndarray, fit: str, opset: int, ir: int
@@ -326,3 +387,8 @@ class Fuse(Pass):
         model.CopyFrom(merged)
         details = {"combine": "weights", "align": self.align, "match": self.match}
         return PassResult(model, True, details | {"repair": data is not None} | section)
+
+
+def _score(parts: list[np.ndarray], weights: np.ndarray, scorer: sel.Scorer) -> float:
+    """The selection score (accuracy, or agreement) of ``weights``."""
+    return scorer(sel.combine(parts, weights))[0]

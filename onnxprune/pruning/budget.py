@@ -17,6 +17,11 @@ Rules:
        two steps once, since a judged accuracy is noisy, and stops at the next miss).
     5. Every candidate is judged on the whole model: zeroed, compensated, run on the
        evaluation samples. The result never breaks the budget there (an empty choice holds).
+    6. ``confidence``: the accuracy drop the budget holds is the upper bound at that level
+       from the judging samples lost and gained against the original
+       (:mod:`onnxprune.pruning.margin`), not the measured one.
+    7. ``max_macs``/``max_mac_ratio`` replace the budget by its dual, the least damage at a
+       MAC target (:mod:`onnxprune.pruning.mac_target`); rules 2, 3 and 5 hold as they are.
 """
 
 from __future__ import annotations
@@ -31,9 +36,19 @@ import onnx
 
 from onnxprune import progress
 from onnxprune.context import Context
+from onnxprune.cost import summarize
 from onnxprune.data import Dataset
 from onnxprune.errors import PassOptionError
+from onnxprune.pruning.allocation import (
+    bisect,
+    curve,
+    points,
+    threshold_levels,
+    uniform_levels,
+)
 from onnxprune.pruning.decision import GroupDecision
+from onnxprune.pruning.mac_target import fit
+from onnxprune.pruning.margin import drop_upper
 from onnxprune.pruning.sensitivity import Judge, Ladder, MacModel, Measure, ladders, sensitivity
 from onnxprune.pruning.workspace import Workspace
 
@@ -49,6 +64,12 @@ HELP = {
     "on evaluation data (a table, the report's 'sensitivity', --plot); always on in budget mode",
     "judge": "budget mode: judge each candidate as zeroed (zeros) or after a refit pass "
     "(refit: for -p vote -p refit; the budget then holds for a refit on the same --data)",
+    "confidence": "budget mode, max_accuracy_drop: accept a candidate only when the upper "
+    "bound of its accuracy drop at this confidence (from the samples it lost and gained "
+    "against the original) is within the budget; 0: the measured drop",
+    "max_macs": "budget mode's dual: the least damage (accuracy drop and changed classes, "
+    "else cosine) at estimated MACs per sample <= this; sparsity bounds each group",
+    "max_mac_ratio": "budget mode's dual: as max_macs, as a share of the model's MACs",
 }
 
 
@@ -58,29 +79,42 @@ class Budget:
 
     max_accuracy_drop: float | None = None
     min_cosine: float | None = None
+    confidence: float = 0.0  # > 0: the accuracy drop's upper bound at this level must hold
 
     def __bool__(self) -> bool:
         return self.max_accuracy_drop is not None or self.min_cosine is not None
+
+    def drop(self, m: Measure) -> float | None:
+        """The accuracy drop the budget holds ``m`` to: measured, or its upper confidence
+        bound from the paired counts (:mod:`onnxprune.pruning.margin`) when ``confidence``."""
+        if m.accuracy_drop is None or not self.confidence or not m.samples:
+            return m.accuracy_drop
+        return drop_upper(m.lost, m.gained, m.samples, self.confidence)
 
     def holds(self, m: Measure) -> bool:
         """Whether ``m`` is within every limit that is set."""
         if self.min_cosine is not None and not m.cosine >= self.min_cosine:
             return False
         if self.max_accuracy_drop is not None:
-            return m.accuracy_drop is not None and m.accuracy_drop <= self.max_accuracy_drop + 1e-9
+            drop = self.drop(m)
+            return drop is not None and drop <= self.max_accuracy_drop + 1e-9
         return True
 
     def damage(self, m: Measure) -> float:
-        """How far ``m`` is from the original, in the budget's own terms (0: untouched)."""
+        """How far ``m`` is from the original (0: untouched): with labels the accuracy drop
+        plus half the share of samples whose class changed (less noisy than accuracy alone,
+        which a lost and a gained sample cancel in), else 1 - cosine; 0.1 (1 - cosine) breaks
+        ties."""
         cos = 1.0 - m.cosine
-        if self.max_accuracy_drop is not None and m.accuracy_drop is not None:
-            return max(m.accuracy_drop, 0.0) + 0.1 * cos
+        if m.accuracy_drop is not None and (self.max_accuracy_drop is not None or not self):
+            moved = 0.0 if m.agreement is None else 1.0 - m.agreement
+            return max(m.accuracy_drop, 0.0) + 0.5 * moved + 0.1 * cos
         return cos
 
 
 def budget_of(vote: Any) -> Budget:
     """The budget the vote pass's options set."""
-    return Budget(vote.max_accuracy_drop, vote.min_cosine)
+    return Budget(vote.max_accuracy_drop, vote.min_cosine, vote.confidence)
 
 
 def calibration_context(vote: Any, model: onnx.ModelProto, ctx: Context) -> Context:
@@ -94,13 +128,18 @@ def calibration_context(vote: Any, model: onnx.ModelProto, ctx: Context) -> Cont
     budget = budget_of(vote)
     if not vote.measures_sensitivity():
         return ctx
+    try:
+        vote.check_budget_options()
+    except ValueError as exc:
+        raise PassOptionError(f"pass vote: {exc}") from None
+    mode = bool(budget) or vote.targets_macs()
     data = ctx.data(model)
-    if budget and data.synthetic:
+    if mode and data.synthetic:
         raise PassOptionError(
-            "pass vote: max_accuracy_drop/min_cosine need --data (real samples to calibrate "
-            "on and to judge the budget by)"
+            "pass vote: max_accuracy_drop/min_cosine/max_macs/max_mac_ratio need --data (real "
+            "samples to calibrate on and to judge the budget by)"
         )
-    if ctx.eval_data_path is not None or not budget:
+    if ctx.eval_data_path is not None or not mode:
         judged = ctx.eval_data(model)
         where = {"calibration": _describe(data), "evaluation": _describe(judged)}
         out = ctx
@@ -131,6 +170,28 @@ def _describe(data: Dataset) -> dict[str, Any]:
     return {"source": data.source, "samples": len(data), "labels": data.labels is not None}
 
 
+def target_ratio(vote: Any, model: onnx.ModelProto) -> float | None:
+    """The MAC target as a share of ``model``'s MACs per sample (the smaller of
+    ``max_mac_ratio`` and ``max_macs`` over them); None without one."""
+    ratios = [] if vote.max_mac_ratio is None else [float(vote.max_mac_ratio)]
+    if vote.max_macs is not None:
+        ratios.append(vote.max_macs / max(summarize(model).macs, 1))
+    return min(ratios) if ratios else None
+
+
+def margin(budget: Budget, m: Measure) -> dict[str, Any]:
+    """The report's ``margin``: the confidence, the result's paired counts on the judging
+    rows and the upper bound of its accuracy drop that the budget held."""
+    upper = budget.drop(m)
+    return {
+        "confidence": budget.confidence,
+        "lost": m.lost,
+        "gained": m.gained,
+        "samples": m.samples,
+        "drop_upper": None if upper is None else round(upper, 4),
+    }
+
+
 @dataclass
 class Outcome:
     """What budget mode or the sensitivity analysis adds to vote: a choice (None: the
@@ -157,10 +218,22 @@ def apply(
     judge = Judge.open(ws, judged, compensate, vote.judged_after(ws.ctx, ws.model))
     table = sensitivity(judge, ladders(ws, plans, multiples, RATIO_CAP))
     report: dict[str, Any] = {"sensitivity": {**table, **where}}
-    if not budget:
+    if not budget and not vote.targets_macs():
         return Outcome(report=report)
     lads = ladders(ws, plans, multiples, vote.sparsity)
-    found = search(judge, lads, budget, MacModel(ws), table)
+    target = target_ratio(vote, ws.model)
+    if target is None:
+        found = search(judge, lads, budget, MacModel(ws), table)
+    else:
+        found = fit(judge, lads, target, MacModel(ws), table, budget.damage, MAX_EVALUATIONS)
+        found["extra"] = {
+            "target": {
+                "max_macs": vote.max_macs,
+                "max_mac_ratio": vote.max_mac_ratio,
+                "mac_ratio": round(target, 4),
+                "damage": round(budget.damage(judge.measure(choice_of(lads, found))), 6),
+            }
+        }
     picked = {lad.group.index: lad.take(found["counts"][i]) for i, lad in enumerate(lads)}
     decisions = []
     for g, *_ in plans:
@@ -181,6 +254,7 @@ def apply(
         "min_cosine": budget.min_cosine,
         **where,
         "measured": found["measured"],
+        **found["extra"],
         "original_accuracy": None if judge.accuracy is None else round(judge.accuracy, 4),
         "mac_ratio": found["mac_ratio"],
         "phases": found["phases"],
@@ -198,6 +272,11 @@ def apply(
         ],
     }
     return Outcome(chosen, decisions, report)
+
+
+def choice_of(lads: Sequence[Ladder], found: dict[str, Any]) -> set[int]:
+    """The classes a search's ``counts`` prune."""
+    return set().union(*(lad.take(k) for lad, k in zip(lads, found["counts"], strict=True)))
 
 
 def search(
@@ -224,18 +303,18 @@ def search(
     def holds(counts: tuple[int, ...]) -> bool:
         return judge.evaluations < MAX_EVALUATIONS and budget.holds(judged(counts))
 
-    empty = tuple(0 for _ in lads)
-    uniform = _bisect([tuple(lad.count(r) for lad in lads) for r in _grid(lads)], holds)
-    pooled = np.unique(np.concatenate([lad.scores for lad in lads])) if lads else np.zeros(0)
-    levels = [_threshold(lads, t) for t in pooled]
-    flap = _bisect([empty, *levels], holds)
+    uniform = bisect(uniform_levels(lads), holds)
+    flap = bisect(threshold_levels(lads), holds)
     start = min((uniform, flap), key=mac)
     counts = list(start)
     pos = [lad.steps.index(k) for lad, k in zip(lads, counts, strict=True)]
     jump = [max(1, (len(lad.steps) - 1 - p) // 4) for lad, p in zip(lads, pos, strict=True)]
     frozen = [p >= len(lad.steps) - 1 for lad, p in zip(lads, pos, strict=True)]
     leapt = [False] * len(lads)
-    curves = [_curve(row, budget) for row in table["groups"]]
+    curves = [
+        curve(points(judge, lad, row), budget.damage)
+        for lad, row in zip(lads, table["groups"], strict=True)
+    ]
     with progress.task(MAX_EVALUATIONS, "budget search") as advance:
         while not all(frozen) and judge.evaluations < MAX_EVALUATIONS:
             now = mac(counts)
@@ -266,6 +345,7 @@ def search(
     return {
         "counts": list(final),
         "measured": measured.to_dict(),
+        "extra": {"margin": margin(budget, measured)} if budget.confidence else {},
         "mac_ratio": round(mac(final), 4),
         "phases": {
             "uniform": {"mac_ratio": round(mac(uniform), 4), **judged(uniform).to_dict()},
@@ -273,49 +353,3 @@ def search(
             "refined": {"mac_ratio": round(mac(final), 4), **measured.to_dict()},
         },
     }
-
-
-def _grid(lads: Sequence[Ladder]) -> list[float]:
-    """Uniform ratios from 0 to the largest any ladder allows, one per allowed count."""
-    ratios = {k / lad.total for lad in lads for k in lad.steps}
-    return sorted(ratios)
-
-
-def _threshold(lads: Sequence[Ladder], t: float) -> tuple[int, ...]:
-    """Each ladder's count when every class scoring at most ``t`` goes (rounded down)."""
-    out = []
-    for lad in lads:
-        n = int(np.searchsorted(lad.scores, t, side="right"))
-        out.append(max(k for k in lad.steps if k <= n))
-    return tuple(out)
-
-
-def _bisect(levels: Sequence[tuple[int, ...]], holds: Any) -> tuple[int, ...]:
-    """The last of ``levels`` (growing; the first holds) that holds, by bisection."""
-    unique = list(dict.fromkeys(levels))
-    if not unique:
-        return ()
-    if holds(unique[-1]):
-        return unique[-1]
-    lo, hi = 0, len(unique) - 1  # unique[0]: nothing pruned, assumed to hold
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if holds(unique[mid]):
-            lo = mid
-        else:
-            hi = mid
-    return unique[lo]
-
-
-def _curve(row: dict[str, Any], budget: Budget) -> Any:
-    """Damage of one group pruned alone at a ratio, interpolated from its sensitivity row."""
-    xs = [0.0] + [p["ratio"] for p in row["points"]]
-    ys = [0.0] + [budget.damage(Measure(p["cosine"], p["accuracy_drop"])) for p in row["points"]]
-    order = np.argsort(xs, kind="stable")
-    x, y = np.asarray(xs)[order], np.maximum.accumulate(np.asarray(ys)[order])
-    slope = (y[-1] - y[-2]) / max(x[-1] - x[-2], 1e-9) if len(x) > 1 else 0.0
-
-    def at(r: float) -> float:
-        return float(np.interp(r, x, y)) + max(r - x[-1], 0.0) * max(slope, 1e-3)
-
-    return at

@@ -22,7 +22,7 @@ from onnxprune import progress
 from onnxprune.analysis.groups import chosen_positions, classes_of, keep_one_per_tensor
 from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.analysis.probe import probe_run
-from onnxprune.cost import node_macs
+from onnxprune.cost import infer_shapes, node_macs
 from onnxprune.data import Dataset
 from onnxprune.graph import node_name
 from onnxprune.pruning.free import free_first
@@ -45,10 +45,17 @@ def per_sample_cosine(ref: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Measure:
-    """One judged choice: lowest output cosine, accuracy drop (None without labels)."""
+    """One judged choice: lowest output cosine, accuracy drop (None without labels); with
+    labels also the paired counts against the original (``lost``: samples it got right and the
+    choice gets wrong, ``gained``: the reverse, of ``samples``) and, for a classifier-like
+    first output, ``agreement`` (share of samples whose argmax is the original's)."""
 
     cosine: float
     accuracy_drop: float | None
+    lost: int = 0
+    gained: int = 0
+    samples: int = 0
+    agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready figures."""
@@ -68,6 +75,7 @@ class Judge:
     accuracy: float | None
     then: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
     evaluations: int = 0
+    seen: dict[frozenset[int], Measure] = field(default_factory=dict)  # choices judged
 
     @classmethod
     def open(
@@ -95,9 +103,18 @@ class Judge:
         return len(self.reference[0]) if self.reference else 0
 
     def measure(self, classes: Collection[int]) -> Measure:
-        """Zero ``classes`` in a copy (compensated when the judge is), run it, compare."""
+        """Zero ``classes`` in a copy (compensated when the judge is), run it, compare; a
+        choice judged before is not run again."""
+        key = frozenset(classes)
+        if key not in self.seen:
+            self.seen[key] = self._measure(classes)
+        return self.seen[key]
+
+    def _measure(self, classes: Collection[int]) -> Measure:
         if not classes:
-            return Measure(1.0, 0.0 if self.labels is not None else None)
+            if self.labels is None:
+                return Measure(1.0, None)
+            return Measure(1.0, 0.0, 0, 0, len(self.labels), 1.0)
         trial = copy.deepcopy(self.ws.model)
         zero_and_compensate(
             self.ws, keep_one_per_tensor(self.ws.an, classes), self.compensate, trial
@@ -110,10 +127,14 @@ class Judge:
             float(np.mean(per_sample_cosine(r, g)))
             for r, g in zip(self.reference, got, strict=True)
         ]
-        drop = None
-        if self.labels is not None and self.accuracy is not None:
-            drop = self.accuracy - float((got[0].argmax(1) == self.labels).mean())
-        return Measure(min(cosines), drop)
+        if self.labels is None or self.accuracy is None:
+            return Measure(min(cosines), None)
+        before, after = self.reference[0].argmax(1), got[0].argmax(1)
+        right, now = before == self.labels, after == self.labels
+        drop = self.accuracy - float(now.mean())
+        lost, gained = int((right & ~now).sum()), int((~right & now).sum())
+        agree = float((before == after).mean())
+        return Measure(min(cosines), drop, lost, gained, len(self.labels), agree)
 
 
 @dataclass
@@ -170,9 +191,15 @@ class MacModel:
     """
 
     def __init__(self, ws: Workspace) -> None:
-        shapes = probe_run(ws.model, ws.ctx).shapes
+        # per-sample shapes, as onnxprune.cost counts them; the probe's where inference falls
+        # short (its shapes mix batch sizes, so it is used whole or not at all)
+        nodes, inferred = ws.model.graph.node, infer_shapes(ws.model)
+        per_sample = {node_name(n): node_macs(n, inferred) for n in nodes}
+        probed = probe_run(ws.model, ws.ctx).shapes
+        fallback = {node_name(n): node_macs(n, probed) for n in nodes}
+        short = any(fallback[k] and not per_sample[k] for k in per_sample)
         self.roots = ws.an.roots()
-        self.macs = {node_name(n): node_macs(n, shapes) for n in ws.model.graph.node}
+        self.macs = fallback if short else per_sample
         self.total = sum(self.macs.values())
         self.sinks = [(node_name(s.node), s.labels.ids) for s in ws.an.sinks]
         self.spaces = [(sp.node, self.roots[sp.start : sp.start + sp.size]) for sp in ws.an.spaces]
