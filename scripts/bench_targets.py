@@ -135,6 +135,10 @@ def mlp(tmp: Path) -> list[dict[str, Any]]:
             "vote:sparsity=0.5,compensate=on",
             "refit:max_batches=1000",
         ],
+        "vote criteria=obs + compensation + refit": [
+            "vote:criteria=obs,sparsity=0.5,compensate=on",
+            "refit:max_batches=1000",
+        ],
     }
     return [_cosine_row("MLP 512-2048-2048-512, half hidden", k, c, model, data, held, ref)
             for k, c in chains.items()]  # fmt: skip
@@ -252,6 +256,8 @@ def encoder(tmp: Path) -> list[dict[str, Any]]:
         "FFN 50%, vote": [f"vote:sparsity=0.5,round_to=1,protect={ffn}"],
         "heads 25%, vote": [f"vote:sparsity=0.25,round_to=1,protect={heads}"],
         "FFN 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={ffn}", "refit"],
+        "FFN 50%, vote + refit": [f"vote:sparsity=0.5,round_to=1,protect={ffn}", "refit"],
+        "heads 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={heads}", "refit"],
     }
     rows = []
     for label, passes in chains.items():  # saved row by row: a slow machine keeps what it did
