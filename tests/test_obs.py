@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from attention_models import D, E, split_heads
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
@@ -140,3 +141,21 @@ def test_obs_beats_magnitude_on_planted_duplicates(tmp_path: Path) -> None:
         else:
             assert max(gone) < 4  # magnitude takes the small independent ones
     assert errors["obs"] < 1e-6 < errors["l1"]
+
+
+def test_obs_scores_heads_and_refit_repairs_the_output_projection(tmp_path: Path) -> None:
+    """An attention layer: obs scores each head as the block of its 8 positions at the output
+    projection; one head of four goes, and refit re-solves that projection from the three
+    heads left, lowering its held-out error (random heads: little to recover)."""
+    model = split_heads("zeros")
+    rng = np.random.default_rng(5)
+    data = tmp_path / "d.npz"
+    np.savez(data, input=rng.standard_normal((256, 6, E)).astype(np.float32))
+    vote = "vote:criteria=obs,sparsity=0.25,round_to=1"
+    _, report = onnxprune.run(model, [vote, "refit"], data=data, device="cpu")
+    vote_section, refit_section = report["passes"]
+    (heads,) = [g for g in vote_section["groups"] if g["pruned"]]
+    assert heads["pruned"] == 1 and heads["abstained"] == []  # one class: a head
+    (layer,) = refit_section["layers"]
+    assert layer["inputs"] == E and layer["inputs_kept"] == E - D
+    assert layer["kept"] and layer["held_after"] < layer["held_before"]
