@@ -16,6 +16,7 @@ import onnxprune
 from onnxprune.analysis.groups import classes_of
 from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
+from onnxprune.pruning import obs as obs_module
 from onnxprune.pruning.criteria import CRITERIA, GroupView
 from onnxprune.pruning.obs import DAMP, Consumer, removal_order
 from onnxprune.runner import run_model
@@ -159,3 +160,15 @@ def test_obs_scores_heads_and_refit_repairs_the_output_projection(tmp_path: Path
     (layer,) = refit_section["layers"]
     assert layer["inputs"] == E and layer["inputs_kept"] == E - D
     assert layer["kept"] and layer["held_after"] < layer["held_before"]
+
+
+def test_abstains_when_no_counted_consumer_reads_the_group(tmp_path: Path, monkeypatch) -> None:
+    """A consumer wider than MAX_INPUTS does not count; a class no counted consumer reads
+    gets no order (never a free pass): obs abstains and the group says so."""
+    monkeypatch.setattr(obs_module, "MAX_INPUTS", 4)  # the hidden layer has 8 channels
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(4).normal(size=(256, 12)).astype(np.float32))
+    vote = "vote:criteria=obs,sparsity=0.25,round_to=1"
+    _, report = onnxprune.run(_planted(), [vote], data=data, device="cpu")
+    (group,) = [g for g in report["passes"][0]["groups"] if g["producers"] == ["fc1"]]
+    assert group["abstained"] == ["obs"] and group["pruned"] == 0

@@ -17,7 +17,8 @@ Rules: the covariance is measured on all the calibration data (real tokens only 
 model has a padding mask), damped by :data:`DAMP` of its mean diagonal; consumers wider than
 :data:`MAX_INPUTS` inputs, or inside an If branch, do not count; a Conv's input is taken per
 channel (its kernel taps as one vector: a proxy). Without a workspace (ensemble members, the
-``stats`` pass) the criterion abstains.
+``stats`` pass), or when a class of the group is read by no consumer that counts, the
+criterion abstains.
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def obs(view: GroupView) -> np.ndarray | None:
         if sink.tensor in covs and (slots >= 0).any() and not sink.scope:
             w = _weight_rows(view, sink)
             consumers.append(Consumer.of(covs[sink.tensor], w, slots, len(view.classes)))
-    if not consumers:
+    read = np.zeros(len(view.classes), bool)
+    for c in consumers:
+        read |= np.array([len(b) > 0 for b in c.where])
+    if not consumers or not read.all():  # a class no counted consumer reads: no fair order
         return None
     return removal_order(consumers, len(view.classes))
