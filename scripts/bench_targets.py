@@ -179,9 +179,22 @@ def mlp(tmp: Path) -> list[dict[str, Any]]:
             "vote:sparsity=0.5,compensate=on",
             "refit:max_batches=1000",
         ],
+        "vote criteria=obs + compensation + refit": [
+            "vote:criteria=obs,sparsity=0.5,compensate=on",
+            "refit:max_batches=1000",
+        ],
     }
-    return [_cosine_row("MLP 512-2048-2048-512, half hidden", k, c, model, data, held, ref)
-            for k, c in chains.items()]  # fmt: skip
+    name = "MLP 512-2048-2048-512, half hidden"
+    rows = [_cosine_row(name, k, c, model, data, held, ref) for k, c in chains.items()]
+    # the ceiling of layer-wise reconstruction: 8x the calibration rows (other draws, never
+    # the held-out ones), the same chain
+    more = np.concatenate([np.load(data)["x"], rng.standard_normal((57344, 512), np.float32)])
+    big = npz(tmp / "mlp.big.npz", x=more)
+    label = "vote + compensation + refit, 65536 calibration rows"
+    rows.append(
+        _cosine_row(name, label, chains["vote + compensation + refit"], model, big, held, ref)
+    )
+    return rows
 
 
 def _cosine_row(
@@ -296,6 +309,16 @@ def encoder(tmp: Path) -> list[dict[str, Any]]:
         "FFN 50%, vote": [f"vote:sparsity=0.5,round_to=1,protect={ffn}"],
         "heads 25%, vote": [f"vote:sparsity=0.25,round_to=1,protect={heads}"],
         "FFN 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={ffn}", "refit"],
+        "FFN 50%, vote + refit": [f"vote:sparsity=0.5,round_to=1,protect={ffn}", "refit"],
+        "heads 25%, vote + refit": [f"vote:sparsity=0.25,round_to=1,protect={heads}", "refit"],
+        "heads 25%, vote + refit layers=all": [
+            f"vote:sparsity=0.25,round_to=1,protect={heads}",
+            "refit:layers=all",
+        ],
+        "FFN 50%, vote criteria=obs + refit": [
+            f"vote:criteria=obs,sparsity=0.5,round_to=1,protect={ffn}",
+            "refit",
+        ],
     }
     rows = []
     for label, passes in chains.items():  # saved row by row: a slow machine keeps what it did

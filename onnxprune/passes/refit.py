@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -68,7 +68,12 @@ class Refit(Pass):
         4. Layers are refitted in graph order, each on the inputs that the layers refitted
            before it produce (one pass over the data per layer). Padded tokens are left out
            when the model has a padding mask (:mod:`onnxprune.pruning.masks`).
-        5. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
+        5. ``layers=all`` refits every qualifying layer that reads a channel group (not a
+           graph input), also those that read no pruned channel: each is fitted, in graph order, on the inputs the pruned model
+           gives it, to the original's output, so it corrects the error that reaches it from
+           the layers before (SparseGPT / OBC-style sequential reconstruction); rule 3 holds
+           for each.
+        6. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
     """
 
     name: ClassVar[str] = "refit"
@@ -81,13 +86,19 @@ class Refit(Pass):
     )
     max_batches: int = option(64, "calibration batches to stream (at most)", low=1)
     max_rows: int = option(4096, "rows (positions) sampled per batch and layer", low=1)
+    layers: Literal["pruned", "all"] = option(
+        "pruned",
+        "refit the layers that read pruned channels, or every linear layer (each on the "
+        "pruned model's inputs: corrects the error that reaches it too)",
+    )
 
     def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
         """The context holds the original model (the targets of the fit)."""
         require_original(ctx, self.name)
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        """Refit every qualifying consumer of a zero or constant channel."""
+        """Refit every qualifying consumer of a zero or constant channel (``layers=all``:
+        every qualifying linear layer)."""
         ws = Workspace.open(model, ctx)
         units, skipped = self._units(ws)
         if not units:
@@ -120,7 +131,8 @@ class Refit(Pass):
         for sink in ws.an.sinks:
             node = sink.node
             name = node.name or node.output[0]
-            if name in seen or not (sink.labels.state != State.VAR).any():
+            pruned = (sink.labels.state != State.VAR).any()
+            if name in seen or not (pruned or self.layers == "all"):
                 continue
             seen.add(name)
             why = _unsupported(ws, sink)

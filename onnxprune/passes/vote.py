@@ -15,7 +15,7 @@ from onnxprune.model import model_nbytes
 from onnxprune.passes.base import Pass, PassResult, option
 from onnxprune.passes.budget_options import BudgetOptions
 from onnxprune.passes.registry import register_pass
-from onnxprune.pruning import budget
+from onnxprune.pruning import budget, obs  # noqa: F401 - obs registers its criterion
 from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank_normalise
 from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.ensemble import ensemble_arrays
@@ -191,7 +191,7 @@ class Vote(Pass, BudgetOptions):
                 Voter(
                     c.name + (f"@{tag}" if tag else ""),
                     c,
-                    GroupView(ws.an, classes, getter, st, ctx.seed),
+                    GroupView(ws.an, classes, getter, st, ctx.seed, None if tag else ws),
                 )
                 for tag, getter, st in arrays
                 for c in criteria

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,8 @@ class GroupView:
         array: initializer name -> value (lets ensemble members vote with their own weights).
         stats: activation statistics of each sink input tensor (empty without calibration).
         seed: for the random baseline.
+        workspace: the main model's workspace, for criteria that run the model (``obs``);
+            None for ensemble members and outside ``vote``.
     """
 
     an: Analysis
@@ -41,6 +44,7 @@ class GroupView:
     array: ArrayGetter
     stats: dict[str, ChannelStats] = field(default_factory=dict)
     seed: int = 0
+    workspace: Any = None
 
     def __post_init__(self) -> None:
         self._roots = self.an.roots()
