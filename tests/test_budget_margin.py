@@ -134,6 +134,7 @@ def test_a_mac_target_is_met_after_fold_with_the_least_damage_judged(tmp_path, h
         ("max_macs=1000,max_accuracy_drop=0.01", "exclude each other"),
         ("max_mac_ratio=0.5,min_cosine=0.9", "exclude each other"),
         ("min_cosine=0.9,confidence=0.9", "confidence= is a margin on max_accuracy_drop"),
+        ("confidence=0.9", "confidence= is a margin on max_accuracy_drop"),  # not a no-op
         ("max_mac_ratio=0.01,sparsity=0.5,round_to=1", "cannot be reached"),
         ("max_mac_ratio=0.5", "need --data"),
     ],

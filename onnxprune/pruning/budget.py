@@ -126,12 +126,12 @@ def calibration_context(vote: Any, model: onnx.ModelProto, ctx: Context) -> Cont
         PassOptionError: budget mode without real data, or ``max_accuracy_drop`` without labels.
     """
     budget = budget_of(vote)
-    if not vote.measures_sensitivity():
-        return ctx
-    try:
+    try:  # before anything returns: confidence= alone must not be a silent no-op
         vote.check_budget_options()
     except ValueError as exc:
         raise PassOptionError(f"pass vote: {exc}") from None
+    if not vote.measures_sensitivity():
+        return ctx
     mode = bool(budget) or vote.targets_macs()
     data = ctx.data(model)
     if mode and data.synthetic:
