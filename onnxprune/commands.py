@@ -70,8 +70,11 @@ def prune(
     model_file = plan.add_model("-o", target, job.external_data)
     plot = plan.add_output("--plot", plot_file(plot_path), "plot") if plot_path else None
     model = load_checked(plan, job)
-    scratch.place(Path(target).resolve().parent)  # fold's file can become the output's data
-    with plan, progress.display(quiet=out.quiet):
+    with (
+        plan,
+        progress.display(quiet=out.quiet),
+        scratch.placed(Path(target).resolve().parent),  # fold's file can become the output's data
+    ):
         new, report = run(
             model,
             chain,

@@ -20,10 +20,11 @@ Rules:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import BinaryIO
 
@@ -66,6 +67,18 @@ def place(parent: str | os.PathLike[str] | None) -> None:
     if isinstance(path, str) and os.path.isdir(path) and not os.listdir(path):
         shutil.rmtree(path, True)
     _STATE["folder"] = None  # the next file makes a folder at the new place
+
+
+@contextlib.contextmanager
+def placed(parent: str | os.PathLike[str] | None) -> Iterator[None]:
+    """:func:`place` for the ``with`` block; the place before it afterwards (an empty
+    folder made meanwhile goes)."""
+    before = _STATE["parent"]
+    place(parent)
+    try:
+        yield
+    finally:
+        place(before if isinstance(before, str) else None)
 
 
 def folder() -> str:
