@@ -17,51 +17,21 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 import onnxprune
 from onnxprune import graph as graph_module
 from onnxprune import model as model_module
 from onnxprune import runtime, scratch
 from onnxprune.runner import run_model
+from tests.residual_mlp import residual_mlp
 
 WIDTH, HIDDEN, DEAD = 64, 512, 128
 
 
 def _mlp(folder: Path) -> Path:
-    """Two residual MLP blocks (first layers with DEAD zero neurons), external data."""
-    rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(2):
-        w1 = rng.standard_normal((WIDTH, HIDDEN)).astype(np.float32)
-        b1 = rng.standard_normal(HIDDEN).astype(np.float32)
-        w1[:, -DEAD:] = 0.0
-        b1[-DEAD:] = 0.0
-        w2 = rng.standard_normal((HIDDEN, WIDTH)).astype(np.float32)
-        b2 = rng.standard_normal(WIDTH).astype(np.float32)
-        for name, arr in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-            inits.append(numpy_helper.from_array(arr, f"{name}_{i}"))
-        nodes += [
-            helper.make_node("MatMul", [x, f"w1_{i}"], [f"m_{i}"]),
-            helper.make_node("Add", [f"m_{i}", f"b1_{i}"], [f"h_{i}"]),
-            helper.make_node("Relu", [f"h_{i}"], [f"a_{i}"]),
-            helper.make_node("Gemm", [f"a_{i}", f"w2_{i}", f"b2_{i}"], [f"y_{i}"]),
-            helper.make_node("Add", [x, f"y_{i}"], [f"r_{i}"]),
-        ]
-        x = f"r_{i}"
-    g = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", WIDTH])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", WIDTH])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    path = folder / "mlp.onnx"
-    onnxprune.save(m, path, external_data=True)
-    np.savez(folder / "data.npz", x=rng.standard_normal((16, WIDTH)).astype(np.float32))
-    return path
+    """Two residual MLP blocks, first layers with DEAD zero neurons: tests/residual_mlp.py."""
+    return residual_mlp(folder, WIDTH, HIDDEN, DEAD, "matmul")
 
 
 @pytest.fixture
