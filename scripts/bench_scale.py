@@ -262,37 +262,14 @@ def runs(model: Path, data: Path) -> list[tuple[str, list[str], Path | None]]:
             [m, "-p", "vote:criteria=l1+l2", "-p", "fold", "-o", str(out), "--external-data", "-q"],
             out,
         ),
-        (
-            "vote+fold (8 samples)",  # the default checks: check=lsq, select=auto
-            [
-                m,
-                "-p",
-                "vote:criteria=l1+l2",
-                "-p",
-                "fold",
-                "--data",
-                str(data),
-                "-o",
-                str(out),
-                "-q",
-            ],
-            out,
-        ),
-        (
-            "vote+fold (8 samples, check=off)",
-            [
-                m,
-                "-p",
-                "vote:criteria=l1+l2,check=off",
-                "-p",
-                "fold",
-                "--data",
-                str(data),
-                "-o",
-                str(out),
-                "-q",
-            ],
-            out,
+        *(
+            (  # the default checks (check=lsq, select=auto), then without the check
+                f"vote+fold (8 samples{label})",
+                [m, "-p", f"vote:criteria=l1+l2{opt}", "-p", "fold", "--data", str(data)]
+                + ["-o", str(out), "-q"],
+                out,
+            )
+            for label, opt in (("", ""), (", check=off", ",check=off"))
         ),
         ("fold alone", [m, "-p", "fold", "-o", str(out), "--external-data", "-q"], out),
         (
