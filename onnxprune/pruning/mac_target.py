@@ -61,7 +61,8 @@ def fit(
         raise PassOptionError(
             f"pass vote: the MAC target (ratio {target:.4f}) cannot be reached: pruning every "
             f"group as far as sparsity allows leaves an estimated ratio of {left:.4f}; raise "
-            "sparsity (each group's upper bound) or the target"
+            "sparsity (each group's upper bound), lower round_to (kept channel counts are "
+            "multiples of it: small layers may not shrink at all), or raise the target"
         )
     curves = [
         curve(points(judge, lad, row), damage)
