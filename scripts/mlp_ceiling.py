@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 import onnxprune
@@ -102,8 +103,8 @@ def main() -> None:
         chain = ["vote:sparsity=0.5,compensate=on", "refit:max_batches=1000", "fold"]
         pruned, _ = onnxprune.run(model, chain, data=data, device="cpu")
 
-    def weights(m: object) -> list[np.ndarray]:
-        arrays = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}  # type: ignore[attr-defined]
+    def weights(m: onnx.ModelProto) -> list[np.ndarray]:
+        arrays = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
         return [arrays[f"{k}{i}"] for i in range(3) for k in ("w", "b")]
 
     start, original = weights(pruned), weights(model)
