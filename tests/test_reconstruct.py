@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import onnxprune
 from onnxprune.pruning.reconstruct import HELD, Streams, solve
 from onnxprune.runner import run_model
+from tests.gemm_mlp import gemm_mlp
 
 
 def _held_mse(x: np.ndarray, r: np.ndarray, w: np.ndarray, b: np.ndarray) -> float:
@@ -93,33 +94,15 @@ def test_solve_says_when_rows_are_short_or_too_few_to_validate() -> None:
 def planted_mlp(sizes: tuple[int, ...] = (16, 32, 32, 8), seed: int = 0) -> onnx.ModelProto:
     """Gemm + Relu MLP; half of every hidden layer's neurons have zero weights and bias."""
     rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    x = "x"
+    layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
         w = rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)
         b = rng.standard_normal(n_out) * 0.1
         if i < len(sizes) - 2:
             dead = rng.permutation(n_out)[: n_out // 2]
             w[:, dead], b[dead] = 0, 0
-        inits += [
-            numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
-            numpy_helper.from_array(b.astype(np.float32), f"b{i}"),
-        ]
-        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"y{i}"], name=f"fc{i}"))
-        x = f"y{i}"
-        if i < len(sizes) - 2:
-            nodes.append(helper.make_node("Relu", [x], [f"a{i}"]))
-            x = f"a{i}"
-    graph = helper.make_graph(
-        nodes,
-        "planted",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", sizes[-1]])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+        layers.append((w, b))
+    return gemm_mlp(layers, "planted")
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from onnxprune.pruning.workspace import (
     zero_and_compensate,
 )
 from onnxprune.runner import DEFAULT_BATCH, outputs
+from tests.gemm_mlp import gemm_mlp
 
 RNG = np.random.default_rng(7)
 
@@ -49,30 +50,13 @@ def mlp(sizes: list[int], seed: int = 0, rows_alike: bool = False) -> onnx.Model
     """Gemm + Relu layers; ``rows_alike``: every neuron's weights are one pattern times its own
     scale, so every weight criterion ranks the neurons the same way."""
     rng = np.random.default_rng(seed)
-    nodes, inits, x = [], [], "x"
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    layers = []
+    for n_in, n_out in zip(sizes, sizes[1:], strict=False):
         w = rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)
         if rows_alike:
             w = np.outer(rng.standard_normal(n_in), rng.uniform(0.1, 2.0, n_out))
-        inits += [
-            numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
-            numpy_helper.from_array((0.1 * rng.standard_normal(n_out)).astype(np.float32), f"b{i}"),
-        ]
-        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"y{i}"]))
-        x = f"y{i}"
-        if i < len(sizes) - 2:
-            nodes.append(helper.make_node("Relu", [x], [f"a{i}"]))
-            x = f"a{i}"
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", sizes[-1]])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+        layers.append((w, 0.1 * rng.standard_normal(n_out)))
+    return gemm_mlp(layers)
 
 
 def dataset(n: int, width: int, **kw: object) -> Dataset:
