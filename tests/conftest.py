@@ -197,3 +197,19 @@ def invoke(*args: object):
     except TypeError:
         runner = CliRunner()
     return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def noisy_member(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """torch_cnn with its last layer's weights replaced by noise: a fusion member worth
+    dropping (its path)."""
+    model = onnx.load(MODELS / "digits" / "torch_cnn.onnx")
+    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    for t in model.graph.initializer:
+        if t.name == last.input[1]:
+            w = onnx.numpy_helper.to_array(t)
+            noisy = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32)
+            t.CopyFrom(onnx.numpy_helper.from_array(noisy, t.name))
+    path = tmp_path_factory.mktemp("members") / "noise.onnx"
+    onnx.save(model, path)
+    return str(path)

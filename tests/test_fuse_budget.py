@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnx
 import pytest
 from conftest import invoke as cli
 from test_fuse_select import CALIB, DIGITS, NAMES, TEST, fuse, kept_members
@@ -15,21 +14,6 @@ from test_fuse_select import CALIB, DIGITS, NAMES, TEST, fuse, kept_members
 import onnxprune
 from onnxprune.cost import summarize
 from onnxprune.fusion import select as sel
-
-
-@pytest.fixture(scope="module")
-def noise(tmp_path_factory) -> str:
-    """torch_cnn with its last layer's weights replaced by noise: a member worth dropping."""
-    model = onnx.load(DIGITS / "torch_cnn.onnx")
-    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
-    for t in model.graph.initializer:
-        if t.name == last.input[1]:
-            w = onnx.numpy_helper.to_array(t)
-            noisy = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32)
-            t.CopyFrom(onnx.numpy_helper.from_array(noisy, t.name))
-    path = tmp_path_factory.mktemp("members") / "noise.onnx"
-    onnx.save(model, path)
-    return str(path)
 
 
 def test_within_macs_keeps_the_budget_and_beats_every_member_alone():
@@ -70,13 +54,13 @@ def test_within_macs_keeps_the_budget_and_beats_every_member_alone():
         sel.within_macs(parts, full, costs, 10, labels)
 
 
-def test_fuse_max_macs_keeps_members_within_the_budget(noise):
+def test_fuse_max_macs_keeps_members_within_the_budget(noisy_member):
     """The digits members and a noise member, the budget keras_cnn's MACs: the kept members'
     MACs sum to at most it, the fused graph's MACs are theirs, the report gives every
     member's MACs and marginal contribution."""
     macs = {n: summarize(onnxprune.load(DIGITS / f"{n}.onnx")).macs for n in NAMES}
     budget = macs["keras_cnn"]
-    model, section = fuse(f",select=forward,max_macs={budget}", noise)
+    model, section = fuse(f",select=forward,max_macs={budget}", noisy_member)
     members = section["selection"]["members"]
     kept = {n for n, m in members.items() if m["weight"] > 0}
     assert kept == kept_members(model) and kept
@@ -89,8 +73,8 @@ def test_fuse_max_macs_keeps_members_within_the_budget(noise):
     assert section["log_likelihood_kept"] <= 0 and "contributions" in section
 
 
-def test_fuse_max_macs_weighted_refits_the_kept_weights(noise):
-    _, section = fuse(",combine=weighted,select=forward,max_macs=500000", noise)
+def test_fuse_max_macs_weighted_refits_the_kept_weights(noisy_member):
+    _, section = fuse(",combine=weighted,select=forward,max_macs=500000", noisy_member)
     weights = [m["weight"] for m in section["selection"]["members"].values()]
     assert sum(weights) == pytest.approx(1.0) and section["macs_kept"] <= 500000
     kept = [w for w in weights if w > 0]

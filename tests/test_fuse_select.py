@@ -13,7 +13,6 @@ import onnx
 import pytest
 from conftest import MODELS, ROOT, ort_run
 from conftest import invoke as cli
-from onnx import numpy_helper
 
 import onnxprune
 
@@ -26,21 +25,6 @@ TEST = DIGITS / "torch_cnn.test.npz"
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
-
-
-@pytest.fixture(scope="module")
-def noise(tmp_path_factory) -> str:
-    """torch_cnn with its last layer's weights replaced by noise: a member worth dropping."""
-    model = onnx.load(DIGITS / "torch_cnn.onnx")
-    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
-    for t in model.graph.initializer:
-        if t.name == last.input[1]:
-            w = numpy_helper.to_array(t)
-            noisy = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32)
-            t.CopyFrom(numpy_helper.from_array(noisy, t.name))
-    path = tmp_path_factory.mktemp("members") / "noise.onnx"
-    onnx.save(model, path)
-    return str(path)
 
 
 def images() -> tuple[np.ndarray, np.ndarray]:
@@ -77,15 +61,15 @@ def kept_members(model: onnx.ModelProto) -> set[str]:
 
 
 @pytest.mark.parametrize("mode", ["backward", "forward"])
-def test_the_pruned_ensemble_is_what_the_report_says(mode, noise):
-    model, section = fuse(f",select={mode}", noise)
+def test_the_pruned_ensemble_is_what_the_report_says(mode, noisy_member):
+    model, section = fuse(f",select={mode}", noisy_member)
     weights = {n: m["weight"] for n, m in section["selection"]["members"].items()}
     kept = {n for n, w in weights.items() if w > 0}
     assert kept_members(model) == kept and section["kept"] == "+".join(
         n for n in [*NAMES, "noise"] if n in kept
     )
     assert "noise" not in kept and section["models"] == len(kept)
-    outs = member_outputs(noise)
+    outs = member_outputs(noisy_member)
     want = sum(weights[n] * softmax(outs[n]) for n in kept)
     x, y = images()
     (got,) = ort_run(model, {"input": x}).values()
@@ -99,10 +83,10 @@ def test_the_pruned_ensemble_is_what_the_report_says(mode, noise):
         assert any(all(abs(w * b - round(w * b)) < 1e-6 for w in weights.values()) for b in sizes)
 
 
-def test_a_vote_ensemble_is_pruned_too(noise):
-    model, section = fuse(",combine=vote,select=forward,label=true", noise)
+def test_a_vote_ensemble_is_pruned_too(noisy_member):
+    model, section = fuse(",combine=vote,select=forward,label=true", noisy_member)
     weights = {n: m["weight"] for n, m in section["selection"]["members"].items()}
-    outs = member_outputs(noise)
+    outs = member_outputs(noisy_member)
     want = 0
     for n, w in weights.items():
         want = want + w * np.eye(10)[outs[n].argmax(axis=1)]
@@ -113,10 +97,10 @@ def test_a_vote_ensemble_is_pruned_too(noise):
     assert section["score_kept"] >= section["score_full"]
 
 
-def test_marginal_contributions_are_leave_one_out_differences(noise):
-    _, section = fuse(",select=backward", noise)
+def test_marginal_contributions_are_leave_one_out_differences(noisy_member):
+    _, section = fuse(",select=backward", noisy_member)
     _, y = images()
-    probs = {n: softmax(o) for n, o in member_outputs(noise).items()}
+    probs = {n: softmax(o) for n, o in member_outputs(noisy_member).items()}
 
     def acc(names):
         return np.mean(np.mean([probs[n] for n in names], axis=0).argmax(axis=1) == y)
@@ -132,14 +116,14 @@ def test_marginal_contributions_are_leave_one_out_differences(noise):
     )
 
 
-def test_without_labels_members_are_kept_by_agreement(noise, tmp_path):
+def test_without_labels_members_are_kept_by_agreement(noisy_member, tmp_path):
     x, _ = images()
     np.savez(tmp_path / "unlabelled.npz", input=x)
-    model, section = fuse(",select=backward", noise, eval_data=tmp_path / "unlabelled.npz")
+    model, section = fuse(",select=backward", noisy_member, eval_data=tmp_path / "unlabelled.npz")
     assert section["metric"] == "agreement with the full ensemble"
     assert section["score_full"] == 1.0 and section["score_kept"] == 1.0
     weights = {n: m["weight"] for n, m in section["selection"]["members"].items()}
-    outs = member_outputs(noise)
+    outs = member_outputs(noisy_member)
     (got,) = ort_run(model, {"input": x}).values()
     full = np.mean([softmax(o) for o in outs.values()], axis=0)
     np.testing.assert_array_equal(got.argmax(axis=1), full.argmax(axis=1))
@@ -147,9 +131,9 @@ def test_without_labels_members_are_kept_by_agreement(noise, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
-def test_a_tolerance_keeps_fewer_members(noise):
-    _, strict = fuse(",select=backward", noise)
-    model, loose = fuse(",select=backward,tolerance=0.05", noise)
+def test_a_tolerance_keeps_fewer_members(noisy_member):
+    _, strict = fuse(",select=backward", noisy_member)
+    model, loose = fuse(",select=backward,tolerance=0.05", noisy_member)
     assert loose["models"] <= strict["models"] and loose["models"] == len(kept_members(model))
     assert loose["score_kept"] >= loose["score_full"] - 0.05
 
