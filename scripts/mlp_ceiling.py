@@ -27,14 +27,9 @@ from onnxprune.runtime import session
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_fold import mlp  # noqa: E402
+from bench_targets import cosines  # noqa: E402
 
 BATCH = 2048
-
-
-def cosines(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    """Mean and lowest per-row cosine."""
-    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    return float(cos.mean()), float(cos.min())
 
 
 def forward(p: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, ...]:
