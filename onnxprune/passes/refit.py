@@ -2,49 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 
 from onnxprune import progress
-from onnxprune.analysis.handlers.recurrent import RECURRENT
-from onnxprune.analysis.labels import Sink, State
-from onnxprune.graph import add_output_bias, attr, bias_add_after, get_init, set_init
+from onnxprune.analysis.labels import State
+from onnxprune.graph import attr, bias_add_after, get_init, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.masks import positions
+from onnxprune.pruning.propagate import MAX_SIDE, STEP, ElementwisePaths, pinv_rows
 from onnxprune.pruning.reconstruct import RIDGES, Streams, solve
+from onnxprune.pruning.refit_units import (
+    Unit,
+    as_rows,
+    conv_matrix,
+    patches,
+    save_weights,
+    unit_name,
+    unsupported,
+    write_solution,
+)
 from onnxprune.pruning.workspace import Workspace
 from onnxprune.runner import exposed_session, run_batches
 
 if TYPE_CHECKING:
     from onnxprune.context import Context
-
-
-@dataclass
-class _Unit:
-    """One linear consumer to refit, with its streaming fit and held-out sums."""
-
-    sink: Sink
-    output: str  # the unit's output (after its bias), the same tensor in both models
-    out_axis: int
-    keep: np.ndarray  # positions of the input that stay (not zero/constant)
-    w: np.ndarray  # current weight as [K, N]
-    streams: Streams
-    scale: float = 1.0  # Gemm's alpha: the unit computes x @ (scale * weight)
-    conv: dict[str, Any] | None = None  # kernel, pads, strides of a Conv (inputs as patches)
-
-    def add(self, x: np.ndarray, target: np.ndarray, current: np.ndarray) -> None:
-        """Accumulate rows: x [R, K] inputs, target/current [R, N] unit outputs; the fit is for
-        the layer with the removed inputs' weight rows at zero (a constant input's part, which
-        zero padding may vary by row, goes to the fit's target)."""
-        now = target - current
-        gone = np.setdiff1d(np.arange(len(self.w)), self.keep)
-        xs = x[:, gone]
-        d = now + xs @ self.w[gone] if xs.any() else now
-        self.streams.add(x[:, self.keep], d, now)
 
 
 @register_pass
@@ -73,7 +59,15 @@ class Refit(Pass):
            gives it, to the original's output, so it corrects the error that reaches it from
            the layers before (SparseGPT / OBC-style sequential reconstruction); rule 3 holds
            for each.
-        6. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
+        6. ``rounds=N`` then propagates targets between pairs of refitted layers, a layer whose
+           output reaches the next one through elementwise nodes alone (an MLP's Gemm, Relu,
+           Gemm): the second layer's remaining error, moved back through the ridge pseudo-inverse
+           of its weights, shifts the first one's targets; the first is fitted to them and the
+           second refitted (:mod:`onnxprune.pruning.propagate`). A step is kept only when the
+           second layer's error on rows that neither fitted falls; layers after a changed pair
+           are refitted again (rule 3). Each round costs two passes over the data per pair; it
+           pays with many calibration rows per weight and overfits with few (README).
+        7. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
     """
 
     name: ClassVar[str] = "refit"
@@ -90,6 +84,13 @@ class Refit(Pass):
         "pruned",
         "refit the layers that read pruned channels, or every linear layer (each on the "
         "pruned model's inputs: corrects the error that reaches it too)",
+    )
+
+    rounds: int = option(
+        0,
+        "rounds of target propagation between refitted layers joined by an activation "
+        "(each pair's step kept only when the second layer's held-out error falls)",
+        low=0,
     )
 
     def requires(self, model: onnx.ModelProto, ctx: Context) -> None:
@@ -120,12 +121,17 @@ class Refit(Pass):
             "skipped": skipped,
             "layers": report_units,
         }
+        if self.rounds:
+            report["propagation"] = self._rounds(ws, units, original)
+            kept += sum(
+                s["kept"] for r in report["propagation"].get("rounds", []) for s in r["pairs"]
+            )
         if ws.mask:
             report["mask_input"] = ws.mask
         return PassResult(ws.model, bool(kept), report)
 
-    def _units(self, ws: Workspace) -> tuple[list[_Unit], dict[str, str]]:
-        units: list[_Unit] = []
+    def _units(self, ws: Workspace) -> tuple[list[Unit], dict[str, str]]:
+        units: list[Unit] = []
         skipped: dict[str, str] = {}
         seen = set()
         for sink in ws.an.sinks:
@@ -135,7 +141,7 @@ class Refit(Pass):
             if name in seen or not (pruned or self.layers == "all"):
                 continue
             seen.add(name)
-            why = _unsupported(ws, sink)
+            why = unsupported(ws, sink)
             if why:
                 skipped[name] = why
                 continue
@@ -148,7 +154,7 @@ class Refit(Pass):
             keep = np.flatnonzero(sink.labels.state == State.VAR)
             conv = None
             if node.op_type == "Conv":
-                w, conv = _conv_matrix(node, weight)
+                w, conv = conv_matrix(node, weight)
                 taps = conv["taps"]
                 keep = (keep[:, None] * taps + np.arange(taps)).ravel()
             else:
@@ -157,15 +163,15 @@ class Refit(Pass):
             alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             streams = Streams(np.random.default_rng([ws.ctx.seed, len(units)]))
             axis = lab.axis if lab else -1
-            units.append(_Unit(sink, out, axis, keep, alpha * w, streams, alpha, conv))
+            units.append(Unit(sink, out, axis, keep, alpha * w, streams, alpha, conv, len(units)))
         return units, skipped
 
     @staticmethod
-    def seed_of(u: _Unit) -> int:
+    def seed_of(u: Unit) -> int:
         """The sketch's seed for one layer (stable across runs)."""
         return len(u.keep)
 
-    def _stream(self, ws: Workspace, units: list[_Unit], old: Any) -> None:
+    def _stream(self, ws: Workspace, units: list[Unit], old: Any) -> None:
         """One pass over the data, both models side by side, into each unit's equations."""
         wanted = sorted({u.sink.tensor for u in units} | {u.output for u in units})
         new = exposed_session(ws.model, wanted, ws.ctx.providers)
@@ -176,30 +182,39 @@ class Refit(Pass):
             mask = feed[ws.mask] if ws.mask else None
             for u in units:
                 x = got[u.sink.tensor]
-                real = None if u.conv else positions(mask, x, u.sink.labels.axis)
-                if real is not None and positions(mask, ref[u.output], u.out_axis) is None:
-                    real = None  # the output is not laid out by token: fit every row
-                x = _patches(x, u.conv) if u.conv else _rows(x, u.sink.labels.axis)
-                target, current = _rows(ref[u.output], u.out_axis), _rows(got[u.output], u.out_axis)
-                if real is not None:
-                    x, target, current = x[real], target[real], current[real]
-                if len(x) > self.max_rows:  # the same random rows of inputs and outputs
-                    pick = rng.choice(len(x), self.max_rows, replace=False)
-                    x, target, current = x[pick], target[pick], current[pick]
-                u.add(x, target, current)
+                x = patches(x, u.conv) if u.conv else as_rows(x, u.sink.labels.axis)
+                target, current = (
+                    as_rows(ref[u.output], u.out_axis),
+                    as_rows(got[u.output], u.out_axis),
+                )
+                take = self._take(u, got, ref, mask, rng, len(x))
+                u.add(x[take], target[take], current[take])
 
-    def _solve(self, graph: onnx.GraphProto, u: _Unit) -> dict[str, Any]:
-        # outputs a pruning pass zeroed (their weight column is all zero) stay as they are
-        frozen = np.asarray(~u.w.any(axis=0))
-        dw, db, info = solve(u.streams, self.ridge, frozen, self.seed_of(u))
+    def _take(
+        self,
+        u: Unit,
+        got: dict[str, np.ndarray],
+        ref: dict[str, np.ndarray],
+        mask: np.ndarray | None,
+        rng: np.random.Generator,
+        n: int,
+    ) -> np.ndarray:
+        """The rows of this batch that feed ``u``'s fit: real tokens (a padding mask), at most
+        ``max_rows`` of them, at random."""
+        real = None if u.conv else positions(mask, got[u.sink.tensor], u.sink.labels.axis)
+        if real is not None and positions(mask, ref[u.output], u.out_axis) is None:
+            real = None  # the output is not laid out by token: fit every row
+        take = np.arange(n) if real is None else np.arange(n)[real]
+        if len(take) > self.max_rows:  # the same random rows of inputs and outputs
+            take = take[rng.choice(len(take), self.max_rows, replace=False)]
+        return take
+
+    def _solve(self, graph: onnx.GraphProto, u: Unit) -> dict[str, Any]:
+        """Solve ``u``'s streamed rows; write the new weights when they beat the old ones."""
+        frozen, dw, db, info = self._fit(u)
         every = u.streams.fit.merged(u.streams.held)
         before = every.now / every.n if every.n else 0.0
         after = every.mse(dw, db) if info["kept"] else before
-        w_new = np.zeros_like(u.w)
-        w_new[u.keep] = u.w[u.keep] + dw
-        w_new[:, frozen] = u.w[:, frozen]
-        bias_new = db  # the zeroed inputs' rows become zero: their constant part is in db
-        bias_new[frozen] = 0.0
         node = u.sink.node
         taps = u.conv["taps"] if u.conv else 1
         report = {
@@ -210,78 +225,107 @@ class Refit(Pass):
             "mse_after": after,
             **info,
         }
-        if not info["kept"]:
-            return report
-        weight = get_init(graph, u.sink.weight)
-        if u.conv:
-            stored = _conv_weight(w_new, weight.shape).astype(weight.dtype)
-        else:
-            moved = np.moveaxis(weight, u.sink.weight_axis, 0)
-            stored = np.moveaxis(
-                (w_new / u.scale).reshape(moved.shape).astype(weight.dtype), 0, u.sink.weight_axis
-            )
-        set_init(graph, u.sink.weight, np.ascontiguousarray(stored))
-        # Gemm adds alpha * delta to its output; the solve is in output units
-        add_output_bias(graph, node, (bias_new / u.scale).astype(weight.dtype))
+        if info["kept"]:
+            write_solution(graph, u, dw, db, frozen)
         return report
 
+    def _fit(self, u: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Outputs that stay (a pruning pass zeroed their weight column), and the solve."""
+        frozen = np.asarray(~u.w.any(axis=0))
+        dw, db, info = solve(u.streams, self.ridge, frozen, self.seed_of(u))
+        return frozen, dw, db, info
 
-def _rows(x: np.ndarray, axis: int) -> np.ndarray:
-    """Activation ``x`` as rows [positions, channels] (channel axis last), float64."""
-    return np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+    def _current(self, ws: Workspace, u: Unit) -> Unit:
+        """``u`` with the weights the model has now and empty sums (the same row split)."""
+        weight = np.asarray(get_init(ws.model.graph, u.sink.weight), np.float64)
+        if u.conv:
+            w, _ = conv_matrix(u.sink.node, weight)
+        else:
+            w = np.moveaxis(weight, u.sink.weight_axis, 0)
+            w = w.reshape(w.shape[0], -1)
+        streams = Streams(np.random.default_rng([ws.ctx.seed, u.index]))
+        return replace(u, w=u.scale * w, streams=streams)
 
+    def _rounds(self, ws: Workspace, units: list[Unit], old: Any) -> dict[str, Any]:
+        """``rounds`` of target propagation over the pairs (:mod:`onnxprune.pruning.propagate`),
+        in graph order; the layers after a pair that changed are refitted again."""
+        paths = ElementwisePaths(ws.model.graph)
+        by_output = {u.output: u for u in units if not u.conv}
+        pairs: dict[int, Unit] = {}
+        for q in units:
+            src, _why = (
+                (None, "") if q.conv else paths.source(q.sink.tensor, q.sink.node, by_output)
+            )
+            p = by_output.get(src or "")
+            if p is not None and p.index < q.index and p.w.shape[1] == len(q.w):
+                pairs[p.index] = q
+        if not pairs:
+            return {
+                "pairs": 0,
+                "note": "no refitted layer feeds another through elementwise "
+                "nodes alone: nothing to propagate",
+            }
+        seconds = {q.index for q in pairs.values()}
+        history = []
+        for r in range(self.rounds):
+            steps, again, changed = [], 0, False
+            for u in units:
+                if u.index in pairs:
+                    step = self._propagate(ws, u, pairs[u.index], old)
+                    steps.append(step)
+                    changed = changed or step["kept"]
+                elif changed and u.index not in seconds:
+                    fresh = self._current(ws, u)
+                    self._stream(ws, [fresh], old)
+                    again += int(self._solve(ws.model.graph, fresh)["kept"])
+            history.append({"round": r + 1, "pairs": steps, "refitted_again": again})
+            if not changed:
+                break  # the next round would see the same model
+        return {"pairs": len(pairs), "rounds": history}
 
-def _conv_matrix(node: onnx.NodeProto, weight: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """A Conv weight [O, C, k...] as a matrix [C * taps, O], and its geometry."""
-    kernel = list(weight.shape[2:])
-    nd = len(kernel)
-    pads = list(attr(node, "pads", [0] * 2 * nd))
-    strides = list(attr(node, "strides", [1] * nd))
-    order = [1, *range(2, 2 + nd), 0]
-    taps = int(np.prod(kernel, dtype=np.int64))
-    matrix = weight.transpose(order).reshape(weight.shape[1] * taps, weight.shape[0])
-    return matrix, {"kernel": kernel, "pads": pads, "strides": strides, "taps": taps}
-
-
-def _conv_weight(matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of :func:`_conv_matrix`: [C * taps, O] back to [O, C, k...]."""
-    nd = len(shape) - 2
-    return matrix.reshape(shape[1], *shape[2:], shape[0]).transpose([nd + 1, 0, *range(1, nd + 1)])
-
-
-def _patches(x: np.ndarray, conv: dict[str, Any]) -> np.ndarray:
-    """Conv input [N, C, spatial...] as rows [N * out positions, C * taps] (im2col)."""
-    nd = len(conv["kernel"])
-    pads = conv["pads"]
-    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
-    xp = np.pad(np.asarray(x, np.float64), width)
-    win = np.lib.stride_tricks.sliding_window_view(xp, conv["kernel"], axis=tuple(range(2, 2 + nd)))
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in conv["strides"])]
-    # [N, C, out..., k...] -> [N, out..., C, k...]
-    order = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    win = win.transpose(order)
-    return win.reshape(-1, x.shape[1] * int(np.prod(conv["kernel"], dtype=np.int64)))
-
-
-def _unsupported(ws: Workspace, sink: Sink) -> str:
-    node = sink.node
-    if sink.weight in ws.an.dequantized:
-        return "quantized weight (QDQ): not refitted"
-    if sink.scope:
-        return f"inside {sink.scope}: not refitted"
-    if node.op_type == "Gemm":
-        return "Gemm with transA" if attr(node, "transA", 0) else ""
-    if node.op_type == "MatMul":
-        w = get_init(ws.model.graph, sink.weight)
-        return "" if w.ndim == 2 else "batched MatMul weight"
-    if node.op_type == "Conv":
-        if attr(node, "group", 1) != 1 or any(d != 1 for d in attr(node, "dilations", [])):
-            return "grouped or dilated convolutions are not refitted"
-        if sink.labels.axis != 1:
-            return "channel axis is not axis 1"
-        auto = attr(node, "auto_pad", b"NOTSET")
-        return "" if auto in (b"NOTSET", "NOTSET") else "auto_pad convolutions are not refitted"
-    if node.op_type in RECURRENT:
-        why = "its output is not linear in X (gates and a recurrent state)"
-        return f"{node.op_type} is not refitted: {why}"
-    return f"{node.op_type} is not refitted"
+    def _propagate(self, ws: Workspace, p: Unit, q: Unit, old: Any) -> dict[str, Any]:
+        """One step for the pair ``p -> q``: fit ``p`` to targets moved by ``q``'s remaining
+        error, refit ``q``; kept only when ``q``'s held-out error falls."""
+        graph = ws.model.graph
+        p_now, q_now = self._current(ws, p), self._current(ws, q)
+        step: dict[str, Any] = {"layers": [unit_name(p), unit_name(q)], "kept": False}
+        back = pinv_rows(q_now.w[q.keep]) if min(len(q.keep), q.w.shape[1]) <= MAX_SIDE else None
+        if back is None:
+            return {**step, "note": f"wider than {MAX_SIDE} on both sides: not propagated"}
+        base = Streams(np.random.default_rng([ws.ctx.seed, q.index]))  # q's own row split
+        wanted = sorted({p.sink.tensor, p.output, q.sink.tensor, q.output})
+        new = exposed_session(ws.model, wanted, ws.ctx.providers)
+        rng = np.random.default_rng(ws.ctx.seed)
+        for feed, (got, ref) in run_batches(
+            [new, old], ws.model, ws.ctx.data(ws.model), max_batches=self.max_batches
+        ):
+            miss = as_rows(ref[q.output], q.out_axis) - as_rows(got[q.output], q.out_axis)
+            x = as_rows(got[p.sink.tensor], p.sink.labels.axis)
+            z = as_rows(got[p.output], p.out_axis)
+            if len(x) != len(miss) or len(z) != len(miss):
+                return {**step, "note": "the layers' rows do not align: not propagated"}
+            take = self._take(q, got, ref, feed[ws.mask] if ws.mask else None, rng, len(miss))
+            x, z, miss = x[take], z[take], miss[take]
+            moved = z.copy()
+            moved[:, q.keep] += STEP * (miss @ back)
+            p_now.add(x, moved, z)
+            base.add(np.zeros((len(miss), 0)), miss)
+        base.flush()
+        step["held_before"] = base.held.now / base.held.n if base.held.n else 0.0
+        frozen, dw, db, info = self._fit(p_now)
+        if not info["kept"]:
+            return {**step, "note": f"{unit_name(p)} did not move towards its new targets"}
+        saved = save_weights(graph, p)
+        write_solution(graph, p_now, dw, db, frozen)
+        q_new = self._current(ws, q)
+        self._stream(ws, [q_new], old)
+        frozen_q, dw_q, db_q, info_q = self._fit(q_new)
+        after = info_q["held_after"] if info_q["kept"] else info_q["held_before"]
+        step["held_after"] = after
+        if after < step["held_before"]:
+            if info_q["kept"]:
+                write_solution(graph, q_new, dw_q, db_q, frozen_q)
+            return {**step, "kept": True}
+        for name, value in saved.items():  # back to the weights before the step
+            set_init(graph, name, value)
+        return step
