@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,11 @@ from onnxprune.analysis.probe import probe
 from onnxprune.analysis.walk import analyse
 from onnxprune.cli import main
 from onnxprune.errors import OnnxPruneError, PassOptionError
+from onnxprune.passes.registry import parse_pass_spec
 from onnxprune.pruning.criteria import CRITERIA, Criterion
 from onnxprune.pruning.workspace import allowed_count, round_count
 from onnxprune.runner import run_model
+from tests.gemm_mlp import gemm_mlp
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS = MODELS / "digits"
@@ -570,3 +573,50 @@ def test_select_keeps_the_choice_that_moves_the_outputs_least() -> None:
         model, ["vote:sparsity=0.5,select=local"], data=DIGITS / "keras_cnn.calib.npz"
     )
     assert "selected" not in local["passes"][0]
+
+
+def test_group_sparsity_gives_chosen_groups_their_own_share() -> None:
+    """fc0's 64 hidden neurons lose a quarter, fc1's three quarters; the rest keep sparsity."""
+    rng = np.random.default_rng(0)
+    sizes = [16, 64, 64, 8]
+    layers = [
+        (rng.standard_normal((a, b)), rng.standard_normal(b))
+        for a, b in zip(sizes, sizes[1:], strict=False)
+    ]
+    model = gemm_mlp(layers)
+    spec = "vote:criteria=l1,sparsity=0.5,round_to=1,group_sparsity=fc0:0.25+w2:0.75"
+    new, report = onnxprune.run(model, [spec, "fold"])
+    widths = {t.name: t.dims for t in new.graph.initializer}
+    assert widths["w0"][1] == 48 and widths["w1"][1] == 16
+    shares = {tuple(g["producers"]): g["sparsity"] for g in report["passes"][0]["groups"]}
+    assert shares == {("fc0",): 0.25, ("fc1",): 0.75}
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("fc0", "expected REGEX:SHARE"),
+        ("fc0:1.5", "in [0, 1)"),
+        ("fc0:x", "not a number"),
+        ("(:0.2", "bad regex"),
+    ],
+)
+def test_group_sparsity_refuses_a_bad_item(value: str, needle: str) -> None:
+    with pytest.raises(PassOptionError, match=re.escape(needle)):
+        parse_pass_spec(f"vote:group_sparsity={value}")
+
+
+def test_group_sparsity_bounds_a_group_in_budget_mode(tmp_path: Path) -> None:
+    """A MAC target's search prunes fc1's group only: fc0's share of 0 keeps it whole."""
+    rng = np.random.default_rng(0)
+    sizes = [16, 64, 64, 8]
+    layers = [
+        (rng.standard_normal((a, b)), rng.standard_normal(b))
+        for a, b in zip(sizes, sizes[1:], strict=False)
+    ]
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=rng.standard_normal((512, 16)).astype(np.float32))
+    spec = "vote:max_mac_ratio=0.8,sparsity=0.75,round_to=1,group_sparsity=fc0:0"
+    new, _ = onnxprune.run(gemm_mlp(layers), [spec, "fold"], data=path)
+    widths = {t.name: t.dims for t in new.graph.initializer}
+    assert widths["w0"][1] == 64 and widths["w1"][1] < 64

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.groups import classes_of, keep_one_per_tensor
+from onnxprune.analysis.labels import ChannelGroup
 from onnxprune.analysis.state import NOTHING_TO_PRUNE
 from onnxprune.graph import get_init
 from onnxprune.model import model_nbytes
@@ -20,6 +21,7 @@ from onnxprune.pruning.criteria import Criterion, GroupView, get_criterion, rank
 from onnxprune.pruning.decision import GroupDecision
 from onnxprune.pruning.ensemble import ensemble_arrays
 from onnxprune.pruning.free import free_first, free_mask
+from onnxprune.pruning.group_shares import parse_shares, share_of
 from onnxprune.pruning.lsq import check_caps
 from onnxprune.pruning.masks import AUTO
 from onnxprune.pruning.selection import SELECT_LIMIT, SELECT_SAMPLES, select
@@ -67,7 +69,8 @@ class Vote(Pass, BudgetOptions):
         1. In every prunable group each criterion ranks the free channels and votes for the
            lowest ``sparsity`` share (rounded so kept counts are multiples of ``round_to``;
            a class several channels wide, such as an attention head, counts its channels:
-           ``workspace.class_multiples``).
+           ``workspace.class_multiples``). ``group_sparsity`` gives chosen groups a share of
+           their own (:mod:`onnxprune.pruning.group_shares`; in budget mode, their bound).
         2. ``mode=vote``: channels with at least ``quorum`` votes go, most votes first
            (default :data:`QUORUM`; a quorum above the number of voters is refused, and one
            above the voters that did not abstain in a group is lowered to them);
@@ -99,6 +102,11 @@ class Vote(Pass, BudgetOptions):
     name: ClassVar[str] = "vote"
     criteria: tuple[str, ...] = option(("l1", "flap", "wanda"), "criteria that vote (a+b+c)")
     sparsity: float = option(0.5, "share of each group's channels to prune", low=0, below=1)
+    group_sparsity: tuple[str, ...] = option(
+        (),
+        "shares of chosen groups, REGEX:SHARE items (a+b): a group with a producer node or a "
+        "weight whose name matches REGEX (the first item that does) loses SHARE instead",
+    )
     quorum: int | None = option(
         None,
         "votes a channel needs to be pruned (mode=vote), at most the number of voters "
@@ -142,6 +150,12 @@ class Vote(Pass, BudgetOptions):
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError("sparsity must be in [0, 1)")
+        parse_shares(self.group_sparsity)
+        if self.group_sparsity and self.scope == "global":
+            raise ValueError(
+                "group_sparsity sets each group's share and scope=global ranks all groups by "
+                "one: give one"
+            )
         if self.round_to < 0:
             raise ValueError("round_to must be 0 (auto) or at least 1")
         if not self.criteria:
@@ -154,6 +168,10 @@ class Vote(Pass, BudgetOptions):
                 f"quorum={self.quorum} but there are {voters} voter(s) ({len(self.criteria)} "
                 f"criteria x {1 + len(self.ensemble)} model(s)); allowed: 1 <= quorum <= {voters}"
             )
+
+    def sparsity_of(self, group: ChannelGroup) -> float:
+        """The share ``group`` loses: its ``group_sparsity`` item's, else ``sparsity``."""
+        return share_of(group, parse_shares(self.group_sparsity), self.sparsity)
 
     def voters(self) -> int:
         """How many vote: every criterion on the model and on each ensemble member."""
@@ -258,7 +276,7 @@ class Vote(Pass, BudgetOptions):
             "group": g.index,
             "channels": g.channels,
             "free": 0,
-            "asked": asked_count(g.channels, self.sparsity),
+            "asked": asked_count(g.channels, self.sparsity_of(g)),
             "target": 0,
             "producers": [sp.node for sp in g.spaces],
             "pruned": 0,
@@ -278,8 +296,9 @@ class Vote(Pass, BudgetOptions):
     ) -> GroupDecision:
         step, width = per  # classes pruned at a time, channels per class
         free = len(classes)
-        k = round_count(g.channels, free, self.sparsity, step)
-        asked = asked_count(g.channels, self.sparsity)
+        share = self.sparsity_of(g)
+        k = round_count(g.channels, free, share, step)
+        asked = asked_count(g.channels, share)
         section: dict[str, Any] = {
             "group": g.index,
             "channels": g.channels,
@@ -288,8 +307,10 @@ class Vote(Pass, BudgetOptions):
             "target": k,
             "producers": [s.node for s in g.spaces],
         }
+        if self.group_sparsity:
+            section["sparsity"] = share
         reasons = [hold_reason(g, free) if free < asked else None]
-        if k < round_count(g.channels, free, self.sparsity, 1):
+        if k < round_count(g.channels, free, share, 1):
             reasons.append(rounding_reason(g.channels, k, multiple, step, width))
         if k < asked:
             section["reason"] = join_reasons(reasons)

@@ -220,7 +220,7 @@ def apply(
     report: dict[str, Any] = {"sensitivity": {**table, **where}}
     if not budget and not vote.targets_macs():
         return Outcome(report=report)
-    lads = ladders(ws, plans, multiples, vote.sparsity)
+    lads = ladders(ws, plans, multiples, vote.sparsity_of)
     target = target_ratio(vote, ws.model)
     if target is None:
         found = search(judge, lads, budget, MacModel(ws), table)

@@ -158,11 +158,15 @@ class Ladder:
 
 
 def ladders(
-    ws: Workspace, plans: Sequence[Any], multiples: dict[int, tuple[int, int]], cap: float
+    ws: Workspace,
+    plans: Sequence[Any],
+    multiples: dict[int, tuple[int, int]],
+    cap: float | Callable[[ChannelGroup], float],
 ) -> list[Ladder]:
     """Each voted group's :class:`Ladder`: the mean of its voters' standardised scores (as
     ``scope=global`` pools them), and counts that keep a multiple of the group's step and at
-    least one step, pruning at most ``cap`` of the group; 0 (the group whole) is always one."""
+    least one step, pruning at most ``cap`` of the group (a share, or the group's share);
+    0 (the group whole) is always one."""
     roots = ws.an.roots()
     out = []
     for g, classes, voters, free in plans:
@@ -174,7 +178,8 @@ def ladders(
         idx = np.argsort(z, kind="stable")
         total = len(classes_of(roots, g.spaces))
         step = max(1, multiples[g.index][0])
-        limit = min(len(classes), int(np.floor(cap * total + 1e-9)), total - step)
+        share = cap(g) if callable(cap) else cap
+        limit = min(len(classes), int(np.floor(share * total + 1e-9)), total - step)
         # 0 (the group whole) is always a step, even when its size is no multiple of the step
         steps = [0, *(k for k in range(1, limit + 1) if (total - k) % step == 0)]
         ladder = Ladder(g, classes[idx].tolist(), z[idx], total, steps)

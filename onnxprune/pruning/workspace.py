@@ -38,6 +38,7 @@ from onnxprune.pruning.calibrate import (
     activation_sample,
     calibration_batch,
 )
+from onnxprune.pruning.group_shares import group_names
 from onnxprune.pruning.lsq import CHECK_ROWS, SinkRows
 from onnxprune.pruning.masks import AUTO, mask_input
 from onnxprune.pruning.zero import zero_classes
@@ -86,8 +87,7 @@ class Workspace:
         if protect:
             pattern = re.compile(protect)
             for g in ws.groups:
-                names = [s.node for s in g.spaces] + [m.split("[")[0] for m in g.members]
-                if any(pattern.search(n) for n in names):
+                if any(pattern.search(n) for n in group_names(g)):
                     ws.protected.add(g.index)
         return ws
 
