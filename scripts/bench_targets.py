@@ -370,6 +370,15 @@ def encoder(tmp: Path) -> list[dict[str, Any]]:
             f"vote:criteria=obs,sparsity=0.5,round_to=1,protect={ffn}",
             "refit",
         ],
+        # target propagation over each FFN's up and down projections
+        "FFN 25%, vote + refit rounds=2": [
+            f"vote:sparsity=0.25,round_to=1,protect={ffn}",
+            "refit:rounds=2",
+        ],
+        "FFN 50%, vote + refit rounds=2": [
+            f"vote:sparsity=0.5,round_to=1,protect={ffn}",
+            "refit:rounds=2",
+        ],
     }
     rows = []
     for label, passes in chains.items():  # saved row by row: a slow machine keeps what it did

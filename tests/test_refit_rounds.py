@@ -180,11 +180,34 @@ def test_rounds_follow_a_written_out_gelu(tmp_path: Path) -> None:
 
 
 def test_no_pair_is_said(tmp_path: Path) -> None:
-    model = _random_mlp([16, 64, 16])
+    """A per-channel scale between the layers is no elementwise path with scalars: no pair, the
+    layer says why, and the model is the one refit gives without rounds."""
+    rng = np.random.default_rng(4)
+    model = gemm_mlp(
+        [(rng.standard_normal((16, 64)), np.zeros(64)), (rng.standard_normal((64, 8)), np.zeros(8))]
+    )
+    model.graph.initializer.append(
+        numpy_helper.from_array(rng.uniform(0.5, 2, 64).astype(np.float32), "scale")
+    )
+    model.graph.node.insert(2, helper.make_node("Mul", ["a0", "scale"], ["s0"]))
+    _node(model, "fc1").input[0] = "s0"
     path = _data(tmp_path, 1024, 16)
     plain, _ = onnxprune.run(model, [CHAIN, "refit"], data=path)
     new, report = onnxprune.run(model, [CHAIN, "refit:rounds=2"], data=path)
     propagation = report["passes"][1]["propagation"]
     assert propagation["pairs"] == 0 and "nothing to propagate" in propagation["note"]
+    assert "scale" in propagation["unpaired"]["fc1"]
     a, b = _inits(plain), _inits(new)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_first_layer_that_reads_the_input_pairs_too(tmp_path: Path) -> None:
+    """MLP 16-64-16: fc0 reads the graph input and no pruned channel; it is the first layer of
+    the pair that fc1 closes."""
+    model = _random_mlp([16, 64, 16])
+    path = _data(tmp_path, 2048, 16)
+    new, report = onnxprune.run(model, [CHAIN, "refit:rounds=1", "fold"], data=path)
+    onnx.checker.check_model(new, full_check=True)
+    step = report["passes"][1]["propagation"]["rounds"][0]["pairs"][0]
+    assert step["layers"] == ["fc0", "fc1"]
+    assert step["kept"] is False or step["held_after"] < step["held_before"]

@@ -10,7 +10,7 @@ import onnx
 
 from onnxprune import progress
 from onnxprune.analysis.labels import State
-from onnxprune.graph import attr, bias_add_after, get_init, set_init
+from onnxprune.graph import attr, bias_add_after, get_init, graph_input_names, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.masks import positions
@@ -20,7 +20,9 @@ from onnxprune.pruning.refit_units import (
     Unit,
     as_rows,
     conv_matrix,
+    linear_outputs,
     patches,
+    producer_unit,
     save_weights,
     unit_name,
     unsupported,
@@ -249,39 +251,31 @@ class Refit(Pass):
     def _rounds(self, ws: Workspace, units: list[Unit], old: Any) -> dict[str, Any]:
         """``rounds`` of target propagation over the pairs (:mod:`onnxprune.pruning.propagate`),
         in graph order; the layers after a pair that changed are refitted again."""
-        paths = ElementwisePaths(ws.model.graph)
-        by_output = {u.output: u for u in units if not u.conv}
-        pairs: dict[int, Unit] = {}
-        for q in units:
-            src, _why = (
-                (None, "") if q.conv else paths.source(q.sink.tensor, q.sink.node, by_output)
-            )
-            p = by_output.get(src or "")
-            if p is not None and p.index < q.index and p.w.shape[1] == len(q.w):
-                pairs[p.index] = q
+        pairs, unpaired = _pairs(ws, units)
         if not pairs:
             return {
                 "pairs": 0,
                 "note": "no refitted layer feeds another through elementwise "
                 "nodes alone: nothing to propagate",
+                "unpaired": unpaired,
             }
-        seconds = {q.index for q in pairs.values()}
+        firsts = {p.index for p in pairs.values()}
         history = []
         for r in range(self.rounds):
             steps, again, changed = [], 0, False
-            for u in units:
+            for u in units:  # a pair's step at its second layer, both layers' inputs current
                 if u.index in pairs:
-                    step = self._propagate(ws, u, pairs[u.index], old)
+                    step = self._propagate(ws, pairs[u.index], u, old)
                     steps.append(step)
                     changed = changed or step["kept"]
-                elif changed and u.index not in seconds:
+                elif changed and u.index not in firsts:
                     fresh = self._current(ws, u)
                     self._stream(ws, [fresh], old)
                     again += int(self._solve(ws.model.graph, fresh)["kept"])
             history.append({"round": r + 1, "pairs": steps, "refitted_again": again})
             if not changed:
                 break  # the next round would see the same model
-        return {"pairs": len(pairs), "rounds": history}
+        return {"pairs": len(pairs), "rounds": history, "unpaired": unpaired}
 
     def _propagate(self, ws: Workspace, p: Unit, q: Unit, old: Any) -> dict[str, Any]:
         """One step for the pair ``p -> q``: fit ``p`` to targets moved by ``q``'s remaining
@@ -293,13 +287,15 @@ class Refit(Pass):
         if back is None:
             return {**step, "note": f"wider than {MAX_SIDE} on both sides: not propagated"}
         base = Streams(np.random.default_rng([ws.ctx.seed, q.index]))  # q's own row split
-        wanted = sorted({p.sink.tensor, p.output, q.sink.tensor, q.output})
+        inputs = set(graph_input_names(graph))
+        wanted = sorted({p.sink.tensor, p.output, q.sink.tensor, q.output} - inputs)
         new = exposed_session(ws.model, wanted, ws.ctx.providers)
         rng = np.random.default_rng(ws.ctx.seed)
         for feed, (got, ref) in run_batches(
             [new, old], ws.model, ws.ctx.data(ws.model), max_batches=self.max_batches
         ):
             miss = as_rows(ref[q.output], q.out_axis) - as_rows(got[q.output], q.out_axis)
+            got = {**feed, **got}  # the first layer may read a graph input
             x = as_rows(got[p.sink.tensor], p.sink.labels.axis)
             z = as_rows(got[p.output], p.out_axis)
             if len(x) != len(miss) or len(z) != len(miss):
@@ -329,3 +325,40 @@ class Refit(Pass):
         for name, value in saved.items():  # back to the weights before the step
             set_init(graph, name, value)
         return step
+
+
+def _pairs(ws: Workspace, units: list[Unit]) -> tuple[dict[int, Unit], dict[str, str]]:
+    """The pairs, the first layer by the second's index, and why each other layer is no
+    pair's second. The first layer is a refitted layer or any Gemm/MatMul refit could fit
+    (an FFN's first layer, which reads no pruned channel); a pair's first layer is no pair's
+    second (its targets are the moved ones, not the original's), so pairs are taken from the
+    graph's end."""
+    graph = ws.model.graph
+    paths = ElementwisePaths(graph)
+    by_output = {u.output: u for u in units if not u.conv}
+    linear = linear_outputs(graph)
+    stops = set(by_output) | set(linear)
+    pairs: dict[int, Unit] = {}
+    unpaired: dict[str, str] = {}
+    firsts: set[str] = set()
+    for q in reversed(units):
+        if q.conv:
+            unpaired[unit_name(q)] = "a convolution (its rows are patches): not propagated"
+            continue
+        if q.output in firsts:
+            unpaired[unit_name(q)] = "the first layer of a pair after it"
+            continue
+        src, why = paths.source(q.sink.tensor, q.sink.node, stops)
+        p = by_output.get(src or "")
+        if p is None and src in linear:
+            p, why = producer_unit(ws, linear[src], src, len(units) + len(pairs))
+        if p is None:
+            made = paths.producer.get(src or "")
+            what = f"{made.op_type} {made.name or src}" if made is not None else "a graph input"
+            unpaired[unit_name(q)] = why or f"{src} comes from {what}, not from a Gemm or MatMul"
+        elif p.w.shape[1] != len(q.w):
+            unpaired[unit_name(q)] = f"{unit_name(p)}'s outputs do not line up with its inputs"
+        else:
+            pairs[q.index] = p
+            firsts.add(p.output)
+    return pairs, unpaired

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.handlers.recurrent import RECURRENT
-from onnxprune.analysis.labels import Sink
-from onnxprune.graph import add_output_bias, attr, get_init, set_init
+from onnxprune.analysis.labels import Labels, Sink, State
+from onnxprune.graph import add_output_bias, attr, bias_add_after, get_init, set_init, uses
 from onnxprune.pruning.reconstruct import Streams
 from onnxprune.pruning.workspace import Workspace
 
@@ -136,3 +136,39 @@ def unsupported(ws: Workspace, sink: Sink) -> str:
         why = "its output is not linear in X (gates and a recurrent state)"
         return f"{node.op_type} is not refitted: {why}"
     return f"{node.op_type} is not refitted"
+
+
+def linear_outputs(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """The Gemm and MatMul nodes of the main graph whose weight is an initializer, by their
+    output after the bias (MatMul + Add, as exporters write a linear layer)."""
+    inits = {t.name for t in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type not in ("Gemm", "MatMul") or node.input[1] not in inits:
+            continue
+        follower = bias_add_after(graph, node) if node.op_type == "MatMul" else None
+        out[follower[0].output[0] if follower else node.output[0]] = node
+    return out
+
+
+def producer_unit(
+    ws: Workspace, node: onnx.NodeProto, output: str, index: int
+) -> tuple[Unit | None, str]:
+    """A Gemm/MatMul that reads no channel group as a unit (every input kept; ``output``: after
+    its bias), or None and why it cannot be one."""
+    graph = ws.model.graph
+    name = node.name or node.output[0]
+    if uses(graph, node.input[1]) != 1:
+        return None, f"{name}: its weight {node.input[1]} is shared"
+    weight = np.asarray(get_init(graph, node.input[1]), np.float64)
+    axis = 1 if node.op_type == "Gemm" and attr(node, "transB", 0) else 0
+    k = weight.shape[axis] if weight.ndim == 2 else 0
+    labels = Labels(-1, np.full(k, -1), np.full(k, State.VAR))
+    sink = Sink(node, node.input[0], labels, node.input[1], axis)
+    why = unsupported(ws, sink)
+    if why:
+        return None, f"{name}: {why}"
+    alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+    streams = Streams(np.random.default_rng([ws.ctx.seed, index]))
+    w = alpha * np.moveaxis(weight, axis, 0)
+    return Unit(sink, output, -1, np.arange(k), w, streams, alpha, None, index), ""
