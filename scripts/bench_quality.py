@@ -245,13 +245,16 @@ def main() -> None:
     parser.add_argument("--models", default="torch_cnn,keras_cnn,torch_encoder")
     parser.add_argument("--targets", action="store_true", help="issue 11's targets only")
     parser.add_argument("--only", default="digits,mlp,residual,encoder", help="with --targets")
+    parser.add_argument(
+        "--rows", default="", help="with --targets: re-measure only the cosine rows matching this"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     if args.targets:
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_targets import targets
 
-        targets("python scripts/bench_quality.py --targets", args.only)
+        targets("python scripts/bench_quality.py --targets", args.only, args.rows)
         return
     sparsities = [0.25, 0.5, 0.7] if args.quick else [round(0.1 * i, 1) for i in range(1, 8)]
     methods = (

@@ -61,14 +61,16 @@ class Refit(Pass):
            gives it, to the original's output, so it corrects the error that reaches it from
            the layers before (SparseGPT / OBC-style sequential reconstruction); rule 3 holds
            for each.
-        6. ``rounds=N`` then propagates targets between pairs of refitted layers, a layer whose
-           output reaches the next one through elementwise nodes alone (an MLP's Gemm, Relu,
-           Gemm): the second layer's remaining error, moved back through the ridge pseudo-inverse
-           of its weights, shifts the first one's targets; the first is fitted to them and the
-           second refitted (:mod:`onnxprune.pruning.propagate`). A step is kept only when the
-           second layer's error on rows that neither fitted falls; layers after a changed pair
-           are refitted again (rule 3). Each round costs two passes over the data per pair; it
-           pays with many calibration rows per weight and overfits with few (README).
+        6. ``rounds=N`` then propagates targets over pairs: a Gemm/MatMul whose output reaches a
+           refitted layer through elementwise nodes alone (an MLP's Gemm, Relu, Gemm; an FFN's
+           up projection, Gelu, down projection). The second layer's remaining error, moved
+           back through the ridge pseudo-inverse of its weights, shifts the first one's
+           targets; the first is fitted to them on the second's fit rows and the second is
+           refitted (:mod:`onnxprune.pruning.propagate`). A step is kept only when the second
+           layer's error on its held-out rows, which neither layer fitted, falls; otherwise the
+           first layer's weights are put back. Layers after a changed pair are refitted again
+           (rule 3). Each round costs two passes over the data per pair; it pays with many
+           calibration rows per weight (README).
         7. Run it after a pruning pass and before ``fold``: ``-p vote -p refit -p fold``.
     """
 
@@ -281,12 +283,14 @@ class Refit(Pass):
         """One step for the pair ``p -> q``: fit ``p`` to targets moved by ``q``'s remaining
         error, refit ``q``; kept only when ``q``'s held-out error falls."""
         graph = ws.model.graph
-        p_now, q_now = self._current(ws, p), self._current(ws, q)
+        split = np.random.default_rng([ws.ctx.seed, q.index])  # q's row split, for p too
+        p_now = replace(self._current(ws, p), streams=Streams(split))
+        q_now = self._current(ws, q)
         step: dict[str, Any] = {"layers": [unit_name(p), unit_name(q)], "kept": False}
         back = pinv_rows(q_now.w[q.keep]) if min(len(q.keep), q.w.shape[1]) <= MAX_SIDE else None
         if back is None:
             return {**step, "note": f"wider than {MAX_SIDE} on both sides: not propagated"}
-        base = Streams(np.random.default_rng([ws.ctx.seed, q.index]))  # q's own row split
+        base = Streams(np.random.default_rng([ws.ctx.seed, q.index]))  # q's error as it is
         inputs = set(graph_input_names(graph))
         wanted = sorted({p.sink.tensor, p.output, q.sink.tensor, q.output} - inputs)
         new = exposed_session(ws.model, wanted, ws.ctx.providers)
