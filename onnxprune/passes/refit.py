@@ -10,22 +10,25 @@ import onnx
 
 from onnxprune import progress
 from onnxprune.analysis.labels import State
-from onnxprune.graph import attr, bias_add_after, get_init, graph_input_names, set_init
+from onnxprune.graph import get_init, graph_input_names, set_init
 from onnxprune.passes.base import Pass, PassResult, option, require_original
 from onnxprune.passes.registry import register_pass
 from onnxprune.pruning.masks import positions
 from onnxprune.pruning.propagate import MAX_SIDE, STEP, ElementwisePaths, pinv_rows
-from onnxprune.pruning.reconstruct import RIDGES, Streams, solve
+from onnxprune.pruning.reconstruct import RIDGES, solve
 from onnxprune.pruning.refit_units import (
     Unit,
     as_rows,
-    conv_matrix,
+    gemm_alpha,
     linear_outputs,
+    output_after_bias,
     patches,
     producer_unit,
+    row_split,
     save_weights,
     unit_name,
     unsupported,
+    weight_matrix,
     write_solution,
 )
 from onnxprune.pruning.workspace import Workspace
@@ -149,23 +152,16 @@ class Refit(Pass):
             if why:
                 skipped[name] = why
                 continue
-            out = node.output[0]
-            if node.op_type == "MatMul":
-                follower = bias_add_after(ws.model.graph, node)
-                out = follower[0].output[0] if follower else out
+            out = output_after_bias(ws.model.graph, node)
             lab = ws.an.labels.get(node.output[0])
             weight = np.asarray(get_init(ws.model.graph, sink.weight), np.float64)
             keep = np.flatnonzero(sink.labels.state == State.VAR)
-            conv = None
-            if node.op_type == "Conv":
-                w, conv = conv_matrix(node, weight)
+            w, conv = weight_matrix(sink, weight)
+            if conv:
                 taps = conv["taps"]
                 keep = (keep[:, None] * taps + np.arange(taps)).ravel()
-            else:
-                w = np.moveaxis(weight, sink.weight_axis, 0)
-                w = w.reshape(w.shape[0], -1)
-            alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
-            streams = Streams(np.random.default_rng([ws.ctx.seed, len(units)]))
+            alpha = gemm_alpha(node)
+            streams = row_split(ws.ctx.seed, len(units))
             axis = lab.axis if lab else -1
             units.append(Unit(sink, out, axis, keep, alpha * w, streams, alpha, conv, len(units)))
         return units, skipped
@@ -241,14 +237,10 @@ class Refit(Pass):
 
     def _current(self, ws: Workspace, u: Unit) -> Unit:
         """``u`` with the weights the model has now and empty sums (the same row split)."""
-        weight = np.asarray(get_init(ws.model.graph, u.sink.weight), np.float64)
-        if u.conv:
-            w, _ = conv_matrix(u.sink.node, weight)
-        else:
-            w = np.moveaxis(weight, u.sink.weight_axis, 0)
-            w = w.reshape(w.shape[0], -1)
-        streams = Streams(np.random.default_rng([ws.ctx.seed, u.index]))
-        return replace(u, w=u.scale * w, streams=streams)
+        w, _ = weight_matrix(
+            u.sink, np.asarray(get_init(ws.model.graph, u.sink.weight), np.float64)
+        )
+        return replace(u, w=u.scale * w, streams=row_split(ws.ctx.seed, u.index))
 
     def _rounds(self, ws: Workspace, units: list[Unit], old: Any) -> dict[str, Any]:
         """``rounds`` of target propagation over the pairs (:mod:`onnxprune.pruning.propagate`),
@@ -283,14 +275,13 @@ class Refit(Pass):
         """One step for the pair ``p -> q``: fit ``p`` to targets moved by ``q``'s remaining
         error, refit ``q``; kept only when ``q``'s held-out error falls."""
         graph = ws.model.graph
-        split = np.random.default_rng([ws.ctx.seed, q.index])  # q's row split, for p too
-        p_now = replace(self._current(ws, p), streams=Streams(split))
+        p_now = replace(self._current(ws, p), streams=row_split(ws.ctx.seed, q.index))  # q's rows
         q_now = self._current(ws, q)
         step: dict[str, Any] = {"layers": [unit_name(p), unit_name(q)], "kept": False}
         back = pinv_rows(q_now.w[q.keep]) if min(len(q.keep), q.w.shape[1]) <= MAX_SIDE else None
         if back is None:
             return {**step, "note": f"wider than {MAX_SIDE} on both sides: not propagated"}
-        base = Streams(np.random.default_rng([ws.ctx.seed, q.index]))  # q's error as it is
+        base = row_split(ws.ctx.seed, q.index)  # q's error as it is, on its held-out rows
         inputs = set(graph_input_names(graph))
         wanted = sorted({p.sink.tensor, p.output, q.sink.tensor, q.output} - inputs)
         new = exposed_session(ws.model, wanted, ws.ctx.providers)

@@ -77,6 +77,33 @@ def save_weights(graph: onnx.GraphProto, u: Unit) -> dict[str, np.ndarray]:
     return {name: np.array(get_init(graph, name)) for name in (u.sink.weight, bias)}
 
 
+def row_split(seed: int, index: int) -> Streams:
+    """Empty sums with layer ``index``'s row split: the same rows are held out on every pass
+    over the same data, so fits that share an index are judged on rows none of them saw."""
+    return Streams(np.random.default_rng([seed, index]))
+
+
+def output_after_bias(graph: onnx.GraphProto, node: onnx.NodeProto) -> str:
+    """A layer's output after its bias: a MatMul's bias Add (as exporters write a linear
+    layer), else the node's own output."""
+    follower = bias_add_after(graph, node) if node.op_type == "MatMul" else None
+    return follower[0].output[0] if follower else node.output[0]
+
+
+def weight_matrix(sink: Sink, weight: np.ndarray) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The layer's weight as [inputs, outputs] (a Conv's as [C * taps, O], with its
+    geometry; None for the others)."""
+    if sink.node.op_type == "Conv":
+        return conv_matrix(sink.node, weight)
+    w = np.moveaxis(weight, sink.weight_axis, 0)
+    return w.reshape(w.shape[0], -1), None
+
+
+def gemm_alpha(node: onnx.NodeProto) -> float:
+    """The factor the layer applies to ``x @ weight``: a Gemm's alpha, else 1."""
+    return float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+
+
 def as_rows(x: np.ndarray, axis: int) -> np.ndarray:
     """Activation ``x`` as rows [positions, channels] (channel axis last), float64."""
     return np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
@@ -142,13 +169,11 @@ def linear_outputs(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """The Gemm and MatMul nodes of the main graph whose weight is an initializer, by their
     output after the bias (MatMul + Add, as exporters write a linear layer)."""
     inits = {t.name for t in graph.initializer}
-    out = {}
-    for node in graph.node:
-        if node.op_type not in ("Gemm", "MatMul") or node.input[1] not in inits:
-            continue
-        follower = bias_add_after(graph, node) if node.op_type == "MatMul" else None
-        out[follower[0].output[0] if follower else node.output[0]] = node
-    return out
+    return {
+        output_after_bias(graph, node): node
+        for node in graph.node
+        if node.op_type in ("Gemm", "MatMul") and node.input[1] in inits
+    }
 
 
 def producer_unit(
@@ -168,7 +193,7 @@ def producer_unit(
     why = unsupported(ws, sink)
     if why:
         return None, f"{name}: {why}"
-    alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
-    streams = Streams(np.random.default_rng([ws.ctx.seed, index]))
-    w = alpha * np.moveaxis(weight, axis, 0)
-    return Unit(sink, output, -1, np.arange(k), w, streams, alpha, None, index), ""
+    alpha = gemm_alpha(node)
+    w, _ = weight_matrix(sink, weight)
+    streams = row_split(ws.ctx.seed, index)
+    return Unit(sink, output, -1, np.arange(k), alpha * w, streams, alpha, None, index), ""
