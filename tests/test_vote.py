@@ -575,15 +575,20 @@ def test_select_keeps_the_choice_that_moves_the_outputs_least() -> None:
     assert "selected" not in local["passes"][0]
 
 
+def _mlp_16_64_64_8(rng: np.random.Generator) -> onnx.ModelProto:
+    """Gemm MLP fc0 (16 -> 64), fc1 (64 -> 64), fc2 (64 -> 8), weights drawn from ``rng``."""
+    sizes = [16, 64, 64, 8]
+    return gemm_mlp(
+        [
+            (rng.standard_normal((a, b)), rng.standard_normal(b))
+            for a, b in zip(sizes, sizes[1:], strict=False)
+        ]
+    )
+
+
 def test_group_sparsity_gives_chosen_groups_their_own_share() -> None:
     """fc0's 64 hidden neurons lose a quarter, fc1's three quarters; the rest keep sparsity."""
-    rng = np.random.default_rng(0)
-    sizes = [16, 64, 64, 8]
-    layers = [
-        (rng.standard_normal((a, b)), rng.standard_normal(b))
-        for a, b in zip(sizes, sizes[1:], strict=False)
-    ]
-    model = gemm_mlp(layers)
+    model = _mlp_16_64_64_8(np.random.default_rng(0))
     spec = "vote:criteria=l1,sparsity=0.5,round_to=1,group_sparsity=fc0:0.25+w2:0.75"
     new, report = onnxprune.run(model, [spec, "fold"])
     widths = {t.name: t.dims for t in new.graph.initializer}
@@ -609,14 +614,10 @@ def test_group_sparsity_refuses_a_bad_item(value: str, needle: str) -> None:
 def test_group_sparsity_bounds_a_group_in_budget_mode(tmp_path: Path) -> None:
     """A MAC target's search prunes fc1's group only: fc0's share of 0 keeps it whole."""
     rng = np.random.default_rng(0)
-    sizes = [16, 64, 64, 8]
-    layers = [
-        (rng.standard_normal((a, b)), rng.standard_normal(b))
-        for a, b in zip(sizes, sizes[1:], strict=False)
-    ]
+    model = _mlp_16_64_64_8(rng)
     path = tmp_path / "calib.npz"
     np.savez(path, x=rng.standard_normal((512, 16)).astype(np.float32))
     spec = "vote:max_mac_ratio=0.8,sparsity=0.75,round_to=1,group_sparsity=fc0:0"
-    new, _ = onnxprune.run(gemm_mlp(layers), [spec, "fold"], data=path)
+    new, _ = onnxprune.run(model, [spec, "fold"], data=path)
     widths = {t.name: t.dims for t in new.graph.initializer}
     assert widths["w0"][1] == 64 and widths["w1"][1] < 64
